@@ -1,0 +1,1 @@
+"""What every operator shares: implementation dispatch, input validation, per-shard execution."""

@@ -1,0 +1,95 @@
+"""`implementation=` dispatch shared by every op.
+
+Each op lists its implementations in priority order. An explicit name runs that implementation or raises
+ValueError saying why it cannot; `"auto"` is fail-closed: it takes the first implementation whose backend matches
+and whose `supports` check accepts the call's shapes and options (the cases its tests cover), and the reference,
+which supports everything, comes last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+AUTO = "auto"
+
+# Returns None when the implementation covers the call, otherwise a short reason it does not.
+SupportCheck = Callable[..., "str | None"]
+
+
+def supports_everything(**_: Any) -> str | None:
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  name: str
+  fn: Callable[..., Any]
+  supports: SupportCheck = supports_everything
+  backends: tuple[str, ...] | None = None  # jax backends it runs on ("cpu", "gpu", "tpu"); None: all
+  in_auto: bool = True  # False for implementations only taken by name (e.g. interpret-mode kernels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatcher:
+  """The implementations of one op in auto's priority order (fastest first, reference last)."""
+
+  op: str
+  implementations: tuple[Implementation, ...]
+
+  def __post_init__(self):
+    names = [impl.name for impl in self.implementations]
+    if len(set(names)) != len(names):
+      raise ValueError(f"{self.op}: duplicate implementation names {names}")
+    if AUTO in names:
+      raise ValueError(f"{self.op}: '{AUTO}' is reserved")
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(impl.name for impl in self.implementations)
+
+  def with_implementation(self, impl: Implementation, *, before: str | None = None) -> "Dispatcher":
+    """A dispatcher with `impl` added (ahead of `before` in auto's order, else ahead of the last)."""
+    impls = list(self.implementations)
+    index = self.names.index(before) if before is not None else max(len(impls) - 1, 0)
+    impls.insert(index, impl)
+    return Dispatcher(self.op, tuple(impls))
+
+  def _unsupported_reason(self, impl: Implementation, backend: str, options: dict[str, Any]) -> str | None:
+    if impl.backends is not None and backend not in impl.backends:
+      return f"runs on {impl.backends}, not on backend {backend!r}"
+    return impl.supports(**options)
+
+  def select(self, implementation: str, **options: Any) -> Implementation:
+    """The implementation to run for `options` (the op's static shapes, dtypes and flags)."""
+    backend = jax.default_backend()
+    if implementation == AUTO:
+      for impl in self.implementations:
+        if impl.in_auto and self._unsupported_reason(impl, backend, options) is None:
+          return impl
+      raise ValueError(f"{self.op}: no implementation supports {options}")
+    by_name = {impl.name: impl for impl in self.implementations}
+    if implementation not in by_name:
+      raise ValueError(
+          f"{self.op}: unknown {implementation=}; choose one of {(AUTO, *self.names)}")
+    impl = by_name[implementation]
+    reason = self._unsupported_reason(impl, backend, options)
+    if reason is not None:
+      raise ValueError(f"{self.op}: {implementation=} does not support this call: {reason}")
+    return impl
+
+  def __call__(self, implementation: str, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    return self.select(implementation, **options).fn(*args, **kwargs)
+
+
+def require(condition: bool, reason: str) -> str | None:
+  """Reads well inside `supports` checks: `return require(d in (64, 128), f"{d=} not in (64, 128)")`."""
+  return None if condition else reason
+
+
+def first_reason(*reasons: str | None) -> str | None:
+  return next((r for r in reasons if r is not None), None)
+
