@@ -30,7 +30,8 @@ class Implementation:
   fn: Callable[..., Any]
   supports: SupportCheck = supports_everything
   backends: tuple[str, ...] | None = None  # jax backends it runs on ("cpu", "gpu", "tpu"); None: all
-  in_auto: bool = True  # False for implementations only taken by name (e.g. interpret-mode kernels)
+  in_auto: bool = True  # False for implementations only taken by name (alternative reference forms)
+  auto_backends: tuple[str, ...] | None = None  # where auto may pick it (e.g. not interpret mode on CPU); None: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Dispatcher:
     backend = jax.default_backend()
     if implementation == AUTO:
       for impl in self.implementations:
-        if impl.in_auto and self._unsupported_reason(impl, backend, options) is None:
+        if (impl.in_auto and (impl.auto_backends is None or backend in impl.auto_backends)
+            and self._unsupported_reason(impl, backend, options) is None):
           return impl
       raise ValueError(f"{self.op}: no implementation supports {options}")
     by_name = {impl.name: impl for impl in self.implementations}

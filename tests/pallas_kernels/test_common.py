@@ -21,6 +21,7 @@ DISPATCH = Dispatcher("toy", (
     Implementation("fast", lambda x: x * 2.0, supports=_only_even),
     Implementation("gpu_only", lambda x: x * 3.0, backends=("gpu",)),
     Implementation("interpret", lambda x: x * 4.0, in_auto=False),
+    Implementation("kernel", lambda x: x * 5.0, auto_backends=("tpu",)),
     Implementation("reference", lambda x: x * 2.0),
 ))
 
@@ -33,6 +34,7 @@ def test_auto_picks_first_supported_and_falls_back():
 
 def test_named_implementation_runs_or_says_why():
   assert DISPATCH.select("interpret", length=5).name == "interpret"
+  assert DISPATCH.select("kernel", length=5).name == "kernel"  # runs anywhere when named
   with pytest.raises(ValueError, match="length=5 is odd"):
     DISPATCH.select("fast", length=5)
   with pytest.raises(ValueError, match="implementation='nope'"):
@@ -49,7 +51,7 @@ def test_dispatch_calls_the_selected_function(rng):
 
 def test_with_implementation_inserts_ahead_of_reference():
   extended = DISPATCH.with_implementation(Implementation("new", lambda x: x))
-  assert extended.names == ("fast", "gpu_only", "interpret", "new", "reference")
+  assert extended.names == ("fast", "gpu_only", "interpret", "kernel", "new", "reference")
   with pytest.raises(ValueError, match="duplicate"):
     extended.with_implementation(Implementation("new", lambda x: x))
 

@@ -1,0 +1,360 @@
+"""Portable FlashAttention (Dao et al. 2022; FA-2 loop order): one `pl.pallas_call` source for CPU interpret
+mode, TPU (Mosaic) and GPU (Triton).
+
+Forward: each program owns a block of queries of one head and loops over the key blocks it can see (blocks that
+the causal/window masks hide entirely are skipped by the loop bounds), keeping the running max m, the running
+sum l and the unnormalised output in float32 (online softmax); it writes O and lse = m + log l.
+Backward (recomputation, no T×S matrix in memory): dQ programs loop over key blocks; dK/dV programs own a key
+block of one kv head and loop over the query heads of its GQA group and the query blocks that see it, so repeated
+K/V are never materialised. delta = rowsum(dO ⊙ O) comes from XLA.
+
+Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H / K, D head dim.
+Layout: the kernels see 2-D [rows, D] refs. On GPU and in interpret mode blocks are cut straight out of the
+[B, T, H, D] arrays (no transpose); on TPU the wrapper transposes to [B, H, T, D] so the last two block dims are
+the (rows, D) tile Mosaic wants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.attention.masking import MaskSpec
+
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_q: int = 64
+  block_k: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: int = 4  # Triton only
+  num_stages: int = 2  # Triton only
+
+  @classmethod
+  def for_shape(cls, *, q_len: int, kv_len: int, head_dim: int, backend: str) -> "BlockSizes":
+    """Defaults per backend: Triton wants powers of two and small tiles for big head dims; TPU wants 128 rows."""
+    if backend == "tpu":
+      return cls(128, 128, 128, 128, 128, 128)
+    if backend == "gpu":
+      big = head_dim > 64
+      fwd_q = 128 if q_len >= 128 else 64
+      return cls(block_q=fwd_q, block_k=64 if big else 128, block_q_dq=64, block_k_dq=64 if big else 128,
+                 block_q_dkv=64 if big else 128, block_k_dkv=64 if big else 128,
+                 num_warps=8 if big else 4, num_stages=3 if not big else 2)
+    # Interpret mode copies whole arrays per grid step: few large blocks are fastest on CPU.
+    block = min(128, max(16, pl.next_power_of_2(max(q_len, kv_len))))
+    return cls(block, block, block, block, block, block)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where batch, sequence and heads sit in the arrays the kernels read."""
+  heads_major: bool  # True: [B, H, T, D] (TPU); False: [B, T, H, D]
+
+  def arrange(self, x_BTHD: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x_BTHD, 1, 2) if self.heads_major else x_BTHD
+
+  def restore(self, x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, 1, 2) if self.heads_major else x
+
+  def tile(self, rows: int, dim: int, heads: int | None, index_map) -> pl.BlockSpec:
+    """BlockSpec of `rows` rows of one head (heads=None, a [rows, dim] ref) or of `heads` consecutive heads
+    ([heads, rows, dim] heads-major, [rows, heads, dim] otherwise); index_map returns (batch, head block, row
+    block)."""
+    if self.heads_major:
+      return pl.BlockSpec((None, heads, rows, dim), lambda *g: (*index_map(*g), 0))
+    def index_bthd(*g):
+      b, h, r = index_map(*g)
+      return b, r, h, 0
+    return pl.BlockSpec((None, rows, heads, dim), index_bthd)
+
+  def seq_len(self, x: jax.Array) -> int:
+    return x.shape[2 if self.heads_major else 1]
+
+  def head_rows(self, ref, g, rows):
+    """Rows of head g from a several-heads tile."""
+    return ref[g, rows, :] if self.heads_major else ref[rows, g, :]
+
+
+def _dot_nt(a, b):
+  """a @ b.T with float32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a.T @ b with float32 accumulation."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _scores(q, k, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec):
+  """Masked logits in base 2 (scale·log2 e folded in) and, with a soft-cap, tanh(logits/cap) for the backward."""
+  s = _dot_nt(q, k) * mask.scale
+  capped = None
+  if mask.softcap is not None:
+    capped = jnp.tanh(s / mask.softcap)
+    s = mask.softcap * capped
+  visible = mask.visible(q_pos[:, None], k_pos[None, :])
+  if q_seg is not None:
+    visible = visible & (q_seg[:, None] == k_seg[None, :])
+  return jnp.where(visible, s * _LOG2E, -jnp.inf), capped
+
+
+def _segments(seg_ref, start, size):
+  return None if seg_ref is None else seg_ref[pl.ds(start, size)]
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, mask: MaskSpec, block_k: int):
+  block_q = q_ref.shape[0]
+  q_start = pl.program_id(2) * block_q
+  q = q_ref[...]
+  q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  lo, hi = mask.kv_block_range(q_start, block_q, block_k)
+
+  def body(j, carry):
+    m, l, acc = carry
+    k_start = j * block_k
+    k_pos = k_start + lax.iota(jnp.int32, block_k)
+    k = k_ref[pl.ds(k_start, block_k), :]
+    v = v_ref[pl.ds(k_start, block_k), :]
+    s, _ = _scores(q, k, q_pos, k_pos, q_seg, _segments(k_seg_ref, k_start, block_k), mask)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at zero
+    p = jnp.exp2(s - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
+    return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+
+  d = q_ref.shape[-1]
+  init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+          jnp.zeros((block_q, d), jnp.float32))
+  m, l, acc = lax.fori_loop(lo, hi, body, init)
+  empty = l == 0.0  # fully masked rows: output 0, lse -inf
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / _LOG2E)
+
+
+def _probabilities(s, lse):
+  """exp(logits - lse) from base-2 logits; rows with lse = -inf have only masked (-inf) logits, so give 0."""
+  return jnp.exp2(s - jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)[:, None])
+
+
+def _dscores(p, dp, delta, capped, mask: MaskSpec):
+  """dL/d(raw q·k) from dL/dP, through softmax, the soft-cap and the scale."""
+  ds = p * (dp - delta[:, None])
+  if capped is not None:
+    ds = ds * (1.0 - capped * capped)
+  return ds * mask.scale
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               mask: MaskSpec, block_k: int):
+  block_q = q_ref.shape[0]
+  q_start = pl.program_id(2) * block_q
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  lo, hi = mask.kv_block_range(q_start, block_q, block_k)
+
+  def body(j, dq):
+    k_start = j * block_k
+    k_pos = k_start + lax.iota(jnp.int32, block_k)
+    k = k_ref[pl.ds(k_start, block_k), :]
+    v = v_ref[pl.ds(k_start, block_k), :]
+    s, capped = _scores(q, k, q_pos, k_pos, q_seg, _segments(k_seg_ref, k_start, block_k), mask)
+    p = _probabilities(s, lse)
+    ds = _dscores(p, _dot_nt(do, v), delta, capped, mask)
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                mask: MaskSpec, block_q: int, group: int, layout: _Layout):
+  """q_ref/do_ref: the kv head's G query heads, all rows; lse_ref/delta_ref: [G, T]; k/v/dk/dv: [block_k, D]."""
+  block_k = k_ref.shape[0]
+  k_start = pl.program_id(2) * block_k
+  k, v = k_ref[...], v_ref[...]
+  k_pos = k_start + lax.iota(jnp.int32, block_k)
+  k_seg = None if k_seg_ref is None else k_seg_ref[...]
+  lo, hi = mask.q_block_range(k_start, block_k, block_q)
+  num_q_blocks = hi - lo
+
+  def body(i, carry):
+    dk, dv = carry
+    g, j = i // num_q_blocks, lo + i % num_q_blocks
+    q_start = j * block_q
+    rows = pl.ds(q_start, block_q)
+    q = layout.head_rows(q_ref, g, rows)
+    do = layout.head_rows(do_ref, g, rows)
+    q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
+    s, capped = _scores(q, k, q_pos, k_pos, _segments(q_seg_ref, q_start, block_q), k_seg, mask)
+    p = _probabilities(s, lse_ref[g, rows])
+    dv = dv + _dot_tn(p.astype(do.dtype), do)
+    ds = _dscores(p, _dot_nt(do, v), delta_ref[g, rows], capped, mask)
+    return dk + _dot_tn(ds.astype(q.dtype), q), dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group * num_q_blocks, body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of one call: masks, blocks, layout, padded sizes, backend."""
+  mask: MaskSpec
+  blocks: BlockSizes
+  layout: _Layout
+  heads: int
+  kv_heads: int
+  has_segments: bool
+  interpret: bool
+  triton: bool
+
+  @property
+  def group(self) -> int:
+    return self.heads // self.kv_heads
+
+  def call(self, kernel, *, grid, in_specs, out_specs, out_shape, name):
+    params = {}
+    if self.triton:
+      from jax.experimental.pallas import triton as pltriton  # GPU only
+      params["compiler_params"] = pltriton.CompilerParams(
+          num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=self.interpret, name=name, **params)
+
+  def segment_specs(self, q_rows: int, k_rows: int, q_index, k_index) -> list:
+    if not self.has_segments:
+      return [None, None]
+    return [pl.BlockSpec((None, q_rows), q_index), pl.BlockSpec((None, k_rows), k_index)]
+
+
+def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
+  lay, bq, bk, g = plan.layout, plan.blocks.block_q, plan.blocks.block_k, plan.group
+  batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
+  grid = (batch, plan.heads, t_pad // bq)
+  q_tile = lay.tile(bq, d, None, lambda b, h, i: (b, h, i))
+  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, h // g, 0))
+  kernel = functools.partial(_fwd_kernel, mask=plan.mask, block_k=bk)
+  return plan.call(
+      kernel, grid=grid,
+      in_specs=[q_tile, kv_tile, kv_tile,
+                *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0))],
+      out_specs=[q_tile, pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, plan.heads, t_pad), jnp.float32)],
+      name="flash_attention_fwd")(q, k, v, q_seg, k_seg)
+
+
+def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
+  lay, g = plan.layout, plan.group
+  batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
+  bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
+  q_tile = lay.tile(bq, d, None, lambda b, h, i: (b, h, i))
+  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, h // g, 0))
+  row_stat = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+  dq = plan.call(
+      functools.partial(_dq_kernel, mask=plan.mask, block_k=bk), grid=(batch, plan.heads, t_pad // bq),
+      in_specs=[q_tile, kv_tile, kv_tile,
+                *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0)),
+                q_tile, row_stat, row_stat],
+      out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      name="flash_attention_dq")(q, k, v, q_seg, k_seg, do, lse, delta)
+
+  bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
+  group_tile = lay.tile(t_pad, d, g, lambda b, h, j: (b, h, 0))
+  k_tile = lay.tile(bk, d, None, lambda b, h, j: (b, h, j))
+  group_stat = pl.BlockSpec((None, g, t_pad), lambda b, h, j: (b, h, 0))
+  dk, dv = plan.call(
+      functools.partial(_dkv_kernel, mask=plan.mask, block_q=bq, group=g, layout=lay),
+      grid=(batch, plan.kv_heads, s_pad // bk),
+      in_specs=[group_tile, k_tile, k_tile,
+                *plan.segment_specs(t_pad, bk, lambda b, h, j: (b, 0), lambda b, h, j: (b, j)),
+                group_tile, group_stat, group_stat],
+      out_specs=[k_tile, k_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      name="flash_attention_dkv")(q, k, v, q_seg, k_seg, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(plan: _Plan, q, k, v, q_seg, k_seg):
+  return _forward(plan, q, k, v, q_seg, k_seg)
+
+
+def _attention_fwd(plan, q, k, v, q_seg, k_seg):
+  o, lse = _forward(plan, q, k, v, q_seg, k_seg)
+  return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
+
+
+def _attention_bwd(plan, residuals, cotangents):
+  q, k, v, q_seg, k_seg, o, lse = residuals
+  do, dlse = cotangents
+  # d lse / d logits = P, so an lse cotangent enters exactly like a shift of delta.
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  if not plan.layout.heads_major:
+    delta = jnp.swapaxes(delta, 1, 2)  # row statistics are [B, H, T] in both layouts
+  delta = delta - dlse
+  dq, dk, dv = _backward(plan, q, k, v, q_seg, k_seg, do, lse, delta)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window_right=None, segment_ids=None,
+                    kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """FlashAttention with the reference's semantics (pallas_kernels/attention/reference.py); inputs validated by
+  api.py. Pads the sequence to whole blocks and, for Triton, the head dim to a power of two (>= 16)."""
+  backend = jax.default_backend()
+  interpret = backend == "cpu" if interpret is None else interpret
+  batch, q_len, heads, head_dim = q_BTHD.shape
+  kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
+  blocks = block_sizes or BlockSizes.for_shape(q_len=q_len, kv_len=kv_len, head_dim=head_dim, backend=backend)
+  triton = backend == "gpu" and not interpret
+  layout = _Layout(heads_major=backend == "tpu" and not interpret)
+  d_pad = head_dim if backend == "tpu" and not interpret else max(16, pl.next_power_of_2(head_dim))
+  t_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
+  s_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
+
+  def prepare(x, rows):
+    x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, d_pad - x.shape[3])))
+    return layout.arrange(x)
+
+  q, k, v = prepare(q_BTHD, t_pad), prepare(k_BSKD, s_pad), prepare(v_BSKD, s_pad)
+  q_seg = k_seg = None
+  if segment_ids is not None:
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - q_len)))
+    k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - kv_len)))
+  mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,
+                  window=window, window_right=window_right, softcap=softcap, q_offset=kv_len - q_len,
+                  q_len=q_len, kv_len=kv_len)
+  plan = _Plan(mask=mask, blocks=blocks, layout=layout, heads=heads, kv_heads=kv_heads,
+               has_segments=q_seg is not None, interpret=interpret, triton=triton)
+  o, lse = _attention(plan, q, k, v, q_seg, k_seg)
+  o = layout.restore(o)[:, :q_len, :, :head_dim]
+  return (o, lse[:, :, :q_len]) if return_lse else o
