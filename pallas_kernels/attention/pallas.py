@@ -108,54 +108,68 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec):
   if mask.softcap is not None:
     capped = jnp.tanh(s / mask.softcap)
     s = mask.softcap * capped
-  visible = mask.visible(q_pos[:, None], k_pos[None, :])
+  visible = mask.visible(q_pos, k_pos)
   if q_seg is not None:
-    visible = visible & (q_seg[:, None] == k_seg[None, :])
+    visible = visible & (q_seg == k_seg)
   return jnp.where(visible, s * _LOG2E, -jnp.inf), capped
 
 
-def _segments(seg_ref, start, size):
-  return None if seg_ref is None else seg_ref[pl.ds(start, size)]
+def _q_segments(seg_ref, start, size):
+  """A column [size, 1] of query segment ids (from a [T, 1] tile)."""
+  return None if seg_ref is None else seg_ref[pl.ds(start, size), :]
+
+
+def _k_segments(seg_ref, start, size):
+  """A row [1, size] of key segment ids (from a [1, S] tile)."""
+  return None if seg_ref is None else seg_ref[:, pl.ds(start, size)]
+
+
+def _q_positions(mask: MaskSpec, q_start, rows: int):
+  return mask.q_offset + q_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+
+
+def _k_positions(k_start, cols: int):
+  return k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, mask: MaskSpec, block_k: int):
   block_q = q_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]
-  q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  q_pos = _q_positions(mask, q_start, block_q)
+  q_seg = _q_segments(q_seg_ref, 0, block_q)
   lo, hi = mask.kv_block_range(q_start, block_q, block_k)
 
   def body(j, carry):
-    m, l, acc = carry
+    m, l, acc = carry  # running max and sum are [block_q, 1] columns
     k_start = j * block_k
-    k_pos = k_start + lax.iota(jnp.int32, block_k)
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
-    s, _ = _scores(q, k, q_pos, k_pos, q_seg, _segments(k_seg_ref, k_start, block_k), mask)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    s, _ = _scores(q, k, q_pos, _k_positions(k_start, block_k), q_seg,
+                   _k_segments(k_seg_ref, k_start, block_k), mask)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at zero
-    p = jnp.exp2(s - m_safe[:, None])
+    p = jnp.exp2(s - m_safe)
     alpha = jnp.exp2(m - m_safe)
-    return m_new, alpha * l + jnp.sum(p, axis=1), alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + _dot(p.astype(v.dtype), v)
 
   d = q_ref.shape[-1]
-  init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+  init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
           jnp.zeros((block_q, d), jnp.float32))
   m, l, acc = lax.fori_loop(lo, hi, body, init)
   empty = l == 0.0  # fully masked rows: output 0, lse -inf
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / _LOG2E)
 
 
 def _probabilities(s, lse):
   """exp(logits - lse) from base-2 logits; rows with lse = -inf have only masked (-inf) logits, so give 0."""
-  return jnp.exp2(s - jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E)[:, None])
+  return jnp.exp2(s - jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E))
 
 
 def _dscores(p, dp, delta, capped, mask: MaskSpec):
   """dL/d(raw q·k) from dL/dP, through softmax, the soft-cap and the scale."""
-  ds = p * (dp - delta[:, None])
+  ds = p * (dp - delta)
   if capped is not None:
     ds = ds * (1.0 - capped * capped)
   return ds * mask.scale
@@ -166,16 +180,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
   block_q = q_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-  q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  q_pos = _q_positions(mask, q_start, block_q)
+  q_seg = _q_segments(q_seg_ref, 0, block_q)
   lo, hi = mask.kv_block_range(q_start, block_q, block_k)
 
   def body(j, dq):
     k_start = j * block_k
-    k_pos = k_start + lax.iota(jnp.int32, block_k)
     k = k_ref[pl.ds(k_start, block_k), :]
     v = v_ref[pl.ds(k_start, block_k), :]
-    s, capped = _scores(q, k, q_pos, k_pos, q_seg, _segments(k_seg_ref, k_start, block_k), mask)
+    s, capped = _scores(q, k, q_pos, _k_positions(k_start, block_k), q_seg,
+                        _k_segments(k_seg_ref, k_start, block_k), mask)
     p = _probabilities(s, lse)
     ds = _dscores(p, _dot_nt(do, v), delta, capped, mask)
     return dq + _dot(ds.astype(k.dtype), k)
@@ -186,27 +200,27 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                 mask: MaskSpec, block_q: int, group: int, layout: _Layout):
-  """q_ref/do_ref: the kv head's G query heads, all rows; lse_ref/delta_ref: [G, T]; k/v/dk/dv: [block_k, D]."""
+  """q_ref/do_ref: the kv head's G query heads, all rows; lse_ref/delta_ref: [G, T, 1]; k/v/dk/dv: [block_k, D]."""
   block_k = k_ref.shape[0]
   k_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
-  k_pos = k_start + lax.iota(jnp.int32, block_k)
-  k_seg = None if k_seg_ref is None else k_seg_ref[...]
+  k_pos = _k_positions(k_start, block_k)
+  k_seg = _k_segments(k_seg_ref, 0, block_k)
   lo, hi = mask.q_block_range(k_start, block_k, block_q)
   num_q_blocks = hi - lo
 
   def body(i, carry):
     dk, dv = carry
-    g, j = i // num_q_blocks, lo + i % num_q_blocks
+    g, j = lax.div(i, num_q_blocks), lo + lax.rem(i, num_q_blocks)  # non-negative: no floor-division fix-ups
     q_start = j * block_q
     rows = pl.ds(q_start, block_q)
     q = layout.head_rows(q_ref, g, rows)
     do = layout.head_rows(do_ref, g, rows)
-    q_pos = mask.q_offset + q_start + lax.iota(jnp.int32, block_q)
-    s, capped = _scores(q, k, q_pos, k_pos, _segments(q_seg_ref, q_start, block_q), k_seg, mask)
-    p = _probabilities(s, lse_ref[g, rows])
+    s, capped = _scores(q, k, _q_positions(mask, q_start, block_q), k_pos,
+                        _q_segments(q_seg_ref, q_start, block_q), k_seg, mask)
+    p = _probabilities(s, lse_ref[g, rows, :])
     dv = dv + _dot_tn(p.astype(do.dtype), do)
-    ds = _dscores(p, _dot_nt(do, v), delta_ref[g, rows], capped, mask)
+    ds = _dscores(p, _dot_nt(do, v), delta_ref[g, rows, :], capped, mask)
     return dk + _dot_tn(ds.astype(q.dtype), q), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -241,10 +255,13 @@ class _Plan:
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           interpret=self.interpret, name=name, **params)
 
-  def segment_specs(self, q_rows: int, k_rows: int, q_index, k_index) -> list:
+  def segment_specs(self, q_rows: int, k_cols: int, q_index, k_index) -> list:
+    """Query ids as [B, T, 1] columns and key ids as [B, 1, S] rows: tiles whose last two dims suit TPU and that
+    compare without reshapes."""
     if not self.has_segments:
       return [None, None]
-    return [pl.BlockSpec((None, q_rows), q_index), pl.BlockSpec((None, k_rows), k_index)]
+    return [pl.BlockSpec((None, q_rows, 1), lambda *g: (*q_index(*g), 0)),
+            pl.BlockSpec((None, 1, k_cols), lambda *g: (k_index(*g)[0], 0, k_index(*g)[1]))]
 
 
 def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
@@ -252,15 +269,15 @@ def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
   batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
   grid = (batch, plan.heads, t_pad // bq)
   q_tile = lay.tile(bq, d, None, lambda b, h, i: (b, h, i))
-  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, h // g, 0))
+  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, lax.div(h, g), 0))
   kernel = functools.partial(_fwd_kernel, mask=plan.mask, block_k=bk)
   return plan.call(
       kernel, grid=grid,
       in_specs=[q_tile, kv_tile, kv_tile,
                 *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0))],
-      out_specs=[q_tile, pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+      out_specs=[q_tile, pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, plan.heads, t_pad), jnp.float32)],
+                 jax.ShapeDtypeStruct((batch, plan.heads, t_pad, 1), jnp.float32)],
       name="flash_attention_fwd")(q, k, v, q_seg, k_seg)
 
 
@@ -269,8 +286,8 @@ def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
   batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
   q_tile = lay.tile(bq, d, None, lambda b, h, i: (b, h, i))
-  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, h // g, 0))
-  row_stat = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+  kv_tile = lay.tile(s_pad, d, None, lambda b, h, i: (b, lax.div(h, g), 0))
+  row_stat = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
   dq = plan.call(
       functools.partial(_dq_kernel, mask=plan.mask, block_k=bk), grid=(batch, plan.heads, t_pad // bq),
       in_specs=[q_tile, kv_tile, kv_tile,
@@ -282,7 +299,7 @@ def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
   group_tile = lay.tile(t_pad, d, g, lambda b, h, j: (b, h, 0))
   k_tile = lay.tile(bk, d, None, lambda b, h, j: (b, h, j))
-  group_stat = pl.BlockSpec((None, g, t_pad), lambda b, h, j: (b, h, 0))
+  group_stat = pl.BlockSpec((None, g, t_pad, 1), lambda b, h, j: (b, h, 0, 0))
   dk, dv = plan.call(
       functools.partial(_dkv_kernel, mask=plan.mask, block_q=bq, group=g, layout=lay),
       grid=(batch, plan.kv_heads, s_pad // bk),
@@ -311,8 +328,8 @@ def _attention_bwd(plan, residuals, cotangents):
   # d lse / d logits = P, so an lse cotangent enters exactly like a shift of delta.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   if not plan.layout.heads_major:
-    delta = jnp.swapaxes(delta, 1, 2)  # row statistics are [B, H, T] in both layouts
-  delta = delta - dlse
+    delta = jnp.swapaxes(delta, 1, 2)  # row statistics are [B, H, T, 1] columns in both layouts
+  delta = delta[..., None] - dlse
   dq, dk, dv = _backward(plan, q, k, v, q_seg, k_seg, do, lse, delta)
   return dq, dk, dv, None, None
 
@@ -348,8 +365,8 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
   q_seg = k_seg = None
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-    q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - q_len)))
-    k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - kv_len)))
+    q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - q_len)))[:, :, None]
+    k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - kv_len)))[:, None, :]
   mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,
                   window=window, window_right=window_right, softcap=softcap, q_offset=kv_len - q_len,
                   q_len=q_len, kv_len=kv_len)
@@ -357,4 +374,4 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                has_segments=q_seg is not None, interpret=interpret, triton=triton)
   o, lse = _attention(plan, q, k, v, q_seg, k_seg)
   o = layout.restore(o)[:, :q_len, :, :head_dim]
-  return (o, lse[:, :, :q_len]) if return_lse else o
+  return (o, lse[:, :, :q_len, 0]) if return_lse else o
