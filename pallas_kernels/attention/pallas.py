@@ -9,9 +9,7 @@ block of one kv head and loop over the query heads of its GQA group and the quer
 K/V are never materialised. delta = rowsum(dO ⊙ O) comes from XLA.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H / K, D head dim.
-Layout: the kernels see 2-D [rows, D] refs. On GPU and in interpret mode blocks are cut straight out of the
-[B, T, H, D] arrays (no transpose); on TPU the wrapper transposes to [B, H, T, D] so the last two block dims are
-the (rows, D) tile Mosaic wants.
+The kernels see 2-D [rows, D] refs cut by pallas_kernels/common/layout.py.
 """
 
 from __future__ import annotations
@@ -26,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.common.layout import Layout
+from pallas_kernels.common.target import Target
 
 _LOG2E = math.log2(math.e)
 
@@ -55,36 +55,6 @@ class BlockSizes:
     # Interpret mode copies whole arrays per grid step: few large blocks are fastest on CPU.
     block = min(128, max(16, pl.next_power_of_2(max(q_len, kv_len))))
     return cls(block, block, block, block, block, block)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Where batch, sequence and heads sit in the arrays the kernels read."""
-  heads_major: bool  # True: [B, H, T, D] (TPU); False: [B, T, H, D]
-
-  def arrange(self, x_BTHD: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x_BTHD, 1, 2) if self.heads_major else x_BTHD
-
-  def restore(self, x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, 1, 2) if self.heads_major else x
-
-  def tile(self, rows: int, dim: int, heads: int | None, index_map) -> pl.BlockSpec:
-    """BlockSpec of `rows` rows of one head (heads=None, a [rows, dim] ref) or of `heads` consecutive heads
-    ([heads, rows, dim] heads-major, [rows, heads, dim] otherwise); index_map returns (batch, head block, row
-    block)."""
-    if self.heads_major:
-      return pl.BlockSpec((None, heads, rows, dim), lambda *g: (*index_map(*g), 0))
-    def index_bthd(*g):
-      b, h, r = index_map(*g)
-      return b, r, h, 0
-    return pl.BlockSpec((None, rows, heads, dim), index_bthd)
-
-  def seq_len(self, x: jax.Array) -> int:
-    return x.shape[2 if self.heads_major else 1]
-
-  def head_rows(self, ref, g, rows):
-    """Rows of head g from a several-heads tile."""
-    return ref[g, rows, :] if self.heads_major else ref[rows, g, :]
 
 
 def _dot_nt(a, b):
@@ -199,7 +169,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                mask: MaskSpec, block_q: int, group: int, layout: _Layout):
+                mask: MaskSpec, block_q: int, group: int, layout: Layout):
   """q_ref/do_ref: the kv head's G query heads, all rows; lse_ref/delta_ref: [G, T, 1]; k/v/dk/dv: [block_k, D]."""
   block_k = k_ref.shape[0]
   k_start = pl.program_id(2) * block_k
@@ -235,25 +205,22 @@ class _Plan:
   """Static facts of one call: masks, blocks, layout, padded sizes, backend."""
   mask: MaskSpec
   blocks: BlockSizes
-  layout: _Layout
+  target: Target
   heads: int
   kv_heads: int
   has_segments: bool
-  interpret: bool
-  triton: bool
 
   @property
   def group(self) -> int:
     return self.heads // self.kv_heads
 
-  def call(self, kernel, *, grid, in_specs, out_specs, out_shape, name):
-    params = {}
-    if self.triton:
-      from jax.experimental.pallas import triton as pltriton  # GPU only
-      params["compiler_params"] = pltriton.CompilerParams(
-          num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=self.interpret, name=name, **params)
+  @property
+  def layout(self) -> Layout:
+    return self.target.layout
+
+  def call(self, kernel, **kwargs):
+    return self.target.pallas_call(kernel, num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages,
+                                   **kwargs)
 
   def segment_specs(self, q_rows: int, k_cols: int, q_index, k_index) -> list:
     """Query ids as [B, T, 1] columns and key ids as [B, 1, S] rows: tiles whose last two dims suit TPU and that
@@ -346,14 +313,13 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """FlashAttention with the reference's semantics (pallas_kernels/attention/reference.py); inputs validated by
   api.py. Pads the sequence to whole blocks and, for Triton, the head dim to a power of two (>= 16)."""
-  backend = jax.default_backend()
-  interpret = backend == "cpu" if interpret is None else interpret
+  target = Target.current(interpret)
+  layout = target.layout
   batch, q_len, heads, head_dim = q_BTHD.shape
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
-  blocks = block_sizes or BlockSizes.for_shape(q_len=q_len, kv_len=kv_len, head_dim=head_dim, backend=backend)
-  triton = backend == "gpu" and not interpret
-  layout = _Layout(heads_major=backend == "tpu" and not interpret)
-  d_pad = head_dim if backend == "tpu" and not interpret else max(16, pl.next_power_of_2(head_dim))
+  blocks = block_sizes or BlockSizes.for_shape(q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                                               backend=target.backend if not target.interpret else "cpu")
+  d_pad = target.padded_dim(head_dim)
   t_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
   s_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
 
@@ -370,8 +336,8 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
   mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,
                   window=window, window_right=window_right, softcap=softcap, q_offset=kv_len - q_len,
                   q_len=q_len, kv_len=kv_len)
-  plan = _Plan(mask=mask, blocks=blocks, layout=layout, heads=heads, kv_heads=kv_heads,
-               has_segments=q_seg is not None, interpret=interpret, triton=triton)
+  plan = _Plan(mask=mask, blocks=blocks, target=target, heads=heads, kv_heads=kv_heads,
+               has_segments=q_seg is not None)
   o, lse = _attention(plan, q, k, v, q_seg, k_seg)
   o = layout.restore(o)[:, :q_len, :, :head_dim]
   return (o, lse[:, :, :q_len, 0]) if return_lse else o

@@ -1,0 +1,43 @@
+"""How kernels cut [batch, sequence, heads, dim] arrays into 2-D tiles, portably.
+
+On GPU (Triton) and in interpret mode a tile of one head is cut straight out of [B, T, H, D] (no transpose); on
+TPU the wrapper transposes to [B, H, T, D] so the last two block dims are the (rows, dim) tile Mosaic wants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where batch, sequence and heads sit in the arrays the kernels read."""
+  heads_major: bool  # True: [B, H, T, D] (TPU); False: [B, T, H, D]
+
+  def arrange(self, x_BTHD: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x_BTHD, 1, 2) if self.heads_major else x_BTHD
+
+  def restore(self, x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, 1, 2) if self.heads_major else x
+
+  def tile(self, rows: int, dim: int, heads: int | None, index_map) -> pl.BlockSpec:
+    """BlockSpec of `rows` rows of one head (heads=None, a [rows, dim] ref) or of `heads` consecutive heads
+    ([heads, rows, dim] heads-major, [rows, heads, dim] otherwise); index_map returns (batch, head block, row
+    block)."""
+    if self.heads_major:
+      return pl.BlockSpec((None, heads, rows, dim), lambda *g: (*index_map(*g), 0))
+    def index_bthd(*g):
+      b, h, r = index_map(*g)
+      return b, r, h, 0
+    return pl.BlockSpec((None, rows, heads, dim), index_bthd)
+
+  def seq_len(self, x: jax.Array) -> int:
+    return x.shape[2 if self.heads_major else 1]
+
+  def head_rows(self, ref, g, rows):
+    """Rows of head g from a several-heads tile."""
+    return ref[g, rows, :] if self.heads_major else ref[rows, g, :]
