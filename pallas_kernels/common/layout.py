@@ -26,14 +26,12 @@ class Layout:
 
   def tile(self, rows: int, dim: int, heads: int | None, index_map) -> pl.BlockSpec:
     """BlockSpec of `rows` rows of one head (heads=None, a [rows, dim] ref) or of `heads` consecutive heads
-    ([heads, rows, dim] heads-major, [rows, heads, dim] otherwise); index_map returns (batch, head block, row
-    block)."""
-    if self.heads_major:
-      return pl.BlockSpec((None, heads, rows, dim), lambda *g: (*index_map(*g), 0))
-    def index_bthd(*g):
-      b, h, r = index_map(*g)
-      return b, r, h, 0
-    return pl.BlockSpec((None, rows, heads, dim), index_bthd)
+    ([heads, rows, dim] heads-major, [rows, heads, dim] otherwise). index_map returns (batch, head block, row
+    block) or (batch, head block, row block, dim block)."""
+    def index(*g):
+      b, h, r, *c = index_map(*g)
+      return (b, h, r, *(c or [0])) if self.heads_major else (b, r, h, *(c or [0]))
+    return pl.BlockSpec((None, heads, rows, dim) if self.heads_major else (None, rows, heads, dim), index)
 
   def seq_len(self, x: jax.Array) -> int:
     return x.shape[2 if self.heads_major else 1]

@@ -1,0 +1,249 @@
+"""Portable chunked BASED kernels: one `pl.pallas_call` source for CPU interpret mode, TPU and GPU (Triton).
+
+Each program owns one (batch, head, value-column block) and walks the chunks of its sequence in order inside the
+program (sequential by construction: the GPU runs programs in parallel, never chunks of one program). Per chunk of
+C tokens:
+  intra  y += mask(1 + s + s²/2) v,  s = q kᵀ/√F        (the exact quadratic form; C×C on chip)
+  inter  y += phi(q)·S,  den += phi(q)·z                  (the prefix states before the chunk)
+  update S += phi(k)ᵀ v,  z += Σ phi(k)                  (order 0/1/2 pieces, float32, never leave the chip)
+The order-2 features vec(x⊗x) are built on chip as (x E1) ⊙ (x E2) with 0/1 expansion matrices E1[i, iF+j] = 1,
+E2[j, iF+j] = 1, so the expansion is two small matmuls and needs no reshape (Triton has none).
+With segment ids, the carried state belongs to one segment: it reaches only tokens of that segment, and at a chunk
+end it is replaced by the sums of the chunk's last segment (plus the old state when that segment continues).
+
+Letters: B batch, T length (padded to whole chunks), H heads, F feature dim (padded to a power of two >= 16;
+padding features are zero and add nothing), X = F², D value dim, Dc value-column block, C chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common.target import Target
+
+
+@dataclasses.dataclass(frozen=True)
+class BasedBlocks:
+  block_d: int = 64  # value columns per program
+  num_warps: int = 4  # Triton only
+  num_stages: int = 1  # Triton only
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  feature_dim: int  # the real F (sets the scales)
+  normalize: bool
+  eps: float
+  chunk: int
+  seq_len: int  # real tokens; the rest is padding
+  has_segments: bool
+
+  @property
+  def c1(self) -> float:
+    return self.feature_dim ** -0.25
+
+  @property
+  def c2(self) -> float:
+    return 1.0 / (math.sqrt(2.0) * math.sqrt(self.feature_dim))
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _expanders(f: int):
+  """E1, E2 [F, F²]: x E1 repeats each x_i F times, x E2 tiles x F times, so (x E1)(x E2) = vec(x ⊗ x)."""
+  col = lax.broadcasted_iota(jnp.int32, (f, f * f), 1)
+  row = lax.broadcasted_iota(jnp.int32, (f, f * f), 0)
+  shift = int(math.log2(f))
+  e1 = (lax.shift_right_logical(col, shift) == row).astype(jnp.float32)
+  e2 = (lax.bitwise_and(col, f - 1) == row).astype(jnp.float32)
+  return e1, e2
+
+
+def _order2(x, e1, e2, c2):
+  """vec(x ⊗ x)·c2 for float32 rows x [C, F] -> [C, F²]."""
+  return _dot(x, e1) * _dot(x, e2) * c2
+
+
+def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
+  """Masked 1 + s + s²/2 within a chunk [C, C] (causal, same segment)."""
+  s = _dot_nt(q, k) * (1.0 / math.sqrt(spec.feature_dim))
+  c = spec.chunk
+  visible = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  if seg_col is not None:
+    visible = visible & (seg_col == seg_row)
+  return jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref,
+                o_ref, den_ref, fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref, *, spec: _Spec):
+  c = spec.chunk
+  f = q_ref.shape[-1]
+  e1, e2 = _expanders(f)
+  num_chunks = q_ref.shape[0] // c
+
+  def body(i, carry):
+    state_seg, s0, s1, s2, z0, z1, z2 = carry
+    start = i * c
+    rows = pl.ds(start, c)
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+    seg_col = seg_row = None
+    if spec.has_segments:
+      seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
+    a = _intra_scores(q, k, spec, seg_col, seg_row)
+    q1, q2 = qf * spec.c1, _order2(qf, e1, e2, spec.c2)
+    inter_num = s0 + _dot(q1, s1) + _dot(q2, s2)
+    inter_den = z0 + jnp.sum(q1 * z1, axis=1, keepdims=True) + jnp.sum(q2 * z2, axis=1, keepdims=True)
+    if spec.has_segments:
+      reaches = (seg_col == state_seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
+      inter_num, inter_den = inter_num * reaches, inter_den * reaches
+    num = _dot(a.astype(v.dtype), v) + inter_num
+    if spec.normalize:
+      den = jnp.sum(a, axis=1, keepdims=True) + inter_den
+      o_ref[rows, :] = (num / (den + spec.eps)).astype(o_ref.dtype)
+      den_ref[rows, :] = den
+    else:
+      o_ref[rows, :] = num.astype(o_ref.dtype)
+
+    # The state after this chunk: sums over its valid tokens of the last segment.
+    weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
+    keep = 1.0
+    if spec.has_segments:
+      last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
+      weight = weight * (seg_col == last_seg).astype(jnp.float32)
+      keep = (state_seg == last_seg).astype(jnp.float32)
+      state_seg = last_seg
+    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec.c2) * weight
+    vf = v.astype(jnp.float32)
+    return (state_seg,
+            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _dot_tn(k1, vf),
+            keep * s2 + _dot_tn(k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+            keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+
+  first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
+  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
+  _, s0, s1, s2, z0, z1, z2 = lax.fori_loop(0, num_chunks, body, init)
+  for ref, value in zip((fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref), (s0, s1, s2, z0, z1, z2)):
+    ref[...] = value
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _pack_state(state, f_pad: int):
+  """BasedState -> kernel tiles: s0 [B,H,1,D], s1 [B,H,F,D], s2 [B,H,F²,D], z0 [B,H,1,1], z1 [B,H,1,F],
+  z2 [B,H,1,F²], float32, features zero-padded to f_pad."""
+  s0, s1, s2, z0, z1, z2 = (x.astype(jnp.float32) for x in state)
+  b, h, f, d = s1.shape
+  pad = f_pad - f
+  s1 = jnp.pad(s1, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  s2 = jnp.pad(s2, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0))).reshape(b, h, f_pad * f_pad, d)
+  z1 = jnp.pad(z1, ((0, 0), (0, 0), (0, pad)))[:, :, None, :]
+  z2 = jnp.pad(z2, ((0, 0), (0, 0), (0, pad), (0, pad))).reshape(b, h, 1, f_pad * f_pad)
+  return s0[:, :, None, :], s1, s2, z0[:, :, None, None], z1, z2
+
+
+def _unpack_state(tiles, f: int, state_type):
+  s0, s1, s2, z0, z1, z2 = tiles
+  b, h, f_pad, d = s1.shape
+  s2 = s2.reshape(b, h, f_pad, f_pad, d)[:, :, :f, :f]
+  z2 = z2.reshape(b, h, f_pad, f_pad)[:, :, :f, :f]
+  return state_type(s0[:, :, 0], s1[:, :, :f], s2, z0[:, :, 0, 0], z1[:, :, 0, :f], z2)
+
+
+def _state_specs(f_pad: int, block_d: int):
+  """BlockSpecs of the packed state tiles for grid (batch, head, value block)."""
+  cols = lambda rows, width, by_block: pl.BlockSpec(
+      (None, None, rows, width), (lambda b, h, j: (b, h, 0, j)) if by_block else (lambda b, h, j: (b, h, 0, 0)))
+  return [cols(1, block_d, True), cols(f_pad, block_d, True), cols(f_pad * f_pad, block_d, True),
+          cols(1, 1, False), cols(1, f_pad, False), cols(1, f_pad * f_pad, False)]
+
+
+def _state_shapes(batch: int, heads: int, f_pad: int, value_dim: int):
+  shapes = [(1, value_dim), (f_pad, value_dim), (f_pad * f_pad, value_dim), (1, 1), (1, f_pad), (1, f_pad * f_pad)]
+  return [jax.ShapeDtypeStruct((batch, heads, *s), jnp.float32) for s in shapes]
+
+
+def _forward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles):
+  layout = target.layout
+  batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
+  t_pad, f_pad, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
+  block_d = min(blocks.block_d, d)
+  qk_tile = layout.tile(t_pad, f_pad, None, lambda b, h, j: (b, h, 0))
+  v_tile = layout.tile(t_pad, block_d, None, lambda b, h, j: (b, h, 0, j))
+  seg_specs = [None, None]
+  if spec.has_segments:
+    seg_specs = [pl.BlockSpec((None, t_pad, 1), lambda b, h, j: (b, 0, 0)),
+                 pl.BlockSpec((None, 1, t_pad), lambda b, h, j: (b, 0, 0))]
+  den_spec = pl.BlockSpec((None, None, t_pad, 1), lambda b, h, j: (b, h, 0, 0))
+  kernel = functools.partial(_fwd_kernel, spec=spec)
+  out = target.pallas_call(
+      kernel, num_warps=blocks.num_warps, num_stages=blocks.num_stages, grid=(batch, heads, d // block_d),
+      in_specs=[qk_tile, qk_tile, v_tile, *seg_specs, *_state_specs(f_pad, block_d)],
+      out_specs=[v_tile, den_spec, *_state_specs(f_pad, block_d)],
+      out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, heads, t_pad, 1), jnp.float32),
+                 *_state_shapes(batch, heads, f_pad, d)],
+      name="based_chunked_fwd")(q, k, v, seg_col, seg_row, *state_tiles)
+  return out[0], out[1], tuple(out[2:])
+
+
+def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
+                  initial_state=None, return_final_state: bool = False, segment_ids=None,
+                  block_sizes: BasedBlocks | None = None, interpret: bool | None = None):
+  """The chunked form with the reference's semantics (pallas_kernels/based/reference.py); api.py validates."""
+  from pallas_kernels.based.reference import BasedState  # the state type is the reference's
+
+  target = Target.current(interpret)
+  layout = target.layout
+  batch, seq_len, heads, f = q_BTHF.shape
+  d = v_BTHD.shape[-1]
+  f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
+  t_pad = _round_up(seq_len, chunk)
+  blocks = block_sizes or BasedBlocks(block_d=min(64, d_pad))
+
+  def prepare(x, width):
+    return layout.arrange(jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, width - x.shape[-1]))))
+
+  q, k, v = prepare(q_BTHF, f_pad), prepare(k_BTHF, f_pad), prepare(v_BTHD, d_pad)
+  seg_col = seg_row = None
+  if segment_ids is not None:
+    # Padding continues the last segment, so the final state stays that of the last real token's segment.
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - seq_len)), mode="edge")
+    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
+  state = initial_state if initial_state is not None else BasedState.zeros(batch, heads, f, d)
+  state = state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, d_pad - d))),
+                         s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
+                         s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
+  spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len,
+               has_segments=segment_ids is not None)
+  y, final = _based(spec, blocks, target, q, k, v, seg_col, seg_row, _pack_state(state, f_pad))
+  y = layout.restore(y)[:, :seq_len, :, :d]
+  if not return_final_state:
+    return y
+  final = _unpack_state(final, f, BasedState)
+  final = final._replace(s0_BHD=final.s0_BHD[..., :d], s1_BHFD=final.s1_BHFD[..., :d],
+                         s2_BHFFD=final.s2_BHFFD[..., :d])
+  return y, final
+
+
+def _based(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
+  y, _, final = _forward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
+  return y, final
