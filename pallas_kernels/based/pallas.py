@@ -144,6 +144,113 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     ref[...] = value
 
 
+
+def _features_grad(x, dphi1, dphi2, spec: _Spec, e1, e2):
+  """Chain rule through phi's order-1 and order-2 pieces for float32 rows x [C, F]."""
+  return spec.c1 * dphi1 + spec.c2 * (_dot_nt(dphi2 * _dot(x, e2), e1) + _dot_nt(dphi2 * _dot(x, e1), e2))
+
+
+def _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref, dd_ref, rows, spec: _Spec, first_block):
+  """What both backward kernels recompute per chunk: inputs, masked scores, and dL/ds of the intra part."""
+  q, k, v = (ref[rows, :].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref))
+  seg_col = seg_row = None
+  if spec.has_segments:
+    seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
+  s = _dot_nt(q, k) * (1.0 / math.sqrt(spec.feature_dim))
+  a = _intra_scores(q, k, spec, seg_col, seg_row)
+  dn = dn_ref[rows, :]
+  dd = dd_ref[rows, :] * first_block  # the normaliser's cotangent counts once, in value block 0
+  da = _dot_nt(dn, v) + dd
+  ds = jnp.where(a != 0.0, da * (1.0 + s), 0.0) * (1.0 / math.sqrt(spec.feature_dim))
+  return q, k, v, seg_col, a, dn, dd, ds
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref,
+               dn_ref, dd_ref, dq_ref, *, spec: _Spec):
+  """Forward order: dq = intra (ds k) + inter (through phi(q)·S and phi(q)·z with the states recomputed)."""
+  c = spec.chunk
+  e1, e2 = _expanders(q_ref.shape[-1])
+  first_block = (pl.program_id(2) == 0).astype(jnp.float32)
+
+  def body(i, carry):
+    state_seg, s0, s1, s2, z0, z1, z2 = carry
+    start = i * c
+    rows = pl.ds(start, c)
+    q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
+                                                    dd_ref, rows, spec, first_block)
+    qf, kf = q, k
+    dphi1 = _dot_nt(dn, s1) + dd * z1
+    dphi2 = _dot_nt(dn, s2) + dd * z2
+    if spec.has_segments:
+      reaches = (seg_col == state_seg).astype(jnp.float32)
+      dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
+    dq_ref[rows, :] = _dot(ds, kf) + _features_grad(qf, dphi1, dphi2, spec, e1, e2)
+    weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
+    keep = 1.0
+    if spec.has_segments:
+      last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
+      weight = weight * (seg_col == last_seg).astype(jnp.float32)
+      keep = (state_seg == last_seg).astype(jnp.float32)
+      state_seg = last_seg
+    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec.c2) * weight
+    vf = v.astype(jnp.float32)
+    return (state_seg,
+            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _dot_tn(k1, vf),
+            keep * s2 + _dot_tn(k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+            keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+
+  first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
+  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
+  lax.fori_loop(0, q_ref.shape[0] // c, body, init)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g2_ref, gz0_ref, gz1_ref, gz2_ref,
+                dn_ref, dd_ref, dk_ref, dv_ref, di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref, *,
+                spec: _Spec):
+  """Reverse order, carrying G = Σ_{later queries of one segment} phi(q) dnᵀ and phi(q) dd (started from the final
+  state's cotangent, which acts like one more query of the last segment); what is left at the start is the initial
+  state's cotangent."""
+  c = spec.chunk
+  e1, e2 = _expanders(q_ref.shape[-1])
+  first_block = (pl.program_id(2) == 0).astype(jnp.float32)
+  num_chunks = q_ref.shape[0] // c
+
+  def body(step, carry):
+    state_seg, g0, g1, g2, gz0, gz1, gz2 = carry
+    start = (num_chunks - 1 - step) * c
+    rows = pl.ds(start, c)
+    q, k, v, seg_col, a, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
+                                                    dd_ref, rows, spec, first_block)
+    qf, kf, vf = q, k, v
+    k1, k2 = kf * spec.c1, _order2(kf, e1, e2, spec.c2)
+    reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
+    dv_inter = g0 + _dot(k1, g1) + _dot(k2, g2)
+    dphi1 = _dot_nt(vf, g1) + gz1 * first_block
+    dphi2 = _dot_nt(vf, g2) + gz2 * first_block
+    dv_ref[rows, :] = (_dot_tn(a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
+    dk_ref[rows, :] = _dot_tn(ds, qf) + reaches * _features_grad(kf, dphi1, dphi2, spec, e1, e2)
+    keep = 1.0
+    weight = 1.0
+    if spec.has_segments:
+      first_seg = seg_col_ref[pl.ds(start, 1), :]
+      weight = (seg_col == first_seg).astype(jnp.float32)
+      keep = (state_seg == first_seg).astype(jnp.float32)
+      state_seg = first_seg
+    q1, q2 = qf * spec.c1 * weight, _order2(qf, e1, e2, spec.c2) * weight
+    dd_all = dd_ref[rows, :]  # the z cotangents are the same in every value block
+    return (state_seg,
+            keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _dot_tn(q1, dn),
+            keep * g2 + _dot_tn(q2, dn), keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
+            keep * gz1 + jnp.sum(q1 * dd_all, axis=0, keepdims=True),
+            keep * gz2 + jnp.sum(q2 * dd_all, axis=0, keepdims=True))
+
+  last_seg = (seg_col_ref[pl.ds(q_ref.shape[0] - 1, 1), :] if spec.has_segments
+              else jnp.zeros((1, 1), jnp.int32))
+  init = (last_seg, g0_ref[...], g1_ref[...], g2_ref[...], gz0_ref[...], gz1_ref[...], gz2_ref[...])
+  _, *grads = lax.fori_loop(0, num_chunks, body, init)
+  for ref, value in zip((di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref), grads):
+    ref[...] = value
+
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
@@ -244,6 +351,71 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
   return y, final
 
 
+def _value_tile(layout, t_pad: int, width: int):
+  return layout.tile(t_pad, width, None, lambda b, h, j: (b, h, 0, j))
+
+
+def _backward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles,
+              final_cotangents, dn, dd):
+  layout = target.layout
+  batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
+  t_pad, f_pad, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
+  block_d = min(blocks.block_d, d)
+  num_blocks = d // block_d
+  qk_tile = layout.tile(t_pad, f_pad, None, lambda b, h, j: (b, h, 0))
+  seg_specs = [None, None]
+  if spec.has_segments:
+    seg_specs = [pl.BlockSpec((None, t_pad, 1), lambda b, h, j: (b, 0, 0)),
+                 pl.BlockSpec((None, 1, t_pad), lambda b, h, j: (b, 0, 0))]
+  dd_spec = pl.BlockSpec((None, None, t_pad, 1), lambda b, h, j: (b, h, 0, 0))
+  in_specs = [qk_tile, qk_tile, _value_tile(layout, t_pad, block_d), *seg_specs, *_state_specs(f_pad, block_d),
+              _value_tile(layout, t_pad, block_d), dd_spec]
+  # Each value block adds its share of dq/dk in its own column block; XLA sums them.
+  partial_shape = (batch, heads, t_pad, num_blocks * f_pad) if layout.heads_major else (
+      batch, t_pad, heads, num_blocks * f_pad)
+  partial = jax.ShapeDtypeStruct(partial_shape, jnp.float32)
+  call = functools.partial(target.pallas_call, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                           grid=(batch, heads, num_blocks), in_specs=in_specs)
+  dq = call(functools.partial(_dq_kernel, spec=spec), out_specs=_value_tile(layout, t_pad, f_pad),
+            out_shape=partial, name="based_chunked_dq")(q, k, v, seg_col, seg_row, *state_tiles, dn, dd)
+  dk, dv, *d_state = call(
+      functools.partial(_dkv_kernel, spec=spec),
+      out_specs=[_value_tile(layout, t_pad, f_pad), _value_tile(layout, t_pad, block_d),
+                 *_state_specs(f_pad, block_d)],
+      out_shape=[partial, jax.ShapeDtypeStruct(v.shape, v.dtype), *_state_shapes(batch, heads, f_pad, d)],
+      name="based_chunked_dkv")(q, k, v, seg_col, seg_row, *final_cotangents, dn, dd)
+  fold = lambda x: x.reshape(*x.shape[:-1], num_blocks, f_pad).sum(-2).astype(q.dtype)
+  return fold(dq), fold(dk), dv, tuple(d_state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _based(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
   y, _, final = _forward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
   return y, final
+
+
+def _based_fwd(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
+  y, den, final = _forward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
+  return (y, final), (q, k, v, seg_col, seg_row, state_tiles, y, den)
+
+
+def _based_bwd(spec, blocks, target, residuals, cotangents):
+  q, k, v, seg_col, seg_row, state_tiles, y, den = residuals
+  dy, final_cotangents = cotangents
+  layout = target.layout
+  dy = dy.astype(jnp.float32)
+  if spec.normalize:
+    # y = n / (den + eps): dn = dy / (den + eps), d(den) = -Σ_d dy·y / (den + eps).
+    inv = 1.0 / (den + spec.eps)  # [B, H, T, 1]
+    inv_y = inv if layout.heads_major else jnp.swapaxes(inv, 1, 2)
+    dn = dy * inv_y
+    dd = -jnp.sum(dy * y.astype(jnp.float32), axis=-1, keepdims=True) * inv_y
+    dd = dd if layout.heads_major else jnp.swapaxes(dd, 1, 2)
+  else:
+    dn, dd = dy, jnp.zeros_like(den)
+  dq, dk, dv, d_state = _backward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles,
+                                  final_cotangents, dn, dd)
+  return dq, dk, dv, None, None, d_state
+
+
+_based.defvjp(_based_fwd, _based_bwd)
