@@ -324,7 +324,8 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
   d = v_BTHD.shape[-1]
   f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
   t_pad = _round_up(seq_len, chunk)
-  blocks = block_sizes or BasedBlocks(block_d=min(64, d_pad))
+  # TPU tiles must span whole 128-lane multiples (or the full dim): one value block there.
+  blocks = block_sizes or BasedBlocks(block_d=d_pad if target.mosaic_tpu else min(64, d_pad))
 
   def prepare(x, width):
     return layout.arrange(jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, width - x.shape[-1]))))

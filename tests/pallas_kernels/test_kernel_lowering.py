@@ -1,0 +1,88 @@
+"""The portable kernels lower for TPU (jax.export, serialised Mosaic) and for GPU (Triton), forward and backward,
+on this CPU-only machine: the CI check that one Pallas source serves every backend."""
+
+import functools
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.attention import pallas as attention_pallas
+from pallas_kernels.based import pallas as based_pallas
+
+
+def _lowers(fn, args, platform: str) -> str:
+  """The lowered module's text, with the kernel's backend choice forced to `platform`."""
+  backend = {"cuda": "gpu"}.get(platform, platform)
+  with mock.patch.object(jax, "default_backend", lambda: backend):
+    if platform == "tpu":
+      return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _forward_and_backward(fn):
+  """A function returning the outputs and the gradients wrt the float arguments of `fn`."""
+  def both(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(jax.tree.map(jnp.ones_like, out))
+  return both
+
+
+ATTENTION_OPTIONS = {
+    "causal": dict(causal=True),
+    "noncausal_softcap": dict(softcap=30.0),
+    "window_segments": dict(causal=True, window=64, segment_ids=True),
+    "gqa_window_right": dict(window=32, window_right=16, kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", ATTENTION_OPTIONS)
+def test_attention_lowers(platform, name):
+  options = dict(ATTENTION_OPTIONS[name])
+  kv_heads = options.pop("kv_heads", 2)
+  with_segments = options.pop("segment_ids", False)
+  batch, seq, heads, dim = 2, 256, 4, 128
+  q = jax.ShapeDtypeStruct((batch, seq, heads, dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, seq, kv_heads, dim), jnp.bfloat16)
+  segs = (jax.ShapeDtypeStruct((batch, seq), jnp.int32),) if with_segments else ()
+
+  def attention(q, k, v, *segment_ids):
+    seg = segment_ids[0] if segment_ids else None
+    return attention_pallas.flash_attention(q, k, v, segment_ids=seg, **options)
+
+  def fwd_bwd(q, k, v, *segment_ids):
+    return _forward_and_backward(lambda q, k, v: attention(q, k, v, *segment_ids))(q, k, v)
+
+  text = _lowers(fwd_bwd, (q, kv, kv, *segs), platform)
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  assert text.count(marker) >= 3, f"expected forward, dq and dkv kernels in the {platform} module"
+
+
+BASED_OPTIONS = {
+    "normalized": dict(),
+    "unnormalized_segments": dict(normalize=False, segment_ids=True),
+    "f24_dv128": dict(feature_dim=24, value_dim=128),
+}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", BASED_OPTIONS)
+def test_based_lowers(platform, name):
+  options = dict(BASED_OPTIONS[name])
+  f, d = options.pop("feature_dim", 16), options.pop("value_dim", 64)
+  with_segments = options.pop("segment_ids", False)
+  batch, seq, heads = 2, 256, 4
+  qk = jax.ShapeDtypeStruct((batch, seq, heads, f), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((batch, seq, heads, d), jnp.bfloat16)
+  segs = (jax.ShapeDtypeStruct((batch, seq), jnp.int32),) if with_segments else ()
+
+  def fwd_bwd(q, k, v, *segment_ids):
+    seg = segment_ids[0] if segment_ids else None
+    based = functools.partial(based_pallas.based_chunked, chunk=64, segment_ids=seg, **options)
+    return _forward_and_backward(based)(q, k, v)
+
+  text = _lowers(fwd_bwd, (qk, qk, v, *segs), platform)
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  assert text.count(marker) >= 3, f"expected forward, dq and dkv kernels in the {platform} module"
