@@ -1,0 +1,119 @@
+"""The benchmark CLI end to end on tiny shapes (a table on stdout, one JSON line per row) and the arithmetic the
+table rests on: visible-pair counts, ratios, failure classification."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import attention, based, harness, report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str, out: pathlib.Path) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(out)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+  """The cells of the table that ends stdout (header and rule excluded)."""
+  lines = stdout.rstrip().splitlines()
+  assert lines and lines[-1].startswith("| "), f"stdout does not end with a table:\n{stdout}"
+  start = max(i for i, line in enumerate(lines) if line.startswith("| implementation"))
+  return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2:]]
+
+
+# On a GPU only jax.nn:xla of the attention peers runs here (tokamax compiles for long): the test stays < 60 s.
+@pytest.mark.parametrize("op, extra", [
+    ("attention", ["--impls", "reference", "no-such-impl", "--peers", "jax.nn:xla"]),
+    ("based", []),
+])
+def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
+  result = _run_cli(op, "--shapes", "tiny", "--repeats", "2", *extra, out=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = _table_rows(result.stdout)
+  suite = {"attention": attention.SUITE, "based": based.SUITE}[op]
+  tiny = suite.shape_sets["tiny"]
+  ours = [r for r in rows if r[0] == "reference"]
+  assert {(r[1], r[2]) for r in ours} == {(s, m) for s in tiny for m in harness.MODES}
+  assert all(float(r[3]) > 0 for r in ours), rows
+  if op == "attention":  # an implementation the api rejects is a row, not a crash
+    assert {r[6].split(":")[0] for r in rows if r[0] == "no-such-impl"} == {"unsupported"}
+    assert [r[5] for r in rows if r[0] == "jax.nn:xla"] == ["1.00x"] * 2 * len(tiny)  # the ratio peer
+
+  files = list(tmp_path.glob(f"{op}-*.jsonl"))
+  assert len(files) == 1, files
+  records = [json.loads(line) for line in files[0].read_text().splitlines()]
+  assert len(records) == len(rows)
+  for record in records:
+    assert record["op"] == op and record["command"].startswith(f"python -m benchmarks {op}")
+    assert {"device", "jax_version", "timestamp", "shape_params", "status", "ms"} <= record.keys()
+  ok = [r for r in records if r["impl"] == "reference"]
+  assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 for r in ok)
+
+
+@pytest.mark.parametrize("name", sorted(attention.SHAPES))
+@pytest.mark.parametrize("seq_len", [200, 1500])  # below and above the widest window
+def test_visible_pairs_counts_the_reference_mask(name, seq_len):
+  shape = dataclasses.replace(attention.SHAPES[name], seq_len=seq_len)
+  t = np.arange(seq_len)[:, None]
+  s = np.arange(seq_len)[None, :]
+  mask = np.ones((seq_len, seq_len), bool)
+  if shape.causal:
+    mask &= s <= t
+  if shape.window is not None:
+    mask &= t - s < shape.window
+  assert attention.visible_pairs(shape) == mask.sum()
+
+
+def test_flop_counts_follow_the_documented_conventions():
+  causal = attention.SHAPES["B4-S4096-H16-D128-causal"]
+  full = attention.SHAPES["B4-S4096-H16-D128"]
+  assert attention.attention_flops(full, "fwd") == 4 * 4 * 16 * 128 * 4096**2
+  assert attention.attention_flops(causal, "fwd") == pytest.approx(attention.attention_flops(full, "fwd") / 2,
+                                                                   rel=1e-3)
+  assert attention.attention_flops(causal, "fwd_bwd") == 3.5 * attention.attention_flops(causal, "fwd")
+  shape = based.SHAPES["B8-T2048-H16-F16-D64"]
+  per_token_head = 2 * 64 * (16 + 64 + 1) + 4 * 273 * 65
+  assert based.based_flops(shape, "fwd") == 8 * 2048 * 16 * per_token_head
+
+
+def test_brief_shapes_exist():
+  assert set(attention.SUITE.shape_sets["default"]) == {
+      "B4-S4096-H16-D128-causal", "B4-S4096-H16-D128", "B16-S2048-H16-D64-causal", "B1-S16384-H16-D128-causal",
+      "B1-S8192-H32-K8-D128-causal", "B1-S8192-H16-D128-causal-W64", "B1-S8192-H16-D128-causal-W256",
+      "B1-S8192-H16-D128-causal-W1024"}
+  assert set(based.SUITE.shape_sets["default"]) == {
+      "B8-T2048-H16-F16-D64", "B2-T16384-H16-F16-D64", "B1-T65536-H16-F16-D64", "B8-T2048-H16-F16-D128"}
+  assert [s.name for s in attention.SUITE.resolve_shapes(["tiny", "window"])][-3:] == [
+      "B1-S8192-H16-D128-causal-W64", "B1-S8192-H16-D128-causal-W256", "B1-S8192-H16-D128-causal-W1024"]
+
+
+def test_ratio_is_peer_time_over_row_time_within_shape_and_mode():
+  rows = [harness.Row("ours", "a", "fwd", "ok", ms=2.0), harness.Row("peer", "a", "fwd", "ok", ms=3.0),
+          harness.Row("ours", "a", "fwd_bwd", "ok", ms=5.0), harness.Row("peer", "a", "fwd_bwd", "OOM"),
+          harness.Row("ours", "b", "fwd", "unsupported")]
+  ratios = [r.ratio for r in harness.with_ratios(rows, "peer")]
+  assert ratios == [1.5, 1.0, None, None, None]
+  table = report.format_table(harness.with_ratios(rows, "peer"), unit="TFLOP/s", ratio_peer="peer")
+  assert "1.50x" in table.splitlines()[2] and "vs peer" in table.splitlines()[0]
+
+
+@pytest.mark.parametrize("error, status", [
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.2GiB"), "OOM"),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2 GiB"), "OOM"),
+    (ValueError("attention: implementation='pallas' does not support this call: head_dim=96"), "unsupported"),
+    (NotImplementedError("mosaic: window not supported"), "unsupported"),
+    (TypeError("unexpected keyword argument 'window'"), "error"),
+])
+def test_failures_are_classified(error, status):
+  assert harness.classify_failure(error)[0] == status
