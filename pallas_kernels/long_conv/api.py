@@ -1,0 +1,55 @@
+"""The public long convolution: validation, then `implementation=` dispatch.
+
+Letters: B batch, L length, D channels.
+
+  long_conv(u, k) = out_gate ⊙ causal_conv(in_gate ⊙ u, k) + skip ⊙ u,   causal_conv(x, k)[t] = Σ_{s<=t} k[t-s]·x[s]
+
+per channel, with u, gates [B, L, D], filter k [L, D] (from s4d_kernel, shift_ssm_kernel or hyena_filter) and
+skip [D]. "reference" is the FFT form; "direct" (the O(L²) Toeplitz product, taken only by name) is there to
+cross-check it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels.common import validation
+from pallas_kernels.common.dispatch import Dispatcher, Implementation
+from pallas_kernels.long_conv import reference
+
+DISPATCHER = Dispatcher("long_conv", (
+    Implementation("reference", reference.gated_long_conv),
+    Implementation("direct", functools.partial(reference.gated_long_conv,
+                                               causal_conv=reference.direct_causal_conv), in_auto=False),
+))
+
+
+def _check_inputs(u: jax.Array, k: jax.Array, skip: jax.Array | None, in_gate: jax.Array | None,
+                  out_gate: jax.Array | None) -> None:
+  validation.check_rank("u", u, 3, "batch, length, channels")
+  validation.check_dtype("u", u)
+  _, length, channels = u.shape
+  validation.check_rank("k", k, 2, "length, channels")
+  validation.check_dtype("k", k)
+  validation.check_shape("k", k, (length, channels), "length, channels")
+  if skip is not None:
+    validation.check_dtype("skip", skip)
+    validation.check_shape("skip", skip, (channels,), "channels")
+  for name, gate in (("in_gate", in_gate), ("out_gate", out_gate)):
+    if gate is not None:
+      validation.check_dtype(name, gate)
+      validation.check_shape(name, gate, u.shape, "batch, length, channels")
+      # Gates are activations like u; the filter and skip are parameters and may stay in float32.
+      validation.check_same_dtype(u=u, **{name: gate})
+
+
+def long_conv(u: jax.Array, k: jax.Array, *, skip: jax.Array | None = None, in_gate: jax.Array | None = None,
+              out_gate: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+  """out_gate ⊙ causal_conv(in_gate ⊙ u, k) + skip ⊙ u per channel; u, gates [B, L, D], k [L, D], skip [D]."""
+  _check_inputs(u, k, skip, in_gate, out_gate)
+  batch, length, channels = u.shape
+  options = dict(batch=batch, length=length, channels=channels, dtype=u.dtype, filter_dtype=k.dtype,
+                 has_skip=skip is not None, has_in_gate=in_gate is not None, has_out_gate=out_gate is not None)
+  return DISPATCHER(implementation, options, u, k, skip, in_gate, out_gate)
