@@ -1,0 +1,89 @@
+"""Public softmax attention (prefill/training and single-token decode): input checks, then `implementation=`
+dispatch. The math and masking rules are in reference.py.
+
+Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+
+from pallas_kernels.attention import reference
+from pallas_kernels.common import validation
+from pallas_kernels.common.dispatch import Dispatcher, Implementation
+
+# The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
+ATTENTION = Dispatcher("attention", (
+    Implementation("reference_chunked", reference.attention_chunked, in_auto=False),
+    Implementation("reference", reference.attention),
+))
+ATTENTION_DECODE = Dispatcher("attention_decode", (Implementation("reference", reference.attention_decode),))
+
+
+def _check_options(*, window, window_right=None, scale, softcap) -> None:
+  if window is not None and (not isinstance(window, numbers.Integral) or window < 1):
+    raise ValueError(f"window must be an integer >= 1 (the number of most recent keys seen), got {window!r}")
+  if window_right is not None and (not isinstance(window_right, numbers.Integral) or window_right < 0):
+    raise ValueError(f"window_right must be an integer >= 0, got {window_right!r}")
+  validation.check_positive("scale", scale, allow_none=True)
+  validation.check_positive("softcap", softcap, allow_none=True)
+
+
+def _check_kv(q_name: str, q: jax.Array, k_name: str, k: jax.Array, v_name: str, v: jax.Array) -> None:
+  """k and v [B, S, K, D] agreeing with q (batch first, head dim last) in batch, head dim and dtype."""
+  for name, x in ((q_name, q), (k_name, k), (v_name, v)):
+    validation.check_dtype(name, x)
+  validation.check_same_dtype(**{q_name: q, k_name: k, v_name: v})
+  validation.check_dim(k_name, k, 0, q.shape[0], "batch")
+  validation.check_dim(k_name, k, 3, q.shape[-1], "head dim")
+  validation.check_shape(v_name, v, k.shape, f"the shape of {k_name}")
+  validation.check_heads_divide(q.shape[-2], k.shape[2])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, window: int | None = None,
+              window_right: int | None = None, segment_ids: jax.Array | None = None,
+              kv_segment_ids: jax.Array | None = None, scale: float | None = None,
+              softcap: float | None = None, return_lse: bool = False, implementation: str = "auto"):
+  """Softmax attention of q [B,T,H,D] over k, v [B,S,K,D]: out [B,T,H,D] (and lse [B,H,T] float32)."""
+  validation.check_rank("q", q, 4, "batch, q_len, heads, head_dim")
+  validation.check_rank("k", k, 4, "batch, kv_len, kv_heads, head_dim")
+  validation.check_rank("v", v, 4, "batch, kv_len, kv_heads, head_dim")
+  _check_kv("q", q, "k", k, "v", v)
+  _check_options(window=window, window_right=window_right, scale=scale, softcap=softcap)
+  B, T, H, D = q.shape
+  S, K = k.shape[1], k.shape[2]
+  if segment_ids is None and kv_segment_ids is not None:
+    raise ValueError("kv_segment_ids was given without segment_ids; pass both (or neither)")
+  if segment_ids is not None:
+    validation.check_segment_ids("segment_ids", segment_ids, B, T)
+    if kv_segment_ids is None and T != S:
+      raise ValueError(f"kv_segment_ids is required when q_len={T} != kv_len={S} (segment_ids cover the "
+                       f"queries only)")
+    if kv_segment_ids is not None:
+      validation.check_segment_ids("kv_segment_ids", kv_segment_ids, B, S)
+  options = dict(batch=B, q_len=T, kv_len=S, num_heads=H, num_kv_heads=K, head_dim=D, dtype=q.dtype,
+                 causal=causal, window=window, window_right=window_right, segmented=segment_ids is not None,
+                 softcapped=softcap is not None, return_lse=return_lse)
+  return ATTENTION(implementation, options, q, k, v, causal=causal, window=window, window_right=window_right,
+                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap,
+                   return_lse=return_lse)
+
+
+def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                     scale: float | None = None, softcap: float | None = None, window: int | None = None,
+                     implementation: str = "auto") -> jax.Array:
+  """One query per row q [B,H,D] at position lengths[b] - 1 over cache slots [0, lengths[b]): out [B,H,D]."""
+  validation.check_rank("q", q, 3, "batch, heads, head_dim")
+  validation.check_rank("k_cache", k_cache, 4, "batch, max_len, kv_heads, head_dim")
+  validation.check_rank("v_cache", v_cache, 4, "batch, max_len, kv_heads, head_dim")
+  _check_kv("q", q, "k_cache", k_cache, "v_cache", v_cache)
+  _check_options(window=window, scale=scale, softcap=softcap)
+  B, H, D = q.shape
+  S, K = k_cache.shape[1], k_cache.shape[2]
+  validation.check_lengths("lengths", lengths, B, S)
+  options = dict(batch=B, max_len=S, num_heads=H, num_kv_heads=K, head_dim=D, dtype=q.dtype, window=window,
+                 softcapped=softcap is not None)
+  return ATTENTION_DECODE(implementation, options, q, k_cache, v_cache, lengths, scale=scale, softcap=softcap,
+                          window=window)
