@@ -10,12 +10,20 @@ import numbers
 
 import jax
 
-from pallas_kernels.attention import reference
+from pallas_kernels.attention import pallas, reference
 from pallas_kernels.common import validation
-from pallas_kernels.common.dispatch import Dispatcher, Implementation
+from pallas_kernels.common.dispatch import Dispatcher, Implementation, require
+
+
+def _pallas_supports(*, head_dim: int, **_) -> str | None:
+  # Head dims up to 256 are what the kernel tests cover (64/80/128 in CI, more on the GPU machine).
+  return require(head_dim <= 256, f"{head_dim=} > 256")
+
 
 # The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
 ATTENTION = Dispatcher("attention", (
+    # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
+    Implementation("pallas", pallas.flash_attention, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
     Implementation("reference_chunked", reference.attention_chunked, in_auto=False),
     Implementation("reference", reference.attention),
 ))
