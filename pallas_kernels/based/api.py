@@ -1,0 +1,131 @@
+"""Public Based (Taylor linear attention) ops: validation, then `implementation=` dispatch.
+
+`based_linear_attention` computes y_t = phi(q_t)·S_t / (phi(q_t)·z_t + eps) over a whole sequence (see
+reference.py for the math); `based_decode_step` advances a BasedState by one token. Implementations of the
+sequence op: "reference" (the chunked jnp form, taken by auto), and "quadratic" / "recurrent" (the other jnp
+forms, by name only, so tests reach every form through the api). Kernels join as further Implementations; they
+take the arguments in the signature below, so the signature is complete before any of them exists.
+
+Letters: B batch, T length, H heads, F feature dim, D value head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.based import reference
+from pallas_kernels.based.reference import BasedState
+from pallas_kernels.common import validation
+from pallas_kernels.common.dispatch import Dispatcher, Implementation
+
+# The Taylor map widens F to X = 1 + F + F² and the state holds an F²·D block per head, so cost and memory grow
+# quadratically in F; Based uses F = 16, and beyond 64 the state would dwarf the values it summarises.
+MAX_FEATURE_DIM = 64
+
+
+def _without_chunk(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """A form that does not tile the sequence, callable with the chunked form's keywords."""
+
+  def call(q, k, v, *, chunk: int, **kwargs):
+    del chunk
+    return fn(q, k, v, **kwargs)
+
+  return call
+
+
+DISPATCHER = Dispatcher("based", (
+    Implementation("reference", reference.based_chunked),
+    Implementation("quadratic", _without_chunk(reference.based_quadratic), in_auto=False),
+    Implementation("recurrent", _without_chunk(reference.based_recurrent), in_auto=False),
+))
+DECODE_DISPATCHER = Dispatcher("based_decode_step", (Implementation("reference", reference.based_step),))
+
+
+def _check_feature_dim(feature_dim: int | None, q: jax.Array) -> int:
+  """feature_dim, defaulting to q's last axis; it must equal that axis and stay within MAX_FEATURE_DIM."""
+  width = q.shape[-1]
+  feature_dim = width if feature_dim is None else feature_dim
+  if feature_dim != width:
+    raise ValueError(f"feature_dim={feature_dim!r} must equal q.shape[-1] ({width}); q has shape {q.shape}")
+  if feature_dim > MAX_FEATURE_DIM:
+    raise ValueError(f"{feature_dim=} exceeds {MAX_FEATURE_DIM=}: the Taylor features have 1 + F + F² = "
+                     f"{1 + feature_dim + feature_dim ** 2} entries and the state an F²·D block per head")
+  return feature_dim
+
+
+def _check_eps(eps: float) -> None:
+  if not eps >= 0:  # also rejects NaN
+    raise ValueError(f"eps must be >= 0, got {eps!r}")
+
+
+def _check_state(name: str, state: Any, batch: int, heads: int, feature_dim: int, value_dim: int) -> None:
+  """A BasedState of float32 arrays with the shapes BasedState.zeros(batch, heads, feature_dim, value_dim) has."""
+  if not isinstance(state, BasedState):
+    raise ValueError(f"{name} must be a BasedState, got {type(state).__name__}")
+  expected = jax.eval_shape(lambda: BasedState.zeros(batch, heads, feature_dim, value_dim))
+  for field, x, want in zip(BasedState._fields, state, expected):
+    validation.check_shape(f"{name}.{field}", x, want.shape, f"batch={batch}, heads={heads}, "
+                           f"feature_dim={feature_dim}, value_dim={value_dim}")
+    validation.check_dtype(f"{name}.{field}", x, (jnp.float32,))
+
+
+def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_dim: int | None = None,
+                           normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
+                           initial_state: BasedState | None = None, return_final_state: bool = False,
+                           segment_ids: jax.Array | None = None, implementation: str = "auto"):
+  """Causal Based attention of q, k [B, T, H, F] and v [B, T, H, D]: y [B, T, H, D], plus the final
+  BasedState when return_final_state."""
+  validation.check_rank("q", q, 4, "batch, length, heads, feature_dim")
+  validation.check_shape("k", k, q.shape, "batch, length, heads, feature_dim, as q")
+  validation.check_rank("v", v, 4, "batch, length, heads, value_dim")
+  batch, length, heads, _ = q.shape
+  validation.check_dim("v", v, 0, batch, "batch, as q")
+  validation.check_dim("v", v, 1, length, "length, as q")
+  validation.check_dim("v", v, 2, heads, "heads, as q")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    validation.check_dtype(name, x)
+  validation.check_same_dtype(q=q, k=k, v=v)
+  feature_dim = _check_feature_dim(feature_dim, q)
+  validation.check_in("normalize", normalize, (True, False))
+  validation.check_in("return_final_state", return_final_state, (True, False))
+  _check_eps(eps)
+  if not isinstance(chunk, int):
+    raise ValueError(f"chunk must be an int, got {chunk!r}")
+  validation.check_positive("chunk", chunk)
+  if initial_state is not None:
+    _check_state("initial_state", initial_state, batch, heads, feature_dim, v.shape[-1])
+  if segment_ids is not None:
+    validation.check_segment_ids("segment_ids", segment_ids, batch, length)
+
+  options = dict(batch=batch, length=length, heads=heads, feature_dim=feature_dim, value_dim=v.shape[-1],
+                 dtype=jnp.dtype(q.dtype), normalize=normalize, chunk=chunk,
+                 has_initial_state=initial_state is not None, has_segment_ids=segment_ids is not None,
+                 return_final_state=return_final_state)
+  return DISPATCHER(implementation, options, q, k, v, chunk=chunk, normalize=normalize, eps=eps,
+                    initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+
+
+def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedState, *, normalize: bool = True,
+                      eps: float = 1e-6, implementation: str = "auto") -> tuple[jax.Array, BasedState]:
+  """One decode token, q, k [B, H, F] and v [B, H, D]: (y [B, H, D], the state with this token added)."""
+  validation.check_rank("q", q, 3, "batch, heads, feature_dim")
+  validation.check_shape("k", k, q.shape, "batch, heads, feature_dim, as q")
+  validation.check_rank("v", v, 3, "batch, heads, value_dim")
+  batch, heads, _ = q.shape
+  validation.check_dim("v", v, 0, batch, "batch, as q")
+  validation.check_dim("v", v, 1, heads, "heads, as q")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    validation.check_dtype(name, x)
+  validation.check_same_dtype(q=q, k=k, v=v)
+  feature_dim = _check_feature_dim(None, q)
+  validation.check_in("normalize", normalize, (True, False))
+  _check_eps(eps)
+  _check_state("state", state, batch, heads, feature_dim, v.shape[-1])
+
+  options = dict(batch=batch, heads=heads, feature_dim=feature_dim, value_dim=v.shape[-1],
+                 dtype=jnp.dtype(q.dtype), normalize=normalize)
+  return DECODE_DISPATCHER(implementation, options, q, k, v, state, normalize=normalize, eps=eps)
