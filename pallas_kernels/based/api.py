@@ -17,10 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.based import reference
+from pallas_kernels.based import pallas, reference
 from pallas_kernels.based.reference import BasedState
 from pallas_kernels.common import validation
-from pallas_kernels.common.dispatch import Dispatcher, Implementation
+from pallas_kernels.common.dispatch import Dispatcher, Implementation, first_reason, require
 
 # The Taylor map widens F to X = 1 + F + F² and the state holds an F²·D block per head, so cost and memory grow
 # quadratically in F; Based uses F = 16, and beyond 64 the state would dwarf the values it summarises.
@@ -37,7 +37,18 @@ def _without_chunk(fn: Callable[..., Any]) -> Callable[..., Any]:
   return call
 
 
+def _pallas_supports(*, chunk: int, feature_dim: int, value_dim: int, **_) -> str | None:
+  # What the kernel tests cover: Triton tiles are powers of two >= 16, and the on-chip order-2 state (F² x Dc
+  # floats) must fit a program.
+  return first_reason(
+      require(chunk in (16, 32, 64, 128), f"{chunk=} not in (16, 32, 64, 128)"),
+      require(feature_dim <= 32, f"{feature_dim=} > 32"),
+      require(value_dim <= 256, f"{value_dim=} > 256"))
+
+
 DISPATCHER = Dispatcher("based", (
+    # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
+    Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
     Implementation("reference", reference.based_chunked),
     Implementation("quadratic", _without_chunk(reference.based_quadratic), in_auto=False),
     Implementation("recurrent", _without_chunk(reference.based_recurrent), in_auto=False),

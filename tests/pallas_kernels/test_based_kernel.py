@@ -1,0 +1,82 @@
+"""BASED kernels against the reference: outputs, final states and gradients wrt q, k, v and the initial state.
+
+The same test body runs every kernel in KERNELS: the portable chunked Pallas kernel in interpret mode on CPU (CI)
+and through Triton on the GPU machine. The oracle is the float32 quadratic reference on the same inputs (the
+reference forms are checked against numpy float64 in test_based_reference.py).
+
+Letters: B batch, T length, H heads, F feature dim, D value dim.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.based import api
+from pallas_kernels.based import reference as ref
+from tests.tolerances import assert_close, normal
+
+KERNELS = ["pallas"]
+
+# Defaults B=2, T=45 (not a multiple of the chunk), H=2, F=16, D=64, chunk 16, normalised, float32.
+CASES = {
+    "f16_dv64": dict(),
+    "unnormalized_f8_dv128": dict(normalize=False, F=8, D=128),
+    "f24_initial_state": dict(F=24, D=32, initial_state=True),
+    "segments_initial_state": dict(segments=True, initial_state=True, T=70),
+    "f32_chunk32_bf16": dict(F=32, D=16, chunk=32, dtype=jnp.bfloat16),
+}
+
+
+def _inputs(rng, *, B=2, T=45, H=2, F=16, D=64, chunk=16, dtype=jnp.float32, initial_state=False,
+            segments=False, normalize=True):
+  # q, k scaled so s = q·k/√F stays O(1), as after the model's projections.
+  q, k = normal(rng, (B, T, H, F), dtype, 0.5), normal(rng, (B, T, H, F), dtype, 0.5)
+  v = normal(rng, (B, T, H, D), dtype)
+  options = dict(chunk=chunk, normalize=normalize)
+  if segments:
+    options["segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 4, (B, T)), axis=1), jnp.int32)
+  state = None
+  if initial_state:
+    prefix = lambda width: normal(rng, (B, 9, H, width), jnp.float32, 0.5)
+    _, state = ref.based_chunked(prefix(F), prefix(F), prefix(D), chunk=4, return_final_state=True)
+  return (q, k, v, state), options, dtype
+
+
+def _loss_and_grads(based, q, k, v, state, cotangent_y, cotangent_state, **options):
+  def loss(q, k, v, state):
+    y, final = based(q, k, v, initial_state=state, return_final_state=True, **options)
+    return (jnp.sum(y.astype(jnp.float32) * cotangent_y)
+            + sum(jnp.sum(a * c) for a, c in zip(final, cotangent_state)))
+  y, final = based(q, k, v, initial_state=state, return_final_state=True, **options)
+  argnums = (0, 1, 2, 3) if state is not None else (0, 1, 2)
+  return y, final, jax.grad(loss, argnums=argnums)(q, k, v, state)
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(rng, case, implementation):
+  (q, k, v, state), options, dtype = _inputs(rng, **CASES[case])
+  batch, _, heads, f = q.shape
+  cotangent_y = normal(rng, v.shape, jnp.float32)
+  cotangent_state = [normal(rng, x.shape, jnp.float32) for x in ref.BasedState.zeros(batch, heads, f, v.shape[-1])]
+  kernel = lambda *a, **kw: api.based_linear_attention(*a, implementation=implementation, **kw)
+  quadratic = lambda *a, chunk, **kw: ref.based_quadratic(*a, **kw)
+  got = _loss_and_grads(kernel, q, k, v, state, cotangent_y, cotangent_state, **options)
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  want = _loss_and_grads(quadratic, *upcast, state, cotangent_y, cotangent_state, **options)
+  n = q.shape[1]
+  assert_close(got[0], want[0], dtype=dtype, reduction_len=n, name="y", scale=2.0)
+  for name, g, w in zip(ref.BasedState._fields, got[1], want[1]):
+    assert_close(g, w, dtype=dtype, reduction_len=n, name=f"final {name}", scale=2.0)
+  names = ("dq", "dk", "dv", "d initial_state")
+  for name, g, w in zip(names, jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
+
+
+def test_auto_takes_the_kernel_only_where_covered():
+  chosen = api.DISPATCHER.select("auto", chunk=64, feature_dim=16, value_dim=64).name
+  assert chosen == ("pallas" if jax.default_backend() in ("gpu", "tpu") else "reference")
+  assert api.DISPATCHER.select("auto", chunk=7, feature_dim=16, value_dim=64).name == "reference"
+  with pytest.raises(ValueError, match="feature_dim=48"):
+    api.DISPATCHER.select("pallas", chunk=64, feature_dim=48, value_dim=64)
