@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.attention.masking import MaskSpec
 from pallas_kernels.common.layout import Layout
+from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
 _LOG2E = math.log2(math.e)
@@ -57,23 +58,9 @@ class BlockSizes:
     return cls(block, block, block, block, block, block)
 
 
-def _dot_nt(a, b):
-  """a @ b.T with float32 accumulation."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-  """a.T @ b with float32 accumulation."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 def _scores(q, k, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec):
   """Masked logits in base 2 (scale·log2 e folded in) and, with a soft-cap, tanh(logits/cap) for the backward."""
-  s = _dot_nt(q, k) * mask.scale
+  s = dot_nt(q, k, exact_precision(q.dtype)) * mask.scale
   capped = None
   if mask.softcap is not None:
     capped = jnp.tanh(s / mask.softcap)
@@ -121,7 +108,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, ma
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at zero
     p = jnp.exp2(s - m_safe)
     alpha = jnp.exp2(m - m_safe)
-    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + _dot(p.astype(v.dtype), v)
+    pv = dot(p.astype(v.dtype), v, exact_precision(v.dtype))
+    return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
 
   d = q_ref.shape[-1]
   init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
@@ -150,6 +138,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
   block_q = q_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  precision = exact_precision(q.dtype)
   q_pos = _q_positions(mask, q_start, block_q)
   q_seg = _q_segments(q_seg_ref, 0, block_q)
   lo, hi = mask.kv_block_range(q_start, block_q, block_k)
@@ -161,8 +150,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
     s, capped = _scores(q, k, q_pos, _k_positions(k_start, block_k), q_seg,
                         _k_segments(k_seg_ref, k_start, block_k), mask)
     p = _probabilities(s, lse)
-    ds = _dscores(p, _dot_nt(do, v), delta, capped, mask)
-    return dq + _dot(ds.astype(k.dtype), k)
+    ds = _dscores(p, dot_nt(do, v, precision), delta, capped, mask)
+    return dq + dot(ds.astype(k.dtype), k, precision)
 
   dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -174,6 +163,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delt
   block_k = k_ref.shape[0]
   k_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
+  precision = exact_precision(k.dtype)
   k_pos = _k_positions(k_start, block_k)
   k_seg = _k_segments(k_seg_ref, 0, block_k)
   lo, hi = mask.q_block_range(k_start, block_k, block_q)
@@ -189,9 +179,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delt
     s, capped = _scores(q, k, _q_positions(mask, q_start, block_q), k_pos,
                         _q_segments(q_seg_ref, q_start, block_q), k_seg, mask)
     p = _probabilities(s, lse_ref[g, rows, :])
-    dv = dv + _dot_tn(p.astype(do.dtype), do)
-    ds = _dscores(p, _dot_nt(do, v), delta_ref[g, rows, :], capped, mask)
-    return dk + _dot_tn(ds.astype(q.dtype), q), dv
+    dv = dv + dot_tn(p.astype(do.dtype), do, precision)
+    ds = _dscores(p, dot_nt(do, v, precision), delta_ref[g, rows, :], capped, mask)
+    return dk + dot_tn(ds.astype(q.dtype), q, precision), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group * num_q_blocks, body, (zeros, zeros))

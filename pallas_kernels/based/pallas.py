@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
 
@@ -45,6 +46,8 @@ class _Spec:
   seq_len: int  # real tokens; the rest is padding
   has_segments: bool
 
+  precision: object = None  # matmul precision: IEEE float32 for float32 inputs, else the fast default
+
   @property
   def c1(self) -> float:
     return self.feature_dim ** -0.25
@@ -54,16 +57,16 @@ class _Spec:
     return 1.0 / (math.sqrt(2.0) * math.sqrt(self.feature_dim))
 
 
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+def _mm(spec: _Spec, a, b):
+  return dot(a, b, spec.precision)
 
 
-def _dot_nt(a, b):
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _mm_nt(spec: _Spec, a, b):
+  return dot_nt(a, b, spec.precision)
 
 
-def _dot_tn(a, b):
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _mm_tn(spec: _Spec, a, b):
+  return dot_tn(a, b, spec.precision)
 
 
 def _expanders(f: int):
@@ -76,14 +79,14 @@ def _expanders(f: int):
   return e1, e2
 
 
-def _order2(x, e1, e2, c2):
+def _order2(x, e1, e2, spec: _Spec):
   """vec(x ⊗ x)·c2 for float32 rows x [C, F] -> [C, F²]."""
-  return _dot(x, e1) * _dot(x, e2) * c2
+  return _mm(spec, x, e1) * _mm(spec, x, e2) * spec.c2
 
 
 def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
   """Masked 1 + s + s²/2 within a chunk [C, C] (causal, same segment)."""
-  s = _dot_nt(q, k) * (1.0 / math.sqrt(spec.feature_dim))
+  s = _mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
   c = spec.chunk
   visible = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
   if seg_col is not None:
@@ -108,13 +111,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     if spec.has_segments:
       seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
     a = _intra_scores(q, k, spec, seg_col, seg_row)
-    q1, q2 = qf * spec.c1, _order2(qf, e1, e2, spec.c2)
-    inter_num = s0 + _dot(q1, s1) + _dot(q2, s2)
+    q1, q2 = qf * spec.c1, _order2(qf, e1, e2, spec)
+    inter_num = s0 + _mm(spec, q1, s1) + _mm(spec, q2, s2)
     inter_den = z0 + jnp.sum(q1 * z1, axis=1, keepdims=True) + jnp.sum(q2 * z2, axis=1, keepdims=True)
     if spec.has_segments:
       reaches = (seg_col == state_seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
       inter_num, inter_den = inter_num * reaches, inter_den * reaches
-    num = _dot(a.astype(v.dtype), v) + inter_num
+    num = _mm(spec, a.astype(v.dtype), v) + inter_num
     if spec.normalize:
       den = jnp.sum(a, axis=1, keepdims=True) + inter_den
       o_ref[rows, :] = (num / (den + spec.eps)).astype(o_ref.dtype)
@@ -130,11 +133,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
       weight = weight * (seg_col == last_seg).astype(jnp.float32)
       keep = (state_seg == last_seg).astype(jnp.float32)
       state_seg = last_seg
-    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec.c2) * weight
+    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
     vf = v.astype(jnp.float32)
     return (state_seg,
-            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _dot_tn(k1, vf),
-            keep * s2 + _dot_tn(k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
+            keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
             keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
@@ -147,7 +150,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
 
 def _features_grad(x, dphi1, dphi2, spec: _Spec, e1, e2):
   """Chain rule through phi's order-1 and order-2 pieces for float32 rows x [C, F]."""
-  return spec.c1 * dphi1 + spec.c2 * (_dot_nt(dphi2 * _dot(x, e2), e1) + _dot_nt(dphi2 * _dot(x, e1), e2))
+  second = _mm_nt(spec, dphi2 * _mm(spec, x, e2), e1) + _mm_nt(spec, dphi2 * _mm(spec, x, e1), e2)
+  return spec.c1 * dphi1 + spec.c2 * second
 
 
 def _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref, dd_ref, rows, spec: _Spec, first_block):
@@ -156,11 +160,11 @@ def _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref, dd_ref,
   seg_col = seg_row = None
   if spec.has_segments:
     seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
-  s = _dot_nt(q, k) * (1.0 / math.sqrt(spec.feature_dim))
+  s = _mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
   a = _intra_scores(q, k, spec, seg_col, seg_row)
   dn = dn_ref[rows, :]
   dd = dd_ref[rows, :] * first_block  # the normaliser's cotangent counts once, in value block 0
-  da = _dot_nt(dn, v) + dd
+  da = _mm_nt(spec, dn, v) + dd
   ds = jnp.where(a != 0.0, da * (1.0 + s), 0.0) * (1.0 / math.sqrt(spec.feature_dim))
   return q, k, v, seg_col, a, dn, dd, ds
 
@@ -179,12 +183,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
     q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
     qf, kf = q, k
-    dphi1 = _dot_nt(dn, s1) + dd * z1
-    dphi2 = _dot_nt(dn, s2) + dd * z2
+    dphi1 = _mm_nt(spec, dn, s1) + dd * z1
+    dphi2 = _mm_nt(spec, dn, s2) + dd * z2
     if spec.has_segments:
       reaches = (seg_col == state_seg).astype(jnp.float32)
       dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
-    dq_ref[rows, :] = _dot(ds, kf) + _features_grad(qf, dphi1, dphi2, spec, e1, e2)
+    dq_ref[rows, :] = _mm(spec, ds, kf) + _features_grad(qf, dphi1, dphi2, spec, e1, e2)
     weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
     keep = 1.0
     if spec.has_segments:
@@ -192,11 +196,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
       weight = weight * (seg_col == last_seg).astype(jnp.float32)
       keep = (state_seg == last_seg).astype(jnp.float32)
       state_seg = last_seg
-    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec.c2) * weight
+    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
     vf = v.astype(jnp.float32)
     return (state_seg,
-            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _dot_tn(k1, vf),
-            keep * s2 + _dot_tn(k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
+            keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
             keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
@@ -222,13 +226,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
     q, k, v, seg_col, a, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
     qf, kf, vf = q, k, v
-    k1, k2 = kf * spec.c1, _order2(kf, e1, e2, spec.c2)
+    k1, k2 = kf * spec.c1, _order2(kf, e1, e2, spec)
     reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
-    dv_inter = g0 + _dot(k1, g1) + _dot(k2, g2)
-    dphi1 = _dot_nt(vf, g1) + gz1 * first_block
-    dphi2 = _dot_nt(vf, g2) + gz2 * first_block
-    dv_ref[rows, :] = (_dot_tn(a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
-    dk_ref[rows, :] = _dot_tn(ds, qf) + reaches * _features_grad(kf, dphi1, dphi2, spec, e1, e2)
+    dv_inter = g0 + _mm(spec, k1, g1) + _mm(spec, k2, g2)
+    dphi1 = _mm_nt(spec, vf, g1) + gz1 * first_block
+    dphi2 = _mm_nt(spec, vf, g2) + gz2 * first_block
+    dv_ref[rows, :] = (_mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
+    dk_ref[rows, :] = _mm_tn(spec, ds, qf) + reaches * _features_grad(kf, dphi1, dphi2, spec, e1, e2)
     keep = 1.0
     weight = 1.0
     if spec.has_segments:
@@ -236,11 +240,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
       weight = (seg_col == first_seg).astype(jnp.float32)
       keep = (state_seg == first_seg).astype(jnp.float32)
       state_seg = first_seg
-    q1, q2 = qf * spec.c1 * weight, _order2(qf, e1, e2, spec.c2) * weight
+    q1, q2 = qf * spec.c1 * weight, _order2(qf, e1, e2, spec) * weight
     dd_all = dd_ref[rows, :]  # the z cotangents are the same in every value block
     return (state_seg,
-            keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _dot_tn(q1, dn),
-            keep * g2 + _dot_tn(q2, dn), keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
+            keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _mm_tn(spec, q1, dn),
+            keep * g2 + _mm_tn(spec, q2, dn), keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
             keep * gz1 + jnp.sum(q1 * dd_all, axis=0, keepdims=True),
             keep * gz2 + jnp.sum(q2 * dd_all, axis=0, keepdims=True))
 
@@ -341,7 +345,7 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
                          s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
                          s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
   spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len,
-               has_segments=segment_ids is not None)
+               has_segments=segment_ids is not None, precision=exact_precision(q_BTHF.dtype))
   y, final = _based(spec, blocks, target, q, k, v, seg_col, seg_row, _pack_state(state, f_pad))
   y = layout.restore(y)[:, :seq_len, :, :d]
   if not return_final_state:
