@@ -1,0 +1,175 @@
+"""Multi-head softmax attention with GQA/MQA, RoPE, causal or sliding-window masking, and its decode cache.
+
+  q, k, v = x W_q, x W_k, x W_v   (H query heads, K kv heads; query head h reads kv head h // (H/K))
+  o_t = Σ_{s ≤ t, t - s < window} softmax_s(rope(q_t)·rope(k_s)/√D) v_s,   y = o W_o
+
+Decode cache: a ring buffer of S slots per row. Position p lives in slot p mod S, so the slots hold the last
+min(n, S) keys of a row with n tokens, in rotated order; softmax attention does not depend on key order, and the
+keys carry their rotary phase from when they were written, so `attention_decode` over slots [0, min(n, S)) equals
+the parallel form. S = max_length for full attention (no wrap before max_length) and S = min(window, max_length)
+for sliding-window layers, whose memory is then independent of the sequence length.
+
+Letters: B batch, T length, S cache slots, D model width (x) or head dim (q, k, v), H query heads, K kv heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.linear import LINEARS, Implementation, build_linear, op_implementation
+from jaxlm.layers.rotary import apply_rotary, check_rotary_dim, default_positions
+from pallas_kernels.attention import api as attention_api
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  num_heads: int = 8  # query heads
+  num_kv_heads: int | None = None  # key/value heads: None = num_heads (MHA), 1 = MQA, else GQA
+  head_dim: int | None = None  # None: d_model // num_heads
+  rotary_dim: int | None = None  # rotated dims per head: None = head_dim, 0 = no RoPE, else partial
+  rope_base: float = 10000.0  # θ of RoPE
+  window: int | None = None  # keys each query sees, itself included; None = all earlier keys
+  use_bias: bool = False  # biases on the q/k/v/out maps (GPT-2, H3)
+  projection: str = "dense"  # q/k/v/out maps: "dense" or "monarch"
+  nblocks: int = 4  # Monarch blocks when projection = "monarch"
+  softcap: float | None = None  # logits -> softcap·tanh(logits/softcap)
+
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def resolved_head_dim(self, d_model: int) -> int:
+    return d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  def resolved_rotary_dim(self, d_model: int) -> int:
+    return self.resolved_head_dim(d_model) if self.rotary_dim is None else self.rotary_dim
+
+  def validate(self, d_model: int) -> None:
+    """Raises ValueError naming the field when this config cannot build a layer of width d_model."""
+    if not isinstance(self.num_heads, int) or self.num_heads < 1:
+      raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer")
+    if self.head_dim is None and d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model} (or set head_dim)")
+    if self.head_dim is not None and self.head_dim < 1:
+      raise ValueError(f"head_dim={self.head_dim!r} must be positive")
+    if self.kv_heads() < 1 or self.num_heads % self.kv_heads():
+      raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be positive and divide num_heads={self.num_heads}")
+    try:
+      check_rotary_dim(self.resolved_rotary_dim(d_model), self.resolved_head_dim(d_model))
+    except ValueError as e:
+      raise ValueError(f"rotary_dim: {e}") from None
+    if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+      raise ValueError(f"window={self.window!r} must be an integer >= 1 (keys seen, itself included)")
+    if self.projection not in LINEARS:
+      raise ValueError(f"projection={self.projection!r} not in {LINEARS}")
+    if self.projection == "monarch":
+      widths = (d_model, self.num_heads * self.resolved_head_dim(d_model),
+                self.kv_heads() * self.resolved_head_dim(d_model))
+      if self.nblocks < 1 or any(w % self.nblocks for w in widths):
+        raise ValueError(f"nblocks={self.nblocks} must divide the projection widths {widths}")
+    if self.softcap is not None and self.softcap <= 0:
+      raise ValueError(f"softcap={self.softcap!r} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowConfig(AttentionConfig):
+  """Attention over the last `window` keys (BASED: 64 in the paper, 128 in the released checkpoints)."""
+  window: int | None = 128
+
+  def validate(self, d_model: int) -> None:
+    if self.window is None:
+      raise ValueError("window must be set (an integer >= 1) for sliding-window attention")
+    super().validate(d_model)
+
+
+class KVCache(NamedTuple):
+  k_BSKD: jax.Array  # ring buffer: position p in slot p mod S
+  v_BSKD: jax.Array
+  lengths_B: jax.Array  # tokens seen per row (int32)
+
+
+class Attention(nnx.Module):
+  """Causal (optionally sliding-window) attention implementing the Mixer interface (jaxlm/layers/mixer.py)."""
+
+  def __init__(self, d_model: int, config: AttentionConfig = AttentionConfig(), *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, implementation: Implementation = "auto", rngs: nnx.Rngs):
+    config.validate(d_model)
+    self.config = config
+    self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads()
+    self.head_dim = config.resolved_head_dim(d_model)
+    self.rotary_dim = config.resolved_rotary_dim(d_model)
+    self.dtype = dtype
+    self.implementation = op_implementation(implementation, "attention")
+    self.decode_implementation = op_implementation(implementation, "attention_decode")
+    kw = dict(kind=config.projection, use_bias=config.use_bias, nblocks=config.nblocks, dtype=dtype,
+              param_dtype=param_dtype, implementation=implementation, rngs=rngs)
+    q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    self.q_proj = build_linear(d_model, q_width, axes=("embed", "heads"), **kw)
+    self.k_proj = build_linear(d_model, kv_width, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = build_linear(d_model, kv_width, axes=("embed", "kv_heads"), **kw)
+    self.out_proj = build_linear(q_width, d_model, axes=("heads", "embed"), **kw)
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    """q [..., H, D], k and v [..., K, D] for x [..., D_model] at integer positions [...], RoPE applied."""
+    x = x.astype(self.dtype)
+    lead = x.shape[:-1]
+    q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    rope = dict(rotary_dim=self.rotary_dim, base=self.config.rope_base)
+    return apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope), v
+
+  def _out(self, o: jax.Array) -> jax.Array:
+    return self.out_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
+
+  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    B, T, _ = x_BTD.shape
+    q, k, v = self._qkv(x_BTD, default_positions(B, T, segment_ids))
+    o = attention_api.attention(q, k, v, causal=True, window=self.config.window, segment_ids=segment_ids,
+                                softcap=self.config.softcap, implementation=self.implementation)
+    return self._out(o)
+
+  def cache_slots(self, max_length: int) -> int:
+    window = self.config.window
+    return max_length if window is None else min(window, max_length)
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    shape = (batch, self.cache_slots(max_length), self.num_kv_heads, self.head_dim)
+    dtype = dtype or self.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  def prefill(self, x_BTD: jax.Array, cache: KVCache, lengths_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The parallel form over a right-padded prompt; slot s gets the latest position p < lengths with p ≡ s."""
+    B, T, _ = x_BTD.shape
+    S = cache.k_BSKD.shape[1]
+    if self.config.window is None and T > S:
+      raise ValueError(f"prompt length {T} exceeds the cache's max_length {S}")
+    q, k, v = self._qkv(x_BTD, default_positions(B, T))
+    o = attention_api.attention(q, k, v, causal=True, window=self.config.window, softcap=self.config.softcap,
+                                implementation=self.implementation)
+    lengths_B = lengths_B.astype(jnp.int32)
+    slot_S = jnp.arange(S, dtype=jnp.int32)
+    last_BS = lengths_B[:, None] - 1 - slot_S  # how far the newest token lies past slot s
+    pos_BS = jnp.where(last_BS >= 0, slot_S + S * (jnp.maximum(last_BS, 0) // S), 0)
+    take = jax.vmap(lambda a, i: a[i])
+    k_cache = take(k, pos_BS).astype(cache.k_BSKD.dtype)
+    v_cache = take(v, pos_BS).astype(cache.v_BSKD.dtype)
+    return self._out(o), KVCache(k_cache, v_cache, lengths_B)
+
+  def decode(self, x_BD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One token per row at position lengths[b]: write its key into slot lengths mod S, attend over the ring."""
+    S = cache.k_BSKD.shape[1]
+    q, k, v = self._qkv(x_BD, cache.lengths_B)
+    rows, slot = jnp.arange(x_BD.shape[0]), cache.lengths_B % S
+    k_cache = cache.k_BSKD.at[rows, slot].set(k.astype(cache.k_BSKD.dtype))
+    v_cache = cache.v_BSKD.at[rows, slot].set(v.astype(cache.v_BSKD.dtype))
+    lengths = cache.lengths_B + 1
+    # Every stored key lies inside the window (S <= window), so no window mask is needed on the ring.
+    o = attention_api.attention_decode(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                       jnp.minimum(lengths, S), softcap=self.config.softcap,
+                                       implementation=self.decode_implementation)
+    return self._out(o), KVCache(k_cache, v_cache, lengths)

@@ -1,0 +1,170 @@
+"""H3 (Fu et al. 2023, "Hungry Hungry Hippos: Towards Language Modeling with State Space Models") as a mixer.
+
+Letters: B batch, T length, D model width (the SSMs act per channel: H3's head dim 1), N state size
+(shift-SSM taps), M = N/2 complex S4D modes.
+
+  q, k, v = W_q x + b_q, W_k x + b_k, W_v x + b_v
+  k̃ = SSM_shift(k) + D_k ⊙ k          shift SSM: a causal conv with N learned taps per channel
+  u = k̃ ⊙ v
+  y = q ⊙ (SSM_diag(u) + D ⊙ u)        diagonal S4D SSM, real state N per channel (M complex modes)
+  out = W_o y + b_o
+
+(eq. 3 of the paper with head dim 1). Training runs both SSMs as long convolutions of their impulse responses
+(the long_conv op, FFT); decoding steps them as recurrences. The decode cache is the two SSM states: the last N
+values of k (newest first) and the complex S4D state [B, D, M], so its size does not grow with the sequence.
+
+SSM parameters (taps, step sizes, poles, B, C) are `SSMParam`s, float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.layers.base_conv import tokens_before
+from pallas_kernels.common import validation
+from pallas_kernels.long_conv import S4DParams, long_conv, s4d_inv_init, s4d_kernel, s4d_lin_init, shift_ssm_kernel
+from pallas_kernels.long_conv.ssm import DISCRETIZATIONS, diagonal_ssm_step, s4d_discretize, shift_ssm_step
+
+S4D_INITS = {"lin": s4d_lin_init, "inv": s4d_inv_init}
+
+
+class SSMParam(nnx.Param):
+  """A parameter that generates a sequence filter (an SSM's step size, poles, B, C, shift taps; Hyena's implicit
+  filter MLP) rather than a weight applied to activations.
+
+  Kept in float32 whatever the compute dtype (a bf16 pole |Ā| close to 1 loses the decay it encodes), and
+  excluded from weight decay: train/optimizer.py's mask skips every variable whose type is this class (matched
+  by name), because shrinking these values changes the filter's time scale, not its size.
+  """
+
+
+def ssm_param(value: jax.Array, axes: tuple[str | None, ...]) -> SSMParam:
+  """An SSMParam (float32) holding `value`, annotated with logical axis names."""
+  return SSMParam(nnx.with_partitioning(lambda: jnp.asarray(value, jnp.float32), axes)())
+
+
+def segment_ids_unsupported(mixer: str, segment_ids: jax.Array | None) -> None:
+  """Long convolutions cannot keep packed documents apart (short of O(T²) work), so they refuse them."""
+  if segment_ids is not None:
+    raise NotImplementedError(f"{mixer}: segment_ids (packed documents) are not supported; the long "
+                              f"convolution would mix neighbouring documents")
+
+
+@dataclasses.dataclass(frozen=True)
+class H3Config:
+  d_model: int
+  state_dim: int = 64  # N: shift-SSM taps, and the S4D real state per channel (N/2 complex modes)
+  discretization: str = "zoh"  # S4D: "zoh" or "bilinear"
+  init: str = "lin"  # S4D-Lin or S4D-Inv poles
+  dt_min: float = 1e-3  # S4D step sizes Δ are log-uniform in [dt_min, dt_max]
+  dt_max: float = 1e-1
+  implementation: str = "auto"  # the long_conv op
+
+  def __post_init__(self):
+    validation.check_positive("d_model", self.d_model)
+    if not isinstance(self.state_dim, int) or self.state_dim < 2 or self.state_dim % 2:
+      raise ValueError(f"state_dim must be an even integer >= 2 (S4D keeps state_dim/2 complex modes), got "
+                       f"{self.state_dim!r}")
+    validation.check_in("discretization", self.discretization, DISCRETIZATIONS)
+    validation.check_in("init", self.init, tuple(S4D_INITS))
+    validation.check_positive("dt_min", self.dt_min)
+    if not self.dt_min < self.dt_max:
+      raise ValueError(f"dt_min must be below dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+
+
+class H3Cache(NamedTuple):
+  shift_BND: jax.Array  # the last N values of k, newest first (compute dtype)
+  ssm_BDM: jax.Array  # the S4D state x_t, complex64
+
+
+class H3(nnx.Module):
+  """H3: q ⊙ SSM_diag(SSM_shift(k) ⊙ v) with skips, per channel, between linear projections."""
+
+  def __init__(self, config: H3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    d, n = config.d_model, config.state_dim
+    partitioned = nnx.with_partitioning
+
+    def linear(axes: tuple[str, str]) -> nnx.Linear:
+      return nnx.Linear(d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                        kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+                        bias_init=partitioned(nnx.initializers.zeros, axes[1:]))
+
+    self.q_proj, self.k_proj, self.v_proj = (linear(("embed", "mlp")) for _ in range(3))
+    self.out_proj = linear(("mlp", "embed"))
+    # The H3 code draws the taps from a standard normal; the 1/√N keeps k̃ near the variance of k.
+    self.shift_taps_ND = ssm_param(jax.random.normal(rngs.params(), (n, d)) / jnp.sqrt(n), ("ssm_state", "mlp"))
+    s4d = S4D_INITS[config.init](rngs.params(), d, n // 2, config.dt_min, config.dt_max)
+    for name, value in s4d._asdict().items():
+      axes = ("mlp",) if value.ndim == 1 else ("mlp", "ssm_state")
+      setattr(self, name, ssm_param(value, axes))
+    normal = nnx.initializers.normal(1.0)
+    self.shift_skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (d,), param_dtype))
+    self.skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (d,), param_dtype))
+
+  def _s4d(self) -> S4DParams:
+    return S4DParams(*(getattr(self, name)[...] for name in S4DParams._fields))
+
+  def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = x.astype(self.dtype)
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+  def _skips(self) -> tuple[jax.Array, jax.Array]:
+    return self.shift_skip_D[...].astype(self.dtype), self.skip_D[...].astype(self.dtype)
+
+  def _forward(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(out, k, u) over [B, T, D]: the output and the two SSM inputs."""
+    length = x_BTD.shape[1]
+    impl = self.config.implementation
+    shift_skip_D, skip_D = self._skips()
+    q, k, v = self._qkv(x_BTD)
+    shift_LD = shift_ssm_kernel(self.shift_taps_ND[...], length)
+    u = long_conv(k, shift_LD, skip=shift_skip_D, implementation=impl) * v
+    diag_LD = s4d_kernel(self._s4d(), length, self.config.discretization)
+    y = q * long_conv(u, diag_LD, skip=skip_D, implementation=impl)
+    return self.out_proj(y), k, u
+
+  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    segment_ids_unsupported("H3", segment_ids)
+    return self._forward(x_BTD)[0]
+
+  def init_cache(self, batch: int, max_length: int, dtype=None) -> H3Cache:
+    """Zero SSM states; their size does not depend on max_length."""
+    del max_length
+    d, n = self.config.d_model, self.config.state_dim
+    return H3Cache(jnp.zeros((batch, n, d), dtype or self.dtype), jnp.zeros((batch, d, n // 2), jnp.complex64))
+
+  def prefill(self, x_BTD: jax.Array, cache: H3Cache, lengths_B: jax.Array) -> tuple[jax.Array, H3Cache]:
+    """The parallel form over right-padded prompts, and both SSM states after exactly lengths[b] tokens.
+
+    The S4D state is x = Σ_{j<len} Ā^j B̄ u[len-1-j]: a Vandermonde product over the prompt read backwards
+    from each row's end, so the padding never enters it.
+    """
+    batch, length = x_BTD.shape[:2]
+    validation.check_lengths("lengths_B", lengths_B, batch, length)
+    y_BTD, k_BTD, u_BTD = self._forward(x_BTD)
+    shift_BND = tokens_before(k_BTD, lengths_B, self.config.state_dim)[:, ::-1]
+    A_bar_DM, B_bar_DM, _ = s4d_discretize(self._s4d(), self.config.discretization)
+    reversed_BTD = tokens_before(u_BTD, lengths_B, length)[:, ::-1].astype(jnp.float32)
+    # Integer powers Ā^j = exp(j·log Ā) hold on any branch of the complex log.
+    powers_TDM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * jnp.log(A_bar_DM)[None])
+    ssm_BDM = B_bar_DM * jnp.einsum("btd,tdm->bdm", reversed_BTD.astype(powers_TDM.dtype), powers_TDM,
+                                    precision=jax.lax.Precision.HIGHEST)
+    return y_BTD, H3Cache(shift_BND.astype(cache.shift_BND.dtype), ssm_BDM.astype(cache.ssm_BDM.dtype))
+
+  def decode(self, x_BD: jax.Array, cache: H3Cache) -> tuple[jax.Array, H3Cache]:
+    """One token per row: one step of the shift SSM, then of the S4D recurrence."""
+    shift_skip_D, skip_D = self._skips()
+    q, k, v = self._qkv(x_BD)
+    k_shift, shift_BND = shift_ssm_step(cache.shift_BND, k.astype(cache.shift_BND.dtype), self.shift_taps_ND[...])
+    u = (k_shift.astype(self.dtype) + shift_skip_D * k) * v
+    A_bar_DM, B_bar_DM, C_DM = s4d_discretize(self._s4d(), self.config.discretization)
+    y_ssm, ssm_BDM = diagonal_ssm_step(cache.ssm_BDM, u, A_bar_DM, B_bar_DM, C_DM)
+    y = q * (y_ssm + skip_D * u)
+    return self.out_proj(y), H3Cache(shift_BND, ssm_BDM)
