@@ -1,0 +1,94 @@
+"""The train step: token-normalised gradient accumulation, skipped non-finite steps, the weight-decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from train.config import OptimConfig
+from train.optimizer import decay_mask, lr_schedule
+from train.step import IGNORE, make_train_step
+
+V, D, T = 11, 6, 5
+
+
+def _forward(params, batch):
+  return params["emb"][batch["inputs"]] @ params["out"]  # [B, T, V]
+
+
+def _state(rng, optimizer):
+  params = dict(emb=jnp.asarray(rng.standard_normal((V, D)), jnp.float32),
+                out=jnp.asarray(rng.standard_normal((D, V)), jnp.float32))
+  return dict(params=params, opt_state=optimizer.init(params), step=jnp.int32(0),
+              rng=jax.random.key_data(jax.random.key(0)), skipped=jnp.int32(0))
+
+
+def _batch(rng, rows, micro):
+  inputs = rng.integers(0, V - 1, (rows, T))  # token V-1 is kept for the NaN test
+  labels = rng.integers(0, V, (rows, T))
+  labels[rng.random((rows, T)) < 0.5] = IGNORE  # rows hold different numbers of labelled tokens
+  split = lambda x: jnp.asarray(x.reshape(micro, rows // micro, T))
+  return dict(inputs=split(inputs), labels=split(labels))
+
+
+def test_micro_batches_give_the_big_batch_update(rng):
+  optimizer = optax.sgd(0.5)
+  state = _state(rng, optimizer)
+  batch = _batch(rng, 8, 1)
+  step = jax.jit(make_train_step(_forward, optimizer))
+  one, m1 = step(state, batch)
+  four, m4 = step(state, jax.tree.map(lambda x: x.reshape(4, 2, T), batch))
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(four["params"]), jax.tree.leaves(one["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # the loss is the mean over labelled tokens, not a mean of per-micro-batch means
+  labels = np.asarray(batch["labels"][0])
+  logits = np.asarray(_forward(state["params"], {"inputs": batch["inputs"][0]}), np.float64)
+  logz = np.log(np.exp(logits).sum(-1))
+  mask = labels >= 0
+  gold = np.take_along_axis(logits, np.where(mask, labels, 0)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(m1["loss"], ((logz - gold) * mask).sum() / mask.sum(), rtol=1e-5)
+  assert float(m1["tokens"]) == mask.sum()
+
+
+def test_non_finite_step_is_skipped_and_counted(rng):
+  optimizer = optax.adamw(1e-2)
+  state = _state(rng, optimizer)
+  state["params"]["emb"] = state["params"]["emb"].at[V - 1].set(jnp.nan)
+  step = jax.jit(make_train_step(_forward, optimizer))
+  bad = _batch(rng, 4, 2)
+  bad["inputs"] = bad["inputs"].at[0, 0, 0].set(V - 1)
+  after, metrics = step(state, bad)
+  assert not bool(metrics["finite"]) and int(after["skipped"]) == 1 and int(after["step"]) == 1
+  for a, b in zip(jax.tree.leaves((after["params"], after["opt_state"])),
+                  jax.tree.leaves((state["params"], state["opt_state"]))):
+    np.testing.assert_array_equal(a, b)  # nothing applied, Adam's moments untouched
+  good, metrics = step(after, _batch(rng, 4, 2))
+  assert bool(metrics["finite"]) and int(good["skipped"]) == 1
+  assert not np.array_equal(good["params"]["out"], after["params"]["out"])
+
+
+class SSMParam(nnx.Param):
+  pass
+
+
+class _Model(nnx.Module):
+  def __init__(self, rngs):
+    self.proj = nnx.Linear(4, 8, use_bias=True, rngs=rngs)
+    self.norm = nnx.RMSNorm(8, rngs=rngs)
+    self.decay = SSMParam(jnp.ones((8, 4)))
+    self.embed = nnx.Param(jnp.ones((16, 8)))
+
+
+def test_decay_mask_skips_norms_biases_and_ssm_params():
+  params = nnx.state(nnx.eval_shape(lambda: _Model(nnx.Rngs(0))), nnx.Param)
+  mask = decay_mask(params)
+  assert mask == {"proj": {"kernel": True, "bias": False}, "norm": {"scale": False}, "decay": False,
+                  "embed": True}
+
+
+def test_schedule_warms_up_then_decays():
+  schedule = lr_schedule(OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1), 110)
+  assert float(schedule(0)) == 0.0 and float(schedule(10)) == 1.0
+  assert float(schedule(60)) < 1.0 and abs(float(schedule(110)) - 0.1) < 1e-6

@@ -1,0 +1,92 @@
+"""Training data: MQAR (generated), packed text (prepared token files) and synthetic tokens (throughput runs).
+
+`build_data` turns the config into a train `RowLoader` and eval sets; every batch is a function of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from train.config import ConfigError, TrainConfig
+from train.data import mqar
+from train.data.loader import HostBatch, RowLoader
+from train.data.text import PackedRows, TokenFile
+from train.step import IGNORE
+
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """Rows to evaluate in order; `groups[name]` selects rows for per-setting metrics (MQAR)."""
+  name: str
+  num_rows: int
+  read_rows: Callable[[np.ndarray], HostBatch]
+  groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def batches(self, batch_size: int, limit: int = 0):
+    """(rows, host batch) in order; the last batch is padded with ignored rows to `batch_size`."""
+    count = 0
+    for start in range(0, self.num_rows, batch_size):
+      rows = np.arange(start, min(start + batch_size, self.num_rows))
+      batch = self.read_rows(rows)
+      if len(rows) < batch_size:
+        pad = batch_size - len(rows)
+        batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
+        batch["labels"][len(rows):] = IGNORE
+      yield rows, batch
+      count += 1
+      if limit and count >= limit:
+        return
+
+
+@dataclasses.dataclass
+class Data:
+  train: RowLoader
+  evals: list[EvalSet]
+  vocab_size: int
+  seq_len: int
+
+
+def _rows_of(arrays: dict[str, np.ndarray]):
+  return lambda rows: {k: v[rows] for k, v in arrays.items()}
+
+
+def _synthetic_rows(vocab_size: int, seq_len: int, seed: int):
+  def read(rows: np.ndarray) -> HostBatch:
+    tokens = np.stack([np.random.default_rng([seed, int(r)]).integers(0, vocab_size, seq_len + 1) for r in rows])
+    return dict(inputs=tokens[:, :-1].astype(np.int32), labels=tokens[:, 1:].astype(np.int32))
+  return read
+
+
+def build_data(config: TrainConfig, vocab_size: int) -> Data:
+  """Loaders for `config.data`; `vocab_size` is the model's (tokens must fit in it)."""
+  d = config.data
+  if d.kind == "mqar":
+    if d.mqar.vocab_size > vocab_size:
+      raise ConfigError(f"data.mqar.vocab_size: {d.mqar.vocab_size} exceeds the model's vocab_size {vocab_size}")
+    train = mqar.build(d.mqar, d.seed, "train")
+    test = mqar.build(d.mqar, d.seed, "test")
+    groups = {mqar.setting_name(s): np.nonzero(test.setting == i)[0] for i, s in enumerate(test.settings)}
+    return Data(
+        train=RowLoader(len(train.inputs), _rows_of(dict(inputs=train.inputs, labels=train.labels)),
+                        config.batch_size, d.seed),
+        evals=[EvalSet("test", len(test.inputs), _rows_of(dict(inputs=test.inputs, labels=test.labels)), groups)],
+        vocab_size=d.mqar.vocab_size, seq_len=train.inputs.shape[1])
+  if d.kind == "text":
+    if not d.text.path:
+      raise ConfigError("data.text.path: required for data.kind=text (a python -m train.prepare_data output)")
+    train_file, eval_file = TokenFile(d.text.path, "train"), TokenFile(d.text.path, "eval")
+    if train_file.vocab_size > vocab_size:
+      raise ConfigError(f"data.text.path: tokenizer vocab {train_file.vocab_size} exceeds model vocab {vocab_size}")
+    train_rows, eval_rows = PackedRows(train_file, d.text.seq_len), PackedRows(eval_file, d.text.seq_len)
+    evals = [EvalSet("text", eval_rows.num_rows, eval_rows.read)] if eval_rows.num_rows else []
+    return Data(RowLoader(train_rows.num_rows, train_rows.read, config.batch_size, d.seed), evals,
+                train_file.vocab_size, d.text.seq_len)
+  if d.kind == "synthetic":
+    read = _synthetic_rows(vocab_size, d.synthetic_seq_len, d.seed)
+    return Data(RowLoader(2**62, read, config.batch_size, d.seed, shuffle=False), [], vocab_size,
+                d.synthetic_seq_len)
+  raise ConfigError(f"data.kind: {d.kind!r} is not one of mqar, text, synthetic")

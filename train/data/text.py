@@ -1,0 +1,120 @@
+"""Tokenized text on disk and the packing loader over it.
+
+A prepared directory (`python -m train.prepare_data`) holds, per split (`train`, `eval`):
+  <split>.bin        all documents' tokens back to back, uint16 (vocab <= 65536) or uint32, memory-mapped
+  <split>.docs.npy   int64 [num_docs + 1] document start offsets into <split>.bin (last = total tokens)
+and `meta.json` (dtype, vocab size, tokenizer spec), plus `tokenizer.json` for BPE tokenizers.
+
+Packing: row r of length T covers tokens [r·T, r·T + T + 1) of the stream (inputs = first T, labels = last T),
+so no token is padding. `segment_ids` number the documents inside a row from 1, letting attention and the
+recurrent mixers reset at boundaries, and a label whose token starts a new document is ignored (nothing before it
+in its own document predicts it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from train.step import IGNORE
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (vocab 256): nothing to train, nothing unknown."""
+  vocab_size = 256
+  spec = "byte"
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+  """A `tokenizers` tokenizer (tokenizer.json), e.g. the byte-level BPE that prepare_data trains."""
+
+  def __init__(self, tokenizer: Any, spec: str):
+    self.tokenizer, self.spec = tokenizer, spec
+    self.vocab_size = tokenizer.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text).ids
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids])
+
+
+def train_bpe(texts, vocab_size: int) -> HFTokenizer:
+  """A byte-level BPE trained locally on `texts` (an iterable of strings); round-trips any text exactly."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                special_tokens=[], show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  return HFTokenizer(tok, f"bpe:{vocab_size}")
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+  """`byte` or a path to a tokenizer.json (`bpe:<vocab>` is trained by prepare_data, not loaded)."""
+  if spec == "byte":
+    return ByteTokenizer()
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"tokenizer {spec!r}: expected 'byte', 'bpe:<vocab>' or a tokenizer.json path")
+  from tokenizers import Tokenizer
+  return HFTokenizer(Tokenizer.from_file(spec), spec)
+
+
+def load_prepared_tokenizer(directory: str) -> ByteTokenizer | HFTokenizer:
+  """The tokenizer a prepared directory was made with."""
+  meta = read_meta(directory)
+  if meta["tokenizer"] == "byte":
+    return ByteTokenizer()
+  return load_tokenizer(os.path.join(directory, "tokenizer.json"))
+
+
+def read_meta(directory: str) -> dict:
+  path = os.path.join(directory, "meta.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: not a prepared data directory (run python -m train.prepare_data)")
+  with open(path) as f:
+    return json.load(f)
+
+
+class TokenFile:
+  """One split: the memory-mapped token stream and its document offsets."""
+
+  def __init__(self, directory: str, split: str):
+    meta = read_meta(directory)
+    self.vocab_size = meta["vocab_size"]
+    self.tokens = np.memmap(os.path.join(directory, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    self.doc_starts = np.load(os.path.join(directory, f"{split}.docs.npy"))
+
+  def document(self, i: int) -> np.ndarray:
+    return np.asarray(self.tokens[self.doc_starts[i]:self.doc_starts[i + 1]])
+
+  @property
+  def num_docs(self) -> int:
+    return len(self.doc_starts) - 1
+
+
+class PackedRows:
+  """Fixed-length rows over a `TokenFile`; `read(rows)` returns inputs, labels and segment_ids [n, T] int32."""
+
+  def __init__(self, data: TokenFile, seq_len: int):
+    self.data, self.seq_len = data, seq_len
+    self.num_rows = max((len(data.tokens) - 1) // seq_len, 0)
+
+  def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    t = self.seq_len
+    offsets = rows[:, None] * t + np.arange(t + 1)
+    tokens = np.stack([np.asarray(self.data.tokens[r * t:r * t + t + 1]) for r in rows]).astype(np.int32)
+    doc = np.searchsorted(self.data.doc_starts, offsets, side="right")
+    labels = np.where(doc[:, 1:] == doc[:, :-1], tokens[:, 1:], IGNORE)
+    segment_ids = (doc[:, :-1] - doc[:, :1] + 1).astype(np.int32)
+    return dict(inputs=tokens[:, :-1], labels=labels.astype(np.int32), segment_ids=segment_ids)

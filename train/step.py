@@ -1,0 +1,115 @@
+"""The jitted train and eval steps, as pure functions of a state dict and a batch.
+
+Letters: M micro-batches, B rows, T length, V vocabulary.
+
+Train step: the batch arrives as [M, B/M, T]; `lax.scan` runs forward+backward per micro-batch and sums the
+token losses and gradients, then divides both by the total count of labelled tokens, so the result equals one
+big batch whatever M is (loss normalised by tokens, not by rows or micro-batches). A step whose loss or gradient
+norm is not finite leaves parameters and optimizer state untouched and increments `skipped`.
+
+Labels < 0 are ignored (MQAR's non-query positions, document boundaries of packed text, padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+IGNORE = -100
+
+State = dict[str, Any]  # {"params", "opt_state", "step", "rng", "skipped"}
+Batch = dict[str, jax.Array]  # {"inputs", "labels", optional "segment_ids"}
+
+
+def token_stats(logits_BTV: jax.Array, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-token cross-entropy, correctness (argmax == label) and label mask, all [B, T] float32."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  mask = labels_BT >= 0
+  safe = jnp.where(mask, labels_BT, 0)
+  log_z = jax.nn.logsumexp(logits_BTV, axis=-1)
+  gold = jnp.take_along_axis(logits_BTV, safe[..., None], axis=-1)[..., 0]
+  loss = jnp.where(mask, log_z - gold, 0.0)
+  correct = jnp.where(mask, jnp.argmax(logits_BTV, axis=-1) == safe, False)
+  return loss, correct.astype(jnp.float32), mask.astype(jnp.float32)
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Floating leaves cast to `dtype` (bf16 compute over float32 master weights); None leaves them."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_forward(graphdef: nnx.GraphDef, rest: Any, *, compute_dtype: Any = None
+                 ) -> Callable[[Any, Batch], jax.Array]:
+  """(params, batch) -> logits [B, T, V] float32; params are cast to `compute_dtype` unless it is None."""
+  def forward(params, batch):
+    model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest)
+    return model(batch["inputs"], segment_ids=batch.get("segment_ids"))
+  return forward
+
+
+def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, param_shardings: Any = None,
+                    schedule: optax.Schedule | None = None
+                    ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+  """The train step (state, batch[M, B/M, T]) -> (state, metrics); jit it with donated state.
+
+  `param_shardings` pins the gradient accumulator to the parameters' layout; `schedule` adds the step's `lr`.
+  """
+
+  def summed_loss(params, micro):
+    loss, correct, mask = token_stats(forward(params, micro), micro["labels"])
+    return loss.sum(), (mask.sum(), correct.sum())
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    params = state["params"]
+
+    def accumulate(carry, micro):
+      grads, loss, tokens, correct = carry
+      (l, (n, c)), g = grad_fn(params, micro)
+      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+      return (grads, loss + l, tokens + n, correct + c), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if param_shardings is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    (grads, loss_sum, tokens, correct), _ = jax.lax.scan(accumulate, init, batch)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = dict(
+        params=keep(new_params, params),
+        opt_state=keep(opt_state, state["opt_state"]),
+        step=state["step"] + 1,
+        rng=state["rng"],
+        skipped=state["skipped"] + jnp.where(finite, 0, 1).astype(state["skipped"].dtype),
+    )
+    metrics = dict(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm,
+                   finite=finite, skipped=new_state["skipped"])
+    if schedule is not None:
+      metrics["lr"] = schedule(state["step"])
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(forward: Callable) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """(params, batch[B, T]) -> per-row sums: loss, correct and labelled tokens ([B] each)."""
+  def step(params, batch):
+    loss, correct, mask = token_stats(forward(params, batch), batch["labels"])
+    return dict(loss=loss.sum(-1), correct=correct.sum(-1), tokens=mask.sum(-1))
+  return step
