@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common.precision import exact_matmuls
+
 
 def _compute_dtype(dtype) -> jnp.dtype:
   # float32 at least; float64 inputs (gradient checks under x64) stay float64.
@@ -97,6 +99,7 @@ def _finish(out_BTKGD, lse_BKGT, q_BTHD, return_lse: bool):
   return out_BTHD, lse_BKGT.reshape(B, H, T)
 
 
+@exact_matmuls
 def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, causal: bool = False,
               window: int | None = None, window_right: int | None = None, segment_ids=None,
               kv_segment_ids=None, scale: float | None = None, softcap: float | None = None,
@@ -115,6 +118,7 @@ def attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, causal
   return _finish(out_BTKGD, lse_BKGT, q_BTHD, return_lse)
 
 
+@exact_matmuls
 def attention_chunked(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *, causal: bool = False,
                       window: int | None = None, window_right: int | None = None, segment_ids=None,
                       kv_segment_ids=None, scale: float | None = None, softcap: float | None = None,
@@ -170,6 +174,7 @@ def attention_chunked(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *
   return _finish(out_BTKGD, lse_BKGT, q_BTHD, return_lse)
 
 
+@exact_matmuls
 def attention_decode(q_BHD: jax.Array, k_cache_BSKD: jax.Array, v_cache_BSKD: jax.Array,
                      lengths_B: jax.Array, *, scale: float | None = None, softcap: float | None = None,
                      window: int | None = None) -> jax.Array:

@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common.precision import exact_matmuls
+
 
 class BasedState(NamedTuple):
   """The prefix sums S and z split by Taylor order, in feature-scaled form (float32)."""
@@ -132,6 +134,7 @@ def _prepare(q_BTHF, k_BTHF, v_BTHD, initial_state, segment_ids):
 
 
 @_jit_form
+@exact_matmuls
 def based_quadratic(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6,
                     initial_state: BasedState | None = None, segment_ids: jax.Array | None = None,
                     return_final_state: bool = False):
@@ -159,6 +162,7 @@ def based_quadratic(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: floa
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "normalize", "eps", "return_final_state"))
+@exact_matmuls
 def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: bool = True, eps: float = 1e-6,
                   initial_state: BasedState | None = None, segment_ids: jax.Array | None = None,
                   return_final_state: bool = False):
@@ -204,6 +208,7 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: bool = 
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "eps"))
+@exact_matmuls
 def based_step(q_BHF, k_BHF, v_BHD, state: BasedState, *, normalize: bool = True, eps: float = 1e-6):
   """One decode token: S += phi(k) vᵀ, z += phi(k), then y = phi(q)·S / (phi(q)·z + eps). Returns (y, new state)."""
   dtype = _compute_dtype(q_BHF, k_BHF, v_BHD)
@@ -223,6 +228,7 @@ def based_step(q_BHF, k_BHF, v_BHD, state: BasedState, *, normalize: bool = True
 
 
 @_jit_form
+@exact_matmuls
 def based_recurrent(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6,
                     initial_state: BasedState | None = None, segment_ids: jax.Array | None = None,
                     return_final_state: bool = False):
