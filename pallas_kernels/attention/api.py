@@ -10,7 +10,7 @@ import numbers
 
 import jax
 
-from pallas_kernels.attention import pallas, reference
+from pallas_kernels.attention import decode, pallas, reference
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, require
 
@@ -27,7 +27,10 @@ ATTENTION = Dispatcher("attention", (
     Implementation("reference_chunked", reference.attention_chunked, in_auto=False),
     Implementation("reference", reference.attention),
 ))
-ATTENTION_DECODE = Dispatcher("attention_decode", (Implementation("reference", reference.attention_decode),))
+ATTENTION_DECODE = Dispatcher("attention_decode", (
+    Implementation("pallas", decode.attention_decode, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
+    Implementation("reference", reference.attention_decode),
+))
 
 
 def _check_options(*, window, window_right=None, scale, softcap) -> None:

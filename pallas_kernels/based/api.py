@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.based import pallas, reference
+from pallas_kernels.based import decode, pallas, reference
 from pallas_kernels.based.reference import BasedState
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, first_reason, require
@@ -46,6 +46,11 @@ def _pallas_supports(*, chunk: int, feature_dim: int, value_dim: int, **_) -> st
       require(value_dim <= 256, f"{value_dim=} > 256"))
 
 
+def _pallas_supports_decode(*, feature_dim: int, value_dim: int, **_) -> str | None:
+  return first_reason(require(feature_dim <= 32, f"{feature_dim=} > 32"),
+                      require(value_dim <= 256, f"{value_dim=} > 256"))
+
+
 DISPATCHER = Dispatcher("based", (
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
@@ -53,7 +58,11 @@ DISPATCHER = Dispatcher("based", (
     Implementation("quadratic", _without_chunk(reference.based_quadratic), in_auto=False),
     Implementation("recurrent", _without_chunk(reference.based_recurrent), in_auto=False),
 ))
-DECODE_DISPATCHER = Dispatcher("based_decode_step", (Implementation("reference", reference.based_step),))
+DECODE_DISPATCHER = Dispatcher("based_decode_step", (
+    Implementation("pallas", decode.based_decode_step, supports=_pallas_supports_decode,
+                   auto_backends=("gpu", "tpu")),
+    Implementation("reference", reference.based_step),
+))
 
 
 def _check_feature_dim(feature_dim: int | None, q: jax.Array) -> int:

@@ -96,3 +96,14 @@ def test_kernel_memory_is_linear_in_sequence_length():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 64 * seq * heads * dim, f"temp memory {temp} bytes is not linear in S={seq}"
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+def test_decode_through_api_matches_reference(rng, implementation):
+  batch, max_len, heads, kv_heads, dim = 3, 40, 4, 2, 64
+  q = normal(rng, (batch, heads, dim))
+  k_cache, v_cache = normal(rng, (batch, max_len, kv_heads, dim)), normal(rng, (batch, max_len, kv_heads, dim))
+  lengths = jnp.asarray([0, 17, max_len], jnp.int32)
+  got = api.attention_decode(q, k_cache, v_cache, lengths, window=9, implementation=implementation)
+  want = ref.attention_decode(q, k_cache, v_cache, lengths, window=9)
+  assert_close(got, want, dtype=jnp.float32, reduction_len=max_len, name="decode out")

@@ -80,3 +80,17 @@ def test_auto_takes_the_kernel_only_where_covered():
   assert api.DISPATCHER.select("auto", chunk=7, feature_dim=16, value_dim=64).name == "reference"
   with pytest.raises(ValueError, match="feature_dim=48"):
     api.DISPATCHER.select("pallas", chunk=64, feature_dim=48, value_dim=64)
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+def test_decode_step_through_api_matches_reference(rng, implementation):
+  batch, heads, f, d = 2, 3, 16, 32
+  _, state = ref.based_chunked(*(normal(rng, (batch, 5, heads, w), jnp.float32, 0.5) for w in (f, f, d)),
+                               chunk=4, return_final_state=True)
+  q, k = normal(rng, (batch, heads, f), jnp.float32, 0.5), normal(rng, (batch, heads, f), jnp.float32, 0.5)
+  v = normal(rng, (batch, heads, d))
+  got_y, got_state = api.based_decode_step(q, k, v, state, implementation=implementation)
+  want_y, want_state = ref.based_step(q, k, v, state)
+  assert_close(got_y, want_y, dtype=jnp.float32, reduction_len=6, name="y")
+  for name, g, w in zip(ref.BasedState._fields, got_state, want_state):
+    assert_close(g, w, dtype=jnp.float32, reduction_len=6, name=name)
