@@ -94,6 +94,25 @@ def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
   return jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
 
 
+def _advance_state(carry, kf, vf, seg_col, seg_col_ref, start, spec: _Spec, e1, e2):
+  """The carried (segment, s0, s1, s2, z0, z1, z2) after a chunk of float32 keys/values starting at `start`: its
+  valid tokens of the chunk's last segment added, the old state kept only if that segment continues it."""
+  state_seg, s0, s1, s2, z0, z1, z2 = carry
+  c = spec.chunk
+  weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
+  keep = 1.0
+  if spec.has_segments:
+    last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
+    weight = weight * (seg_col == last_seg).astype(jnp.float32)
+    keep = (state_seg == last_seg).astype(jnp.float32)
+    state_seg = last_seg
+  k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
+  return (state_seg,
+          keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
+          keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+          keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref,
                 o_ref, den_ref, fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref, *, spec: _Spec):
   c = spec.chunk
@@ -125,20 +144,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     else:
       o_ref[rows, :] = num.astype(o_ref.dtype)
 
-    # The state after this chunk: sums over its valid tokens of the last segment.
-    weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
-    keep = 1.0
-    if spec.has_segments:
-      last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
-      weight = weight * (seg_col == last_seg).astype(jnp.float32)
-      keep = (state_seg == last_seg).astype(jnp.float32)
-      state_seg = last_seg
-    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
-    vf = v.astype(jnp.float32)
-    return (state_seg,
-            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
-            keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
-            keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+    return _advance_state(carry, kf, v.astype(jnp.float32), seg_col, seg_col_ref, start, spec, e1, e2)
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
   init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
@@ -189,19 +195,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
       reaches = (seg_col == state_seg).astype(jnp.float32)
       dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
     dq_ref[rows, :] = _mm(spec, ds, kf) + _features_grad(qf, dphi1, dphi2, spec, e1, e2)
-    weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
-    keep = 1.0
-    if spec.has_segments:
-      last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
-      weight = weight * (seg_col == last_seg).astype(jnp.float32)
-      keep = (state_seg == last_seg).astype(jnp.float32)
-      state_seg = last_seg
-    k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
-    vf = v.astype(jnp.float32)
-    return (state_seg,
-            keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
-            keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
-            keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+    return _advance_state(carry, kf, v, seg_col, seg_col_ref, start, spec, e1, e2)
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
   init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
