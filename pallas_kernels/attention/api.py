@@ -23,12 +23,14 @@ def _pallas_supports(*, head_dim: int, **_) -> str | None:
 # The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
 ATTENTION = Dispatcher("attention", (
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
-    Implementation("pallas", pallas.flash_attention, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
+    Implementation("pallas", pallas.flash_attention, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
+                   per_shard=True),
     Implementation("reference_chunked", reference.attention_chunked, in_auto=False),
     Implementation("reference", reference.attention),
 ))
 ATTENTION_DECODE = Dispatcher("attention_decode", (
-    Implementation("pallas", decode.attention_decode, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
+    Implementation("pallas", decode.attention_decode, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
+                   per_shard=True),
     Implementation("reference", reference.attention_decode),
 ))
 
@@ -77,9 +79,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
   options = dict(batch=B, q_len=T, kv_len=S, num_heads=H, num_kv_heads=K, head_dim=D, dtype=q.dtype,
                  causal=causal, window=window, window_right=window_right, segmented=segment_ids is not None,
                  softcapped=softcap is not None, return_lse=return_lse)
-  return ATTENTION(implementation, options, q, k, v, causal=causal, window=window, window_right=window_right,
-                   segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap,
-                   return_lse=return_lse)
+  return ATTENTION.run(
+      implementation, options, positional=("q", "k", "v"),
+      arrays=dict(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids),
+      layouts=dict(q="BTHD", k="BSKD", v="BSKD", segment_ids="BT", kv_segment_ids="BS"),
+      out_layouts=("BTHD", "BHT") if return_lse else "BTHD",
+      static=dict(causal=causal, window=window, window_right=window_right, scale=scale, softcap=softcap,
+                  return_lse=return_lse))
 
 
 def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
@@ -96,5 +102,8 @@ def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   validation.check_lengths("lengths", lengths, B, S)
   options = dict(batch=B, max_len=S, num_heads=H, num_kv_heads=K, head_dim=D, dtype=q.dtype, window=window,
                  softcapped=softcap is not None)
-  return ATTENTION_DECODE(implementation, options, q, k_cache, v_cache, lengths, scale=scale, softcap=softcap,
-                          window=window)
+  return ATTENTION_DECODE.run(
+      implementation, options, positional=("q", "k_cache", "v_cache", "lengths"),
+      arrays=dict(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths),
+      layouts=dict(q="BHD", k_cache="BSKD", v_cache="BSKD", lengths="B"), out_layouts="BHD",
+      static=dict(scale=scale, softcap=softcap, window=window))

@@ -51,16 +51,21 @@ def _pallas_supports_decode(*, feature_dim: int, value_dim: int, **_) -> str | N
                       require(value_dim <= 256, f"{value_dim=} > 256"))
 
 
+# Layouts of the state's pieces for running kernels per shard (pallas_kernels/common/sharding.py).
+STATE_LAYOUT = BasedState("BHD", "BHFD", "BHFFD", "BH", "BHF", "BHFF")
+
+
 DISPATCHER = Dispatcher("based", (
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
-    Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu")),
+    Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
+                   per_shard=True),
     Implementation("reference", reference.based_chunked),
     Implementation("quadratic", _without_chunk(reference.based_quadratic), in_auto=False),
     Implementation("recurrent", _without_chunk(reference.based_recurrent), in_auto=False),
 ))
 DECODE_DISPATCHER = Dispatcher("based_decode_step", (
     Implementation("pallas", decode.based_decode_step, supports=_pallas_supports_decode,
-                   auto_backends=("gpu", "tpu")),
+                   auto_backends=("gpu", "tpu"), per_shard=True),
     Implementation("reference", reference.based_step),
 ))
 
@@ -125,8 +130,12 @@ def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_
                  dtype=jnp.dtype(q.dtype), normalize=normalize, chunk=chunk,
                  has_initial_state=initial_state is not None, has_segment_ids=segment_ids is not None,
                  return_final_state=return_final_state)
-  return DISPATCHER(implementation, options, q, k, v, chunk=chunk, normalize=normalize, eps=eps,
-                    initial_state=initial_state, segment_ids=segment_ids, return_final_state=return_final_state)
+  return DISPATCHER.run(
+      implementation, options, positional=("q", "k", "v"),
+      arrays=dict(q=q, k=k, v=v, initial_state=initial_state, segment_ids=segment_ids),
+      layouts=dict(q="BTHF", k="BTHF", v="BTHD", initial_state=STATE_LAYOUT, segment_ids="BT"),
+      out_layouts=("BTHD", STATE_LAYOUT) if return_final_state else "BTHD",
+      static=dict(chunk=chunk, normalize=normalize, eps=eps, return_final_state=return_final_state))
 
 
 def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedState, *, normalize: bool = True,
@@ -148,4 +157,7 @@ def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedStat
 
   options = dict(batch=batch, heads=heads, feature_dim=feature_dim, value_dim=v.shape[-1],
                  dtype=jnp.dtype(q.dtype), normalize=normalize)
-  return DECODE_DISPATCHER(implementation, options, q, k, v, state, normalize=normalize, eps=eps)
+  return DECODE_DISPATCHER.run(
+      implementation, options, positional=("q", "k", "v", "state"), arrays=dict(q=q, k=k, v=v, state=state),
+      layouts=dict(q="BHF", k="BHF", v="BHD", state=STATE_LAYOUT), out_layouts=("BHD", STATE_LAYOUT),
+      static=dict(normalize=normalize, eps=eps))

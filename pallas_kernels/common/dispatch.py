@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 
+from pallas_kernels.common import sharding
+
 AUTO = "auto"
 
 # Returns None when the implementation covers the call, otherwise a short reason it does not.
@@ -32,6 +34,7 @@ class Implementation:
   backends: tuple[str, ...] | None = None  # jax backends it runs on ("cpu", "gpu", "tpu"); None: all
   in_auto: bool = True  # False for implementations only taken by name (alternative reference forms)
   auto_backends: tuple[str, ...] | None = None  # where auto may pick it (e.g. not interpret mode on CPU); None: all
+  per_shard: bool = False  # a kernel XLA cannot partition: run it on each shard under a mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,16 @@ class Dispatcher:
 
   def __call__(self, implementation: str, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
     return self.select(implementation, **options).fn(*args, **kwargs)
+
+  def run(self, implementation: str, options: dict[str, Any], *, arrays: dict[str, Any], static: dict[str, Any],
+          positional: tuple[str, ...], layouts: dict[str, Any], out_layouts: Any) -> Any:
+    """Like calling it, with the array arguments named and laid out (see sharding.run_per_shard), so that a
+    kernel runs per shard inside a sharded model."""
+    impl = self.select(implementation, **options)
+    if impl.per_shard:
+      return sharding.run_per_shard(impl.fn, arrays, layouts, out_layouts, static, positional)
+    args = [arrays[name] for name in positional]
+    return impl.fn(*args, **{k: v for k, v in arrays.items() if k not in positional}, **static)
 
 
 def require(condition: bool, reason: str) -> str | None:
