@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.based import decode, pallas, reference
+from pallas_kernels.based import decode, pallas, parallel, reference
 from pallas_kernels.based.reference import BasedState
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, first_reason, require
@@ -55,7 +55,23 @@ def _pallas_supports_decode(*, feature_dim: int, value_dim: int, **_) -> str | N
 STATE_LAYOUT = BasedState("BHD", "BHFD", "BHFFD", "BH", "BHF", "BHFF")
 
 
+# The parallel kernel's work grows as T²; up to here it is expected to beat the chunked one (fla's parallel form
+# beats its chunked form up to 16k tokens on the H100). Not yet measured for our kernels: docs/benchmarks.md.
+PARALLEL_MAX_LENGTH = 8192
+
+
+def _parallel_supports(*, length: int, feature_dim: int, value_dim: int, has_initial_state: bool,
+                       return_final_state: bool, **_) -> str | None:
+  return first_reason(
+      require(not has_initial_state and not return_final_state, "no state in or out (the chunked kernel has it)"),
+      require(length <= PARALLEL_MAX_LENGTH, f"{length=} > {PARALLEL_MAX_LENGTH}: the chunked form is cheaper"),
+      require(feature_dim <= 32, f"{feature_dim=} > 32"),
+      require(value_dim <= 256, f"{value_dim=} > 256"))
+
+
 DISPATCHER = Dispatcher("based", (
+    Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports,
+                   auto_backends=("gpu", "tpu"), per_shard=True),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
                    per_shard=True),

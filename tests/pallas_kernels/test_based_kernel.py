@@ -75,11 +75,12 @@ def test_kernel_matches_reference(rng, case, implementation):
 
 
 def test_auto_takes_the_kernel_only_where_covered():
-  chosen = api.DISPATCHER.select("auto", chunk=64, feature_dim=16, value_dim=64).name
+  stateful = dict(length=128, feature_dim=16, value_dim=64, has_initial_state=True, return_final_state=True)
+  chosen = api.DISPATCHER.select("auto", chunk=64, **stateful).name
   assert chosen == ("pallas" if jax.default_backend() in ("gpu", "tpu") else "reference")
-  assert api.DISPATCHER.select("auto", chunk=7, feature_dim=16, value_dim=64).name == "reference"
+  assert api.DISPATCHER.select("auto", chunk=7, **stateful).name == "reference"
   with pytest.raises(ValueError, match="feature_dim=48"):
-    api.DISPATCHER.select("pallas", chunk=64, feature_dim=48, value_dim=64)
+    api.DISPATCHER.select("pallas", chunk=64, **dict(stateful, feature_dim=48))
 
 
 @pytest.mark.parametrize("implementation", KERNELS)
@@ -94,3 +95,40 @@ def test_decode_step_through_api_matches_reference(rng, implementation):
   assert_close(got_y, want_y, dtype=jnp.float32, reduction_len=6, name="y")
   for name, g, w in zip(ref.BasedState._fields, got_state, want_state):
     assert_close(g, w, dtype=jnp.float32, reduction_len=6, name=name)
+
+
+PARALLEL_KERNELS = ["pallas_parallel"]
+PARALLEL_CASES = {
+    "f16_dv64": dict(),
+    "unnormalized_segments_f8": dict(normalize=False, segments=True, F=8, T=70),
+    "f24_dv32_bf16": dict(F=24, D=32, dtype=jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("implementation", PARALLEL_KERNELS)
+@pytest.mark.parametrize("case", list(PARALLEL_CASES))
+def test_parallel_kernel_matches_reference(rng, case, implementation):
+  """The stateless parallel kernel: output and gradients wrt q, k, v."""
+  (q, k, v, _), options, dtype = _inputs(rng, **PARALLEL_CASES[case])
+  cotangent_y = normal(rng, v.shape, jnp.float32)
+  kernel = lambda *a: api.based_linear_attention(*a, implementation=implementation, **options)
+  quadratic = lambda *a: ref.based_quadratic(*a, **{k: v for k, v in options.items() if k != "chunk"})
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * cotangent_y)
+  n = q.shape[1]
+  assert_close(kernel(q, k, v), quadratic(*(x.astype(jnp.float32) for x in (q, k, v))), dtype=dtype,
+               reduction_len=n, name="y", scale=2.0)
+  got = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(quadratic), argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
+
+
+def test_auto_picks_parallel_for_short_stateless_calls():
+  options = dict(chunk=64, feature_dim=16, value_dim=64, has_initial_state=False, return_final_state=False)
+  on_accelerator = jax.default_backend() in ("gpu", "tpu")
+  assert api.DISPATCHER.select("auto", length=2048, **options).name == (
+      "pallas_parallel" if on_accelerator else "reference")
+  assert api.DISPATCHER.select("auto", length=65536, **options).name == ("pallas" if on_accelerator
+                                                                          else "reference")
+  with pytest.raises(ValueError, match="no state in or out"):
+    api.DISPATCHER.select("pallas_parallel", length=64, **dict(options, has_initial_state=True))

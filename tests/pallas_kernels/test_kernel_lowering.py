@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels.attention import pallas as attention_pallas
 from pallas_kernels.based import pallas as based_pallas
+from pallas_kernels.based import parallel as based_parallel
 
 
 def _lowers(fn, args, platform: str) -> str:
@@ -67,9 +68,11 @@ BASED_OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("kernel", [functools.partial(based_pallas.based_chunked, chunk=64),
+                                    based_parallel.based_parallel], ids=["chunked", "parallel"])
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("name", BASED_OPTIONS)
-def test_based_lowers(platform, name):
+def test_based_lowers(platform, name, kernel):
   options = dict(BASED_OPTIONS[name])
   f, d = options.pop("feature_dim", 16), options.pop("value_dim", 64)
   with_segments = options.pop("segment_ids", False)
@@ -80,7 +83,7 @@ def test_based_lowers(platform, name):
 
   def fwd_bwd(q, k, v, *segment_ids):
     seg = segment_ids[0] if segment_ids else None
-    based = functools.partial(based_pallas.based_chunked, chunk=64, segment_ids=seg, **options)
+    based = functools.partial(kernel, segment_ids=seg, **options)
     return _forward_and_backward(based)(q, k, v)
 
   text = _lowers(fwd_bwd, (qk, qk, v, *segs), platform)
