@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.based.reference import BasedState
+from pallas_kernels.based.reference import BasedState, taylor_scales
 from pallas_kernels.common.target import Target
 
 
@@ -66,11 +66,11 @@ class _Spec:
 
   @property
   def c1(self) -> float:
-    return self.feature_dim ** -0.25
+    return taylor_scales(self.feature_dim)[0]
 
   @property
   def c2(self) -> float:
-    return 1.0 / (math.sqrt(2.0) * math.sqrt(self.feature_dim))
+    return taylor_scales(self.feature_dim)[1]
 
 
 def _column(x_row, f: int):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.based.reference import BasedState, taylor_scales
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
@@ -50,11 +51,11 @@ class _Spec:
 
   @property
   def c1(self) -> float:
-    return self.feature_dim ** -0.25
+    return taylor_scales(self.feature_dim)[0]
 
   @property
   def c2(self) -> float:
-    return 1.0 / (math.sqrt(2.0) * math.sqrt(self.feature_dim))
+    return taylor_scales(self.feature_dim)[1]
 
 
 def _mm(spec: _Spec, a, b):
@@ -314,8 +315,6 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
                   initial_state=None, return_final_state: bool = False, segment_ids=None,
                   block_sizes: BasedBlocks | None = None, interpret: bool | None = None):
   """The chunked form with the reference's semantics (pallas_kernels/based/reference.py); api.py validates."""
-  from pallas_kernels.based.reference import BasedState  # the state type is the reference's
-
   target = Target.current(interpret)
   layout = target.layout
   batch, seq_len, heads, f = q_BTHF.shape

@@ -56,6 +56,11 @@ def _compute_dtype(*arrays: jax.Array):
   return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
 
 
+def taylor_scales(feature_dim: int) -> tuple[float, float]:
+  """(c1, c2) = (F^-¼, 1/(√2·√F)): phi(x) = [1, c1·x, c2·vec(x ⊗ x)]."""
+  return feature_dim ** -0.25, 1.0 / (math.sqrt(2.0) * math.sqrt(feature_dim))
+
+
 def _scaled_pieces(x_F: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The order-1 and order-2 blocks of phi(x): x / F^¼ and x ⊗ x / (√2·√F), the latter unflattened."""
   f = x_F.shape[-1]
