@@ -70,8 +70,10 @@ def _parallel_supports(*, length: int, feature_dim: int, value_dim: int, has_ini
 
 
 DISPATCHER = Dispatcher("based", (
-    Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports,
-                   auto_backends=("gpu", "tpu"), per_shard=True),
+    # By name only until its tests have passed on the GPU machine (written after this session's device time ran
+    # out); then auto may take it on GPU/TPU for short stateless calls.
+    Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, in_auto=False,
+                   per_shard=True),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
                    per_shard=True),

@@ -123,12 +123,11 @@ def test_parallel_kernel_matches_reference(rng, case, implementation):
     assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
 
 
-def test_auto_picks_parallel_for_short_stateless_calls():
+def test_parallel_kernel_is_taken_by_name_only_for_now():
   options = dict(chunk=64, feature_dim=16, value_dim=64, has_initial_state=False, return_final_state=False)
   on_accelerator = jax.default_backend() in ("gpu", "tpu")
-  assert api.DISPATCHER.select("auto", length=2048, **options).name == (
-      "pallas_parallel" if on_accelerator else "reference")
-  assert api.DISPATCHER.select("auto", length=65536, **options).name == ("pallas" if on_accelerator
-                                                                          else "reference")
+  assert api.DISPATCHER.select("auto", length=2048, **options).name == ("pallas" if on_accelerator
+                                                                         else "reference")
+  assert api.DISPATCHER.select("pallas_parallel", length=2048, **options).name == "pallas_parallel"
   with pytest.raises(ValueError, match="no state in or out"):
     api.DISPATCHER.select("pallas_parallel", length=64, **dict(options, has_initial_state=True))
