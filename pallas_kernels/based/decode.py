@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.based.reference import BasedState, taylor_scales
+from pallas_kernels.based.reference import BasedState, TaylorScaled
 from pallas_kernels.common.target import Target
 
 
@@ -58,19 +58,11 @@ class DecodeBlocks:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _Spec(TaylorScaled):
   feature_dim: int  # the real F (sets the scales); the tiles may be wider
   normalize: bool
   eps: float
   block_rows: int
-
-  @property
-  def c1(self) -> float:
-    return taylor_scales(self.feature_dim)[0]
-
-  @property
-  def c2(self) -> float:
-    return taylor_scales(self.feature_dim)[1]
 
 
 def _column(x_row, f: int):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.based.reference import BasedState, taylor_scales
+from pallas_kernels.based.reference import BasedState, TaylorScaled
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
@@ -39,23 +39,14 @@ class BasedBlocks:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class _Spec(TaylorScaled):
   feature_dim: int  # the real F (sets the scales)
   normalize: bool
   eps: float
   chunk: int
   seq_len: int  # real tokens; the rest is padding
   has_segments: bool
-
   precision: object = None  # matmul precision: IEEE float32 for float32 inputs, else the fast default
-
-  @property
-  def c1(self) -> float:
-    return taylor_scales(self.feature_dim)[0]
-
-  @property
-  def c2(self) -> float:
-    return taylor_scales(self.feature_dim)[1]
 
 
 def _mm(spec: _Spec, a, b):
@@ -189,14 +180,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
     rows = pl.ds(start, c)
     q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    qf, kf = q, k
     dphi1 = _mm_nt(spec, dn, s1) + dd * z1
     dphi2 = _mm_nt(spec, dn, s2) + dd * z2
     if spec.has_segments:
       reaches = (seg_col == state_seg).astype(jnp.float32)
       dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
-    dq_ref[rows, :] = _mm(spec, ds, kf) + _features_grad(qf, dphi1, dphi2, spec, e1, e2)
-    return _advance_state(carry, kf, v, seg_col, seg_col_ref, start, spec, e1, e2)
+    dq_ref[rows, :] = _mm(spec, ds, k) + _features_grad(q, dphi1, dphi2, spec, e1, e2)
+    return _advance_state(carry, k, v, seg_col, seg_col_ref, start, spec, e1, e2)
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
   init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
@@ -220,14 +210,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
     rows = pl.ds(start, c)
     q, k, v, seg_col, a, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    qf, kf, vf = q, k, v
-    k1, k2 = kf * spec.c1, _order2(kf, e1, e2, spec)
+    k1, k2 = k * spec.c1, _order2(k, e1, e2, spec)
     reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
     dv_inter = g0 + _mm(spec, k1, g1) + _mm(spec, k2, g2)
-    dphi1 = _mm_nt(spec, vf, g1) + gz1 * first_block
-    dphi2 = _mm_nt(spec, vf, g2) + gz2 * first_block
+    dphi1 = _mm_nt(spec, v, g1) + gz1 * first_block
+    dphi2 = _mm_nt(spec, v, g2) + gz2 * first_block
     dv_ref[rows, :] = (_mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
-    dk_ref[rows, :] = _mm_tn(spec, ds, qf) + reaches * _features_grad(kf, dphi1, dphi2, spec, e1, e2)
+    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * _features_grad(k, dphi1, dphi2, spec, e1, e2)
     keep = 1.0
     weight = 1.0
     if spec.has_segments:
@@ -235,7 +224,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
       weight = (seg_col == first_seg).astype(jnp.float32)
       keep = (state_seg == first_seg).astype(jnp.float32)
       state_seg = first_seg
-    q1, q2 = qf * spec.c1 * weight, _order2(qf, e1, e2, spec) * weight
+    q1, q2 = q * spec.c1 * weight, _order2(q, e1, e2, spec) * weight
     dd_all = dd_ref[rows, :]  # the z cotangents are the same in every value block
     return (state_seg,
             keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _mm_tn(spec, q1, dn),

@@ -135,15 +135,9 @@ class _Plan:
     return self.target.pallas_call(kernel, num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages,
                                    **kwargs)
 
-  def specs(self, t_pad: int, widths: dict[str, int], tiles: dict[str, int]):
-    """BlockSpecs for grid (batch, head, block): whole-sequence refs, or `tiles[name]`-row tiles of the block."""
-    layout = self.target.layout
-    spec = {}
-    for name, width in widths.items():
-      rows = tiles.get(name)
-      spec[name] = (layout.tile(rows, width, None, lambda b, h, i: (b, h, i)) if rows
-                    else layout.tile(t_pad, width, None, lambda b, h, i: (b, h, 0)))
-    return spec
+  def whole(self, t_pad: int, width: int) -> pl.BlockSpec:
+    """The whole sequence of one head, for grid (batch, head, block)."""
+    return self.target.layout.tile(t_pad, width, None, lambda b, h, i: (b, h, 0))
 
 
 def _segment_specs(plan: _Plan, t_pad: int):
@@ -157,11 +151,10 @@ def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
   layout, bq = plan.target.layout, plan.blocks.block_q
   batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
   t_pad, f, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
-  s = plan.specs(t_pad, dict(qk=f, v=d), dict())
   o_tile = layout.tile(bq, d, None, lambda b, h, i: (b, h, i))
   return plan.call(
       functools.partial(_fwd_kernel, spec=plan.spec, block_k=plan.blocks.block_k), grid=(batch, heads, t_pad // bq),
-      in_specs=[s["qk"], s["qk"], s["v"], *_segment_specs(plan, t_pad)],
+      in_specs=[plan.whole(t_pad, f), plan.whole(t_pad, f), plan.whole(t_pad, d), *_segment_specs(plan, t_pad)],
       out_specs=[o_tile, pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, heads, t_pad, 1), jnp.float32)],
       name="based_parallel_fwd")(q, k, v, q_seg, k_seg)
@@ -171,9 +164,9 @@ def _backward(plan: _Plan, q, k, v, q_seg, k_seg, dn, dd):
   layout, bq, bk = plan.target.layout, plan.blocks.block_q, plan.blocks.block_k
   batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
   t_pad, f, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
-  whole = plan.specs(t_pad, dict(qk=f, v=d), dict())
   dd_spec = pl.BlockSpec((None, None, t_pad, 1), lambda b, h, i: (b, h, 0, 0))
-  in_specs = [whole["qk"], whole["qk"], whole["v"], *_segment_specs(plan, t_pad), whole["v"], dd_spec]
+  in_specs = [plan.whole(t_pad, f), plan.whole(t_pad, f), plan.whole(t_pad, d), *_segment_specs(plan, t_pad),
+              plan.whole(t_pad, d), dd_spec]
   dq = plan.call(
       functools.partial(_dq_kernel, spec=plan.spec, block_k=bk), grid=(batch, heads, t_pad // bq),
       in_specs=in_specs, out_specs=layout.tile(bq, f, None, lambda b, h, i: (b, h, i)),
@@ -228,9 +221,11 @@ def based_parallel(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float
   layout = target.layout
   batch, seq_len, heads, f = q_BTHF.shape
   d = v_BTHD.shape[-1]
-  blocks = block_sizes or ParallelBlocks(*(2 * (64 if target.triton or target.mosaic_tpu else
-                                                min(64, max(16, pl.next_power_of_2(seq_len)))),))
-  t_pad = -(-seq_len // max(blocks.block_q, blocks.block_k)) * max(blocks.block_q, blocks.block_k)
+  # Interpret mode copies whole arrays per grid step: on CPU, one block for short sequences.
+  block = 64 if not target.interpret else min(64, max(16, pl.next_power_of_2(seq_len)))
+  blocks = block_sizes or ParallelBlocks(block, block)
+  multiple = max(blocks.block_q, blocks.block_k)
+  t_pad = -(-seq_len // multiple) * multiple
   f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
 
   def prepare(x, width):

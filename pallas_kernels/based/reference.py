@@ -61,6 +61,18 @@ def taylor_scales(feature_dim: int) -> tuple[float, float]:
   return feature_dim ** -0.25, 1.0 / (math.sqrt(2.0) * math.sqrt(feature_dim))
 
 
+class TaylorScaled:
+  """Gives a (dataclass) spec with a `feature_dim` field the scales c1, c2 of phi."""
+
+  @property
+  def c1(self) -> float:
+    return taylor_scales(self.feature_dim)[0]
+
+  @property
+  def c2(self) -> float:
+    return taylor_scales(self.feature_dim)[1]
+
+
 def _scaled_pieces(x_F: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The order-1 and order-2 blocks of phi(x): x / F^¼ and x ⊗ x / (√2·√F), the latter unflattened."""
   f = x_F.shape[-1]

@@ -96,5 +96,5 @@ def run_per_shard(fn: Callable[..., Any], arrays: Mapping[str, Any], layouts: Ma
   head_axes = _split_axes(mesh, head_sizes, (HEAD_AXIS,))
   to_spec = lambda layout: _spec(layout, batch_axes, head_axes)
   in_specs = {name: jax.tree.map(to_spec, leaf_layouts[name]) for name in arrays}
-  return jax.shard_map(call, mesh=mesh, in_specs=(in_specs,), out_specs=jax.tree.map(to_spec, out_layouts),
-                       check_vma=False)(dict(arrays))
+  return per_shard(call, mesh=mesh, in_specs=(in_specs,), out_specs=jax.tree.map(to_spec, out_layouts))(
+      dict(arrays))
