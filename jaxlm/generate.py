@@ -6,7 +6,7 @@ A row is done once it samples a stop token; its later tokens are `pad_id` and th
 done or `max_new_tokens` are out. Sampling is seeded: the same seed, prompts and model give the same tokens.
 
   python -m jaxlm.generate --config based-tiny --prompt "Hello" --max-new-tokens 32
-  python -m jaxlm.generate --config transformer-360m --benchmark --batch 8 --prompt-len 1024 --new-tokens 1024
+  python -m jaxlm.generate --config transformer-360m --benchmark --batch 1 32 max --prompt-len 1024 --new-tokens 1024
 
 Letters: B batch, T prompt length, N new tokens, V vocabulary.
 """
@@ -166,6 +166,53 @@ def init_model(config: ModelConfig, seed: int = 0) -> LM:
   return nnx.jit(lambda: LM(config, rngs=nnx.Rngs(seed)))()
 
 
+def _batch_arg(text: str) -> int | str:
+  if text == "max":
+    return text
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"a batch size is a positive integer or 'max', got {text!r}")
+  return int(text)
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float]) -> None:
+  print(f"{name} on {jax.devices()[0].device_kind}, batch {batch}, {model.config.dtype}: prefill "
+        f"{args.prompt_len} tokens {stats['prefill_ms']:.1f} ms; decode {args.new_tokens} tokens "
+        f"{stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_ms_per_step']:.2f} ms/step)", flush=True)
+
+
+def _run_benchmarks(model: LM, args: argparse.Namespace) -> None:
+  """Each requested batch in turn; 'max' doubles from the largest batch so far (at least 64) until a batch runs
+  out of device memory and reports the largest that fit."""
+  name = os.path.basename(args.config)
+  run = functools.partial(benchmark, model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          repeats=args.repeats, seed=args.seed)
+  largest = 0
+  for batch in args.batch:
+    if batch != "max":
+      _report(name, model, batch, args, run(batch=batch))
+      largest = max(largest, batch)
+      continue
+    batch, fitted = max(64, 2 * largest), None
+    while True:
+      try:
+        stats = run(batch=batch)
+      except Exception as error:  # jax raises its runtime error types for OOM; anything else propagates
+        if not _is_out_of_memory(error):
+          raise
+        jax.clear_caches()
+        break
+      fitted = (batch, stats)
+      batch *= 2
+    if fitted is None:
+      raise SystemExit(f"--batch max: batch {batch} already runs out of memory")
+    print(f"largest batch that fits: {fitted[0]} (batch {batch} ran out of memory)")
+    _report(name, model, fitted[0], args, fitted[1])
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m jaxlm.generate", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="model YAML path or preset name (configs/models/)")
@@ -181,7 +228,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (and the random init's)")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the config's compute dtype")
   p.add_argument("--benchmark", action="store_true", help="time prefill and decode on random prompts")
-  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--batch", nargs="+", default=["1"], type=_batch_arg,
+                 help="benchmark batch sizes; 'max' doubles the batch until the device runs out of memory")
   p.add_argument("--prompt-len", type=int, default=1024)
   p.add_argument("--new-tokens", type=int, default=1024)
   p.add_argument("--repeats", type=int, default=3)
@@ -205,11 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"no --checkpoint: parameters are a random init (seed {args.seed}), so the text is noise",
           file=sys.stderr)
   if args.benchmark:
-    stats = benchmark(model, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                      repeats=args.repeats, seed=args.seed)
-    print(f"{os.path.basename(args.config)} on {jax.devices()[0].device_kind}, batch {args.batch}, "
-          f"{config.dtype}: prefill {args.prompt_len} tokens {stats['prefill_ms']:.1f} ms; decode {args.new_tokens} "
-          f"tokens {stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_ms_per_step']:.2f} ms/step)")
+    _run_benchmarks(model, args)
     return
   tokenizer = load_tokenizer(args.tokenizer)
   if tokenizer.vocab_size > config.vocab_size:

@@ -8,6 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+# Float32 comparisons mean float32 products: on GPU, XLA would otherwise run float32 matmuls as TF32 (10-bit
+# mantissa) and the model tests' tight float32 tolerances would measure TF32 rounding, not our code.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 SESSION_SEED = int(os.environ.get("JAXLM_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
 
 

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.checkpoint import load_params, save_params
+import jaxlm.generate as generate_cli
 from jaxlm.generate import generate, main, pad_prompts
 from jaxlm.models import LM, load_preset
 from jaxlm.sampling import SamplingConfig, sample, top_p_mask
@@ -128,7 +129,18 @@ def test_cli_generates_from_a_tiny_config():
 
 
 def test_cli_benchmark_reports_prefill_and_decode(capsys):
-  main(["--config", "transformer-tiny", "--benchmark", "--batch", "2", "--prompt-len", "8", "--new-tokens", "4",
-        "--repeats", "1"])
+  main(["--config", "transformer-tiny", "--benchmark", "--batch", "2", "3", "--prompt-len", "8", "--new-tokens",
+        "4", "--repeats", "1"])
   out = capsys.readouterr().out
-  assert "prefill 8 tokens" in out and "tokens/s" in out
+  assert "batch 2," in out and "batch 3," in out and "prefill 8 tokens" in out and "tokens/s" in out
+
+
+def test_cli_batch_max_stops_at_out_of_memory(monkeypatch, capsys):
+  def fake_benchmark(model, *, batch, **_):
+    if batch > 256:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return dict(prefill_ms=1.0, decode_s=1.0, decode_tokens_per_s=float(batch), decode_ms_per_step=1.0)
+  monkeypatch.setattr(generate_cli, "benchmark", fake_benchmark)
+  main(["--config", "transformer-tiny", "--benchmark", "--batch", "1", "max"])
+  out = capsys.readouterr().out
+  assert "largest batch that fits: 256 (batch 512 ran out of memory)" in out and "batch 256," in out

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.based import api
+from pallas_kernels.based import api, pallas
 from pallas_kernels.based import reference as ref
 from tests.tolerances import assert_close, normal
 
@@ -53,14 +53,11 @@ def _loss_and_grads(based, q, k, v, state, cotangent_y, cotangent_state, **optio
   return y, final, jax.grad(loss, argnums=argnums)(q, k, v, state)
 
 
-@pytest.mark.parametrize("implementation", KERNELS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_reference(rng, case, implementation):
-  (q, k, v, state), options, dtype = _inputs(rng, **CASES[case])
+def _check_against_reference(rng, kernel, case):
+  (q, k, v, state), options, dtype = _inputs(rng, **case)
   batch, _, heads, f = q.shape
   cotangent_y = normal(rng, v.shape, jnp.float32)
   cotangent_state = [normal(rng, x.shape, jnp.float32) for x in ref.BasedState.zeros(batch, heads, f, v.shape[-1])]
-  kernel = lambda *a, **kw: api.based_linear_attention(*a, implementation=implementation, **kw)
   quadratic = lambda *a, chunk, **kw: ref.based_quadratic(*a, **kw)
   got = _loss_and_grads(kernel, q, k, v, state, cotangent_y, cotangent_state, **options)
   upcast = [x.astype(jnp.float32) for x in (q, k, v)]
@@ -72,6 +69,20 @@ def test_kernel_matches_reference(rng, case, implementation):
   names = ("dq", "dk", "dv", "d initial_state")
   for name, g, w in zip(names, jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
     assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(rng, case, implementation):
+  kernel = lambda *a, **kw: api.based_linear_attention(*a, implementation=implementation, **kw)
+  _check_against_reference(rng, kernel, CASES[case])
+
+
+def test_kernel_steps_through_smaller_chunks_on_chip(rng):
+  """The on-chip step (what Triton takes for F = 32) may be shorter than the call's chunk: same function."""
+  blocks = pallas.BasedBlocks(block_d=16, chunk=16)
+  kernel = lambda *a, **kw: pallas.based_chunked(*a, block_sizes=blocks, **kw)
+  _check_against_reference(rng, kernel, dict(segments=True, initial_state=True, T=70, D=32, chunk=64))
 
 
 def test_auto_takes_the_kernel_only_where_covered():

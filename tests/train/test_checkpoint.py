@@ -63,8 +63,12 @@ def test_sigterm_then_resume_reproduces_losses(tmp_path):
   assert not resumed["interrupted"] and resumed["step"] == 8
   losses = _losses(run)  # steps 1-5 from the first process, 6-8 from the resumed one
   assert sorted(losses) == sorted(expected)
-  np.testing.assert_array_equal([losses[s] for s in sorted(losses)], [expected[s] for s in sorted(expected)])
-  assert resumed["eval/test/loss"] == pytest.approx(train(_config(reference))["eval/test/loss"], abs=0)
+  got, want = [losses[s] for s in sorted(losses)], [expected[s] for s in sorted(expected)]
+  # Exact on CPU. On GPU the resumed process may fuse and reduce in another order (last bits of float32).
+  exact = jax.default_backend() == "cpu"
+  np.testing.assert_allclose(got, want, rtol=0 if exact else 1e-5, atol=0)
+  eval_loss = train(_config(reference))["eval/test/loss"]
+  assert resumed["eval/test/loss"] == pytest.approx(eval_loss, rel=0 if exact else 1e-5, abs=0)
 
 
 # orbax's reader threads report the damaged files once more after the refusal; that noise is expected here
