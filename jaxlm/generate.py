@@ -51,11 +51,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, logits_BV: jax.Array, cach
   batch = logits_BV.shape[0]
   stop = jnp.asarray(stop_tokens, jnp.int32)
 
-  def cond(carry):
-    i, _, done_B, *_ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(carry):
+  def sample_next(carry):
+    """Token i of every row (pad_id once a row is done), from the logits after token i - 1."""
     i, tokens_BN, done_B, num_B, logits_BV, cache, key = carry
     key, step_key = jax.random.split(key)
     token_B = jnp.where(done_B, pad_id, sample(step_key, logits_BV, sampling))
@@ -63,14 +60,22 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, logits_BV: jax.Array, cach
     num_B = num_B + (~done_B).astype(jnp.int32)
     if stop_tokens:
       done_B = done_B | jnp.isin(token_B, stop)
-    # The last sampled token needs no forward pass.
-    logits_BV, cache = jax.lax.cond(i + 1 < max_new_tokens, lambda: model.decode(token_B, cache),
-                                    lambda: (logits_BV, cache))
+    return token_B, (i, tokens_BN, done_B, num_B, logits_BV, cache, key)
+
+  def cond(carry):
+    i, _, done_B, *_ = carry
+    return (i < max_new_tokens - 1) & ~jnp.all(done_B)
+
+  def body(carry):
+    # No lax.cond around the forward pass: a conditional would copy the caches each step.
+    token_B, (i, tokens_BN, done_B, num_B, _, cache, key) = sample_next(carry)
+    logits_BV, cache = model.decode(token_B, cache)
     return i + 1, tokens_BN, done_B, num_B, logits_BV, cache, key
 
   carry = (jnp.int32(0), jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool),
            jnp.zeros((batch,), jnp.int32), logits_BV, cache, key)
-  _, tokens_BN, _, num_B, *_ = jax.lax.while_loop(cond, body, carry)
+  carry = jax.lax.while_loop(cond, body, carry)
+  _, (_, tokens_BN, _, num_B, *_) = sample_next(carry)  # the last token needs no forward pass
   return Generation(tokens_BN, num_B)
 
 
@@ -174,8 +179,29 @@ def _batch_arg(text: str) -> int | str:
   return int(text)
 
 
-def _is_out_of_memory(error: Exception) -> bool:
-  return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+def peak_bytes(model: LM, *, batch: int, prompt_len: int, new_tokens: int) -> int:
+  """Device bytes that prefill and the decode loop need at once at most (weights, caches, temporaries), from the
+  compiled programs' memory analysis: no run, so the largest batch is found without running out of memory."""
+  graphdef, state = nnx.split(model)
+  prompt_BT = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+  lengths_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  prefill = _prefill.lower(graphdef, state, prompt_BT, lengths_B, max_length=prompt_len + new_tokens)
+  logits_BV, cache = prefill.out_info
+  decode = _decode.lower(graphdef, state, logits_BV, cache, jax.random.key(0), max_new_tokens=new_tokens,
+                         sampling=SamplingConfig(0.0), stop_tokens=(), pad_id=0)
+
+  def peak(lowered) -> int:
+    m = lowered.compile().memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+  return max(peak(prefill), peak(decode))
+
+
+def device_bytes() -> int:
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    raise SystemExit(f"--batch max: {jax.devices()[0].device_kind} does not report its memory")
+  return int(stats["bytes_limit"])
 
 
 def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float]) -> None:
@@ -184,33 +210,31 @@ def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: d
         f"{stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_ms_per_step']:.2f} ms/step)", flush=True)
 
 
+def _largest_batch(model: LM, start: int, args: argparse.Namespace) -> int:
+  """Doubles the batch from `start` while the compiled programs fit the device's memory."""
+  limit, fitted, batch = device_bytes(), 0, start
+  while True:
+    need = peak_bytes(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    if need > limit:
+      print(f"largest batch that fits: {fitted} (batch {batch} needs {need / 2**30:.1f} GiB of "
+            f"{limit / 2**30:.1f} GiB)", flush=True)
+      return fitted
+    fitted, batch = batch, 2 * batch
+
+
 def _run_benchmarks(model: LM, args: argparse.Namespace) -> None:
-  """Each requested batch in turn; 'max' doubles from the largest batch so far (at least 64) until a batch runs
-  out of device memory and reports the largest that fit."""
+  """Each requested batch in turn; 'max' is the largest power-of-two multiple of 64 that fits the device."""
   name = os.path.basename(args.config)
-  run = functools.partial(benchmark, model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                          repeats=args.repeats, seed=args.seed)
   largest = 0
   for batch in args.batch:
-    if batch != "max":
-      _report(name, model, batch, args, run(batch=batch))
-      largest = max(largest, batch)
-      continue
-    batch, fitted = max(64, 2 * largest), None
-    while True:
-      try:
-        stats = run(batch=batch)
-      except Exception as error:  # jax raises its runtime error types for OOM; anything else propagates
-        if not _is_out_of_memory(error):
-          raise
-        jax.clear_caches()
-        break
-      fitted = (batch, stats)
-      batch *= 2
-    if fitted is None:
-      raise SystemExit(f"--batch max: batch {batch} already runs out of memory")
-    print(f"largest batch that fits: {fitted[0]} (batch {batch} ran out of memory)")
-    _report(name, model, fitted[0], args, fitted[1])
+    if batch == "max":
+      batch = _largest_batch(model, max(64, 2 * largest), args)
+      if batch == 0:
+        raise SystemExit("--batch max: not even batch 64 fits the device")
+    stats = benchmark(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                      repeats=args.repeats, seed=args.seed)
+    _report(name, model, batch, args, stats)
+    largest = max(largest, batch)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -229,7 +253,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the config's compute dtype")
   p.add_argument("--benchmark", action="store_true", help="time prefill and decode on random prompts")
   p.add_argument("--batch", nargs="+", default=["1"], type=_batch_arg,
-                 help="benchmark batch sizes; 'max' doubles the batch until the device runs out of memory")
+                 help="benchmark batch sizes; 'max': the largest 64·2^k whose compiled programs fit the device")
   p.add_argument("--prompt-len", type=int, default=1024)
   p.add_argument("--new-tokens", type=int, default=1024)
   p.add_argument("--repeats", type=int, default=3)

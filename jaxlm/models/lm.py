@@ -6,8 +6,9 @@
 
 The residual stream is float32; mixers and MLPs compute in the config's dtype. Runs of identical consecutive
 layers are built stacked (`nnx.vmap`, a leading "layers" axis on every parameter) and run with `jax.lax.scan`
-over the split state, so compile time grows with the number of runs, not of layers. Decode caches are stacked
-the same way; `LMCache.lengths_B` counts the tokens seen per row.
+over the split state, so compile time grows with the number of runs, not of layers. Decode keeps one cache per
+layer and unrolls the layers, so each step updates the caches in place; `LMCache.lengths_B` counts the tokens
+seen per row.
 
 Letters: B batch, T length, D model width, V vocabulary.
 """
@@ -32,7 +33,7 @@ from pallas_kernels.common.sharding import current_mesh
 
 
 class LMCache(NamedTuple):
-  layers: tuple[Any, ...]  # per run of layers: its mixers' caches stacked on a leading layer axis
+  layers: tuple[tuple[Any, ...], ...]  # per run of layers: one mixer cache per layer
   lengths_B: jax.Array  # tokens seen per row (int32)
 
 
@@ -116,17 +117,27 @@ class LayerStack(nnx.Module):
   def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     return self._run(lambda block, x, _: (block(x, segment_ids), None), x_BTD, None)[0]
 
-  def init_cache(self, batch: int, max_length: int, dtype: Any) -> Any:
+  def init_cache(self, batch: int, max_length: int, dtype: Any) -> tuple[Any, ...]:
+    """One cache per layer, not stacked: in the generation loop each decode step then updates a layer's cache in
+    place, where a stacked cache would be sliced out and written back whole by the layer scan (measured on the
+    H100: a 360M Transformer at batch 32 took 21.5 ms per token with its 6 GiB KV cache stacked)."""
     graphdef, state = nnx.split(self.blocks)
     first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))  # caches do not depend on the weights
-    cache = first.mixer.init_cache(batch, max_length, dtype)
-    return jax.tree.map(lambda a: jnp.repeat(a[None], self.num_layers, axis=0), cache)
+    return tuple(first.mixer.init_cache(batch, max_length, dtype) for _ in range(self.num_layers))
 
-  def prefill(self, x_BTD: jax.Array, cache: Any, lengths_B: jax.Array) -> tuple[jax.Array, Any]:
-    return self._run(lambda block, x, c: block.prefill(x, c, lengths_B), x_BTD, cache)
+  def prefill(self, x_BTD: jax.Array, caches: tuple[Any, ...], lengths_B: jax.Array) -> tuple[jax.Array, Any]:
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *caches)
+    x, stacked = self._run(lambda block, x, c: block.prefill(x, c, lengths_B), x_BTD, stacked)
+    return x, tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(self.num_layers))
 
-  def decode(self, x_BD: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    return self._run(lambda block, x, c: block.decode(x, c), x_BD, cache)
+  def decode(self, x_BD: jax.Array, caches: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
+    """The layers unrolled (the weights' static slices are loop-invariant: XLA hoists them out of the loop)."""
+    graphdef, state = nnx.split(self.blocks)
+    updated = []
+    for i, cache in enumerate(caches):
+      x_BD, cache = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)).decode(x_BD, cache)
+      updated.append(cache)
+    return x_BD, tuple(updated)
 
 
 class LM(nnx.Module):

@@ -135,12 +135,13 @@ def test_cli_benchmark_reports_prefill_and_decode(capsys):
   assert "batch 2," in out and "batch 3," in out and "prefill 8 tokens" in out and "tokens/s" in out
 
 
-def test_cli_batch_max_stops_at_out_of_memory(monkeypatch, capsys):
-  def fake_benchmark(model, *, batch, **_):
-    if batch > 256:
-      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-    return dict(prefill_ms=1.0, decode_s=1.0, decode_tokens_per_s=float(batch), decode_ms_per_step=1.0)
-  monkeypatch.setattr(generate_cli, "benchmark", fake_benchmark)
-  main(["--config", "transformer-tiny", "--benchmark", "--batch", "1", "max"])
+def test_cli_batch_max_is_the_largest_batch_that_fits(monkeypatch, capsys):
+  """--batch max doubles from 64 while the compiled programs fit: fake device memory, real memory analysis."""
+  model = LM(load_preset("transformer-tiny"), rngs=nnx.Rngs(0))
+  need = {b: generate_cli.peak_bytes(model, batch=b, prompt_len=8, new_tokens=4) for b in (64, 128)}
+  assert need[128] > need[64] > 0
+  monkeypatch.setattr(generate_cli, "device_bytes", lambda: (need[64] + need[128]) // 2)
+  main(["--config", "transformer-tiny", "--benchmark", "--batch", "1", "max", "--prompt-len", "8", "--new-tokens",
+        "4", "--repeats", "1"])
   out = capsys.readouterr().out
-  assert "largest batch that fits: 256 (batch 512 ran out of memory)" in out and "batch 256," in out
+  assert "largest batch that fits: 64 (batch 128 needs" in out and "batch 64," in out and "batch 1," in out
