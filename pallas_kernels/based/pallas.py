@@ -7,8 +7,7 @@ C tokens:
   inter  y += phi(q)·S,  den += phi(q)·z                  (the prefix states before the chunk)
   update S += phi(k)ᵀ v,  z += Σ phi(k)                  (order 0/1/2 pieces, float32, never leave the chip)
 The order-2 features vec(x⊗x) are built on chip as (x E1) ⊙ (x E2) with 0/1 expansion matrices E1[i, iF+j] = 1,
-E2[j, iF+j] = 1, so the expansion is two small matmuls and needs no reshape (Triton has none); the F² columns go
-in pieces of at most 256 (order-2 states and features are tuples of pieces) so no operand outgrows shared memory.
+E2[j, iF+j] = 1, so the expansion is two small matmuls and needs no reshape (Triton has none).
 With segment ids, the carried state belongs to one segment: it reaches only tokens of that segment, and at a chunk
 end it is replaced by the sums of the chunk's last segment (plus the old state when that segment continues).
 
@@ -41,13 +40,13 @@ class BasedBlocks:
 
   @classmethod
   def for_shape(cls, *, f_pad: int, d_pad: int, chunk: int, target: Target) -> "BasedBlocks":
-    """TPU tiles span whole 128-lane multiples (or the full dim): one value block there. On Triton, F = 32 carries
-    an order-2 state of 1024 x block_d floats and multiplies [chunk, 256] float32 feature pieces through shared
-    memory (227 KiB), so it takes 16 value columns and at most 32-token steps."""
+    """TPU tiles span whole 128-lane multiples (or the full dim): one value block there. On Triton the order-2
+    features [chunk, F²] and state [F², block_d] are float32 operands in shared memory (227 KiB), so F = 32
+    (F² = 1024) takes 16-token steps and 16 value columns (measured on the H100: 64 tokens ask 264 KiB)."""
     if target.mosaic_tpu:
       return cls(block_d=d_pad)
     if f_pad >= 32 and not target.interpret:
-      return cls(block_d=min(16, d_pad), chunk=min(chunk, 32))
+      return cls(block_d=min(16, d_pad), chunk=min(chunk, 16))
     return cls(block_d=min(64, d_pad))
 
 
@@ -74,57 +73,19 @@ def _mm_tn(spec: _Spec, a, b):
   return dot_tn(a, b, spec.precision)
 
 
-# Order-2 features go in pieces of this many columns: F = 32 (F² = 1024) whole would need two [32, 1024] float32
-# expanders, 256 KiB of Triton shared memory (measured on the H100: 264 KiB asked, 227 KiB available).
-_PIECE_COLUMNS = 256
-
-
-def _num_pieces(f: int) -> int:
-  return max(1, f * f // _PIECE_COLUMNS)
-
-
-def _expanders(f: int, piece: int, width: int):
-  """Columns [piece·W, (piece+1)·W) of E1, E2 [F, F²]: x E1 repeats each x_i F times, x E2 tiles x F times, so
-  (x E1)(x E2) = vec(x ⊗ x)."""
-  col = piece * width + lax.broadcasted_iota(jnp.int32, (f, width), 1)
-  row = lax.broadcasted_iota(jnp.int32, (f, width), 0)
+def _expanders(f: int):
+  """E1, E2 [F, F²]: x E1 repeats each x_i F times, x E2 tiles x F times, so (x E1)(x E2) = vec(x ⊗ x)."""
+  col = lax.broadcasted_iota(jnp.int32, (f, f * f), 1)
+  row = lax.broadcasted_iota(jnp.int32, (f, f * f), 0)
   shift = int(math.log2(f))
   e1 = (lax.shift_right_logical(col, shift) == row).astype(jnp.float32)
   e2 = (lax.bitwise_and(col, f - 1) == row).astype(jnp.float32)
   return e1, e2
 
 
-def _all_expanders(f: int):
-  n = _num_pieces(f)
-  return tuple(_expanders(f, piece, f * f // n) for piece in range(n))
-
-
-def _order2(x, spec: _Spec):
-  """vec(x ⊗ x)·c2 for float32 rows x [C, F], as a tuple of [C, W] column pieces."""
-  return tuple(_mm(spec, x, e1) * _mm(spec, x, e2) * spec.c2 for e1, e2 in _all_expanders(x.shape[-1]))
-
-
-def _load_pieces(ref, f: int, *, rows: bool):
-  """An order-2 state tile ([F², Dc] by rows, or [1, F²] by columns) as the tuple of its pieces."""
-  width = f * f // _num_pieces(f)
-  index = lambda p: (pl.ds(p * width, width), slice(None)) if rows else (slice(None), pl.ds(p * width, width))
-  return tuple(ref[index(p)] for p in range(_num_pieces(f)))
-
-
-def _store_pieces(ref, pieces, *, rows: bool):
-  width = (ref.shape[0] if rows else ref.shape[1]) // len(pieces)
-  for p, piece in enumerate(pieces):
-    ref[(pl.ds(p * width, width), slice(None)) if rows else (slice(None), pl.ds(p * width, width))] = piece
-
-
-def _mm_pieces(spec: _Spec, a_pieces, b_pieces):
-  """Σ_p a_p b_p: a product over the order-2 dimension, piece by piece."""
-  return sum(_mm(spec, a, b) for a, b in zip(a_pieces, b_pieces))
-
-
-def _row_dot_pieces(a_pieces, b_pieces):
-  """Σ_p rowsum(a_p ⊙ b_p) -> [C, 1]."""
-  return sum(jnp.sum(a * b, axis=1, keepdims=True) for a, b in zip(a_pieces, b_pieces))
+def _order2(x, e1, e2, spec: _Spec):
+  """vec(x ⊗ x)·c2 for float32 rows x [C, F] -> [C, F²]."""
+  return _mm(spec, x, e1) * _mm(spec, x, e2) * spec.c2
 
 
 def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
@@ -137,7 +98,7 @@ def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
   return jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
 
 
-def _advance_state(carry, kf, vf, seg_col, seg_col_ref, start, spec: _Spec):
+def _advance_state(carry, kf, vf, seg_col, seg_col_ref, start, spec: _Spec, e1, e2):
   """The carried (segment, s0, s1, s2, z0, z1, z2) after a chunk of float32 keys/values starting at `start`: its
   valid tokens of the chunk's last segment added, the old state kept only if that segment continues it."""
   state_seg, s0, s1, s2, z0, z1, z2 = carry
@@ -149,18 +110,18 @@ def _advance_state(carry, kf, vf, seg_col, seg_col_ref, start, spec: _Spec):
     weight = weight * (seg_col == last_seg).astype(jnp.float32)
     keep = (state_seg == last_seg).astype(jnp.float32)
     state_seg = last_seg
-  k1, k2 = kf * spec.c1 * weight, tuple(piece * weight for piece in _order2(kf, spec))
+  k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
   return (state_seg,
           keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
-          tuple(keep * s + _mm_tn(spec, k, vf) for s, k in zip(s2, k2)),
-          keep * z0 + jnp.sum(weight, axis=0, keepdims=True), keep * z1 + jnp.sum(k1, axis=0, keepdims=True),
-          tuple(keep * z + jnp.sum(k, axis=0, keepdims=True) for z, k in zip(z2, k2)))
+          keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
+          keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref,
                 o_ref, den_ref, fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref, *, spec: _Spec):
   c = spec.chunk
   f = q_ref.shape[-1]
+  e1, e2 = _expanders(f)
   num_chunks = q_ref.shape[0] // c
 
   def body(i, carry):
@@ -173,9 +134,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     if spec.has_segments:
       seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
     a = _intra_scores(q, k, spec, seg_col, seg_row)
-    q1, q2 = qf * spec.c1, _order2(qf, spec)
-    inter_num = s0 + _mm(spec, q1, s1) + _mm_pieces(spec, q2, s2)
-    inter_den = z0 + jnp.sum(q1 * z1, axis=1, keepdims=True) + _row_dot_pieces(q2, z2)
+    q1, q2 = qf * spec.c1, _order2(qf, e1, e2, spec)
+    inter_num = s0 + _mm(spec, q1, s1) + _mm(spec, q2, s2)
+    inter_den = z0 + jnp.sum(q1 * z1, axis=1, keepdims=True) + jnp.sum(q2 * z2, axis=1, keepdims=True)
     if spec.has_segments:
       reaches = (seg_col == state_seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
       inter_num, inter_den = inter_num * reaches, inter_den * reaches
@@ -187,23 +148,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     else:
       o_ref[rows, :] = num.astype(o_ref.dtype)
 
-    return _advance_state(carry, kf, v.astype(jnp.float32), seg_col, seg_col_ref, start, spec)
+    return _advance_state(carry, kf, v.astype(jnp.float32), seg_col, seg_col_ref, start, spec, e1, e2)
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
-  init = (first_seg, s0_ref[...], s1_ref[...], _load_pieces(s2_ref, f, rows=True), z0_ref[...], z1_ref[...],
-          _load_pieces(z2_ref, f, rows=False))
+  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
   _, s0, s1, s2, z0, z1, z2 = lax.fori_loop(0, num_chunks, body, init)
-  for ref, value in zip((fs0_ref, fs1_ref, fz0_ref, fz1_ref), (s0, s1, z0, z1)):
+  for ref, value in zip((fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref), (s0, s1, s2, z0, z1, z2)):
     ref[...] = value
-  _store_pieces(fs2_ref, s2, rows=True)
-  _store_pieces(fz2_ref, z2, rows=False)
 
 
 
-def _features_grad(x, dphi1, dphi2, spec: _Spec):
-  """Chain rule through phi's order-1 and order-2 features for float32 rows x [C, F] (dphi2 in pieces)."""
-  second = sum(_mm_nt(spec, d * _mm(spec, x, e2), e1) + _mm_nt(spec, d * _mm(spec, x, e1), e2)
-               for d, (e1, e2) in zip(dphi2, _all_expanders(x.shape[-1])))
+def _features_grad(x, dphi1, dphi2, spec: _Spec, e1, e2):
+  """Chain rule through phi's order-1 and order-2 pieces for float32 rows x [C, F]."""
+  second = _mm_nt(spec, dphi2 * _mm(spec, x, e2), e1) + _mm_nt(spec, dphi2 * _mm(spec, x, e1), e2)
   return spec.c1 * dphi1 + spec.c2 * second
 
 
@@ -226,7 +183,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
                dn_ref, dd_ref, dq_ref, *, spec: _Spec):
   """Forward order: dq = intra (ds k) + inter (through phi(q)·S and phi(q)·z with the states recomputed)."""
   c = spec.chunk
-  f = q_ref.shape[-1]
+  e1, e2 = _expanders(q_ref.shape[-1])
   first_block = (pl.program_id(2) == 0).astype(jnp.float32)
 
   def body(i, carry):
@@ -235,15 +192,16 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
     rows = pl.ds(start, c)
     q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
-    dphi1 = (_mm_nt(spec, dn, s1) + dd * z1) * reaches
-    dphi2 = tuple((_mm_nt(spec, dn, s) + dd * z) * reaches for s, z in zip(s2, z2))
-    dq_ref[rows, :] = _mm(spec, ds, k) + _features_grad(q, dphi1, dphi2, spec)
-    return _advance_state(carry, k, v, seg_col, seg_col_ref, start, spec)
+    dphi1 = _mm_nt(spec, dn, s1) + dd * z1
+    dphi2 = _mm_nt(spec, dn, s2) + dd * z2
+    if spec.has_segments:
+      reaches = (seg_col == state_seg).astype(jnp.float32)
+      dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
+    dq_ref[rows, :] = _mm(spec, ds, k) + _features_grad(q, dphi1, dphi2, spec, e1, e2)
+    return _advance_state(carry, k, v, seg_col, seg_col_ref, start, spec, e1, e2)
 
   first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
-  init = (first_seg, s0_ref[...], s1_ref[...], _load_pieces(s2_ref, f, rows=True), z0_ref[...], z1_ref[...],
-          _load_pieces(z2_ref, f, rows=False))
+  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
   lax.fori_loop(0, q_ref.shape[0] // c, body, init)
 
 
@@ -254,7 +212,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
   state's cotangent, which acts like one more query of the last segment); what is left at the start is the initial
   state's cotangent."""
   c = spec.chunk
-  f = q_ref.shape[-1]
+  e1, e2 = _expanders(q_ref.shape[-1])
   first_block = (pl.program_id(2) == 0).astype(jnp.float32)
   num_chunks = q_ref.shape[0] // c
 
@@ -264,13 +222,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
     rows = pl.ds(start, c)
     q, k, v, seg_col, a, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    k1, k2 = k * spec.c1, _order2(k, spec)
+    k1, k2 = k * spec.c1, _order2(k, e1, e2, spec)
     reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
-    dv_inter = g0 + _mm(spec, k1, g1) + _mm_pieces(spec, k2, g2)
+    dv_inter = g0 + _mm(spec, k1, g1) + _mm(spec, k2, g2)
     dphi1 = _mm_nt(spec, v, g1) + gz1 * first_block
-    dphi2 = tuple(_mm_nt(spec, v, g) + gz * first_block for g, gz in zip(g2, gz2))
+    dphi2 = _mm_nt(spec, v, g2) + gz2 * first_block
     dv_ref[rows, :] = (_mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
-    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * _features_grad(k, dphi1, dphi2, spec)
+    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * _features_grad(k, dphi1, dphi2, spec, e1, e2)
     keep = 1.0
     weight = 1.0
     if spec.has_segments:
@@ -278,24 +236,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
       weight = (seg_col == first_seg).astype(jnp.float32)
       keep = (state_seg == first_seg).astype(jnp.float32)
       state_seg = first_seg
-    q1, q2 = q * spec.c1 * weight, tuple(piece * weight for piece in _order2(q, spec))
+    q1, q2 = q * spec.c1 * weight, _order2(q, e1, e2, spec) * weight
     dd_all = dd_ref[rows, :]  # the z cotangents are the same in every value block
     return (state_seg,
             keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _mm_tn(spec, q1, dn),
-            tuple(keep * g + _mm_tn(spec, x, dn) for g, x in zip(g2, q2)),
-            keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
+            keep * g2 + _mm_tn(spec, q2, dn), keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
             keep * gz1 + jnp.sum(q1 * dd_all, axis=0, keepdims=True),
-            tuple(keep * gz + jnp.sum(x * dd_all, axis=0, keepdims=True) for gz, x in zip(gz2, q2)))
+            keep * gz2 + jnp.sum(q2 * dd_all, axis=0, keepdims=True))
 
   last_seg = (seg_col_ref[pl.ds(q_ref.shape[0] - 1, 1), :] if spec.has_segments
               else jnp.zeros((1, 1), jnp.int32))
-  init = (last_seg, g0_ref[...], g1_ref[...], _load_pieces(g2_ref, f, rows=True), gz0_ref[...], gz1_ref[...],
-          _load_pieces(gz2_ref, f, rows=False))
-  _, g0, g1, g2, gz0, gz1, gz2 = lax.fori_loop(0, num_chunks, body, init)
-  for ref, value in zip((di0_ref, di1_ref, diz0_ref, diz1_ref), (g0, g1, gz0, gz1)):
+  init = (last_seg, g0_ref[...], g1_ref[...], g2_ref[...], gz0_ref[...], gz1_ref[...], gz2_ref[...])
+  _, *grads = lax.fori_loop(0, num_chunks, body, init)
+  for ref, value in zip((di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref), grads):
     ref[...] = value
-  _store_pieces(di2_ref, g2, rows=True)
-  _store_pieces(diz2_ref, gz2, rows=False)
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
