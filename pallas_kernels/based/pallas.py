@@ -34,20 +34,13 @@ from pallas_kernels.common.target import Target
 @dataclasses.dataclass(frozen=True)
 class BasedBlocks:
   block_d: int = 64  # value columns per program
-  chunk: int | None = None  # tokens per step on chip (None: the call's chunk); any chunk gives the same result
   num_warps: int = 4  # Triton only
   num_stages: int = 1  # Triton only
 
   @classmethod
-  def for_shape(cls, *, f_pad: int, d_pad: int, chunk: int, target: Target) -> "BasedBlocks":
-    """TPU tiles span whole 128-lane multiples (or the full dim): one value block there. On Triton the order-2
-    features [chunk, F²] and state [F², block_d] are float32 operands in shared memory (227 KiB), so F = 32
-    (F² = 1024) takes 16-token steps and 16 value columns (measured on the H100: 64 tokens ask 264 KiB)."""
-    if target.mosaic_tpu:
-      return cls(block_d=d_pad)
-    if f_pad >= 32 and not target.interpret:
-      return cls(block_d=min(16, d_pad), chunk=min(chunk, 16))
-    return cls(block_d=min(64, d_pad))
+  def for_shape(cls, *, d_pad: int, target: Target) -> "BasedBlocks":
+    # TPU tiles must span whole 128-lane multiples (or the full dim): one value block there.
+    return cls(block_d=d_pad if target.mosaic_tpu else min(64, d_pad))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,8 +314,7 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
   batch, seq_len, heads, f = q_BTHF.shape
   d = v_BTHD.shape[-1]
   f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
-  blocks = block_sizes or BasedBlocks.for_shape(f_pad=f_pad, d_pad=d_pad, chunk=chunk, target=target)
-  chunk = blocks.chunk or chunk
+  blocks = block_sizes or BasedBlocks.for_shape(d_pad=d_pad, target=target)
   t_pad = _round_up(seq_len, chunk)
 
   def prepare(x, width):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.based import api, pallas
+from pallas_kernels.based import api
 from pallas_kernels.based import reference as ref
 from tests.tolerances import assert_close, normal
 
@@ -75,14 +75,12 @@ def _check_against_reference(rng, kernel, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference(rng, case, implementation):
   kernel = lambda *a, **kw: api.based_linear_attention(*a, implementation=implementation, **kw)
+  triton_too_wide = CASES[case].get("F", 16) > api.TRITON_MAX_FEATURE_DIM and jax.default_backend() == "gpu"
+  if implementation == "pallas" and triton_too_wide:
+    with pytest.raises(ValueError, match="feature_dim"):  # fail-closed: Triton's shared memory (see api.py)
+      _check_against_reference(rng, kernel, CASES[case])
+    return
   _check_against_reference(rng, kernel, CASES[case])
-
-
-def test_kernel_steps_through_smaller_chunks_on_chip(rng):
-  """The on-chip step (what Triton takes for F = 32) may be shorter than the call's chunk: same function."""
-  blocks = pallas.BasedBlocks(block_d=16, chunk=16)
-  kernel = lambda *a, **kw: pallas.based_chunked(*a, block_sizes=blocks, **kw)
-  _check_against_reference(rng, kernel, dict(segments=True, initial_state=True, T=70, D=32, chunk=64))
 
 
 def test_auto_takes_the_kernel_only_where_covered():
