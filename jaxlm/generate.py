@@ -49,7 +49,8 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, prompt_BT: jax.Array, len
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "stop_tokens", "pad_id"),
                    donate_argnames=("cache",))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, logits_BV: jax.Array, cache: Any, key: jax.Array, *,
-            max_new_tokens: int, sampling: SamplingConfig, stop_tokens: tuple[int, ...], pad_id: int) -> tuple[Generation, Any]:
+            max_new_tokens: int, sampling: SamplingConfig, stop_tokens: tuple[int, ...], pad_id: int
+            ) -> tuple[Generation, Any]:
   model = nnx.merge(graphdef, state)
   batch = logits_BV.shape[0]
   stop = jnp.asarray(stop_tokens, jnp.int32)
