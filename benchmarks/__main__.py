@@ -2,6 +2,7 @@
 
   python -m benchmarks attention --shapes tiny --repeats 2
   python -m benchmarks based --impls reference pallas --peer fla:fused_chunk_based --modes fwd
+  python -m benchmarks attention_decode --impls reference pallas     # GB/s against the device's copy rate
 
 Progress goes to stderr as rows complete; stdout ends with the table. Exit status 1 when a row failed with an
 unexpected error (unsupported shapes and OOM are results, not failures).
@@ -15,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-OPS = ("attention", "based")
+OPS = ("attention", "based", "attention_decode", "based_decode")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -60,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ratio_peer = args.peer or next((name for name in suite.ratio_peers if name in available), None)
 
   rows = []
+  modes = [mode for mode in args.modes if mode in suite.modes]
   for shape in shapes:
-    for mode in args.modes:
+    for mode in modes:
       for candidate in candidates:
         row = harness.measure(candidate, suite, shape, mode, args.dtype, args.repeats, args.seed)
         shown = f"{row.ms:.3f} ms" if row.ms is not None else f"{row.status} {row.detail}"

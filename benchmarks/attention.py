@@ -70,7 +70,8 @@ def visible_pairs(shape: AttentionShape) -> int:
   return w * (w + 1) // 2 + (t - w) * w  # rows t < W see t + 1 keys, the rest see W
 
 
-def attention_flops(shape: AttentionShape, mode: str) -> float:
+def attention_flops(shape: AttentionShape, mode: str, itemsize: int = 2) -> float:
+  del itemsize  # FLOPs do not depend on it
   forward = 4.0 * shape.batch * shape.num_heads * shape.head_dim * visible_pairs(shape)
   return forward * (1.0 + BACKWARD_FACTOR) if mode == "fwd_bwd" else forward
 

@@ -52,7 +52,8 @@ SHAPES = {s.name: s for s in DEFAULT + TINY}
 SHAPE_SETS = {"default": tuple(s.name for s in DEFAULT), "tiny": tuple(s.name for s in TINY), "all": tuple(SHAPES)}
 
 
-def based_flops(shape: BasedShape, mode: str) -> float:
+def based_flops(shape: BasedShape, mode: str, itemsize: int = 2) -> float:
+  del itemsize  # FLOPs do not depend on it
   f, d = shape.feature_dim, shape.head_dim
   expanded = 1 + f + f * f
   per_token_head = 2 * FLOP_CHUNK * (f + d + 1) + 4 * expanded * (d + 1)

@@ -19,6 +19,7 @@ sum(output · cotangent) with respect to every float input (a fresh random cotan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -60,12 +61,14 @@ class Suite:
   shapes: Mapping[str, Any]  # name -> frozen shape dataclass
   shape_sets: Mapping[str, tuple[str, ...]]  # "default" (GPU), "tiny" (CPU smoke), ...
   unit: str  # "TFLOP/s" (work counts FLOPs) or "GB/s" (work counts bytes)
-  work: Callable[[Any, str], float]  # (shape, mode) -> FLOPs or bytes of one call
+  work: Callable[[Any, str, int], float]  # (shape, mode, input itemsize) -> FLOPs or bytes of one call
   array_shapes: Callable[[Any], tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]]  # (inputs, output)
   ours: Callable[[Sequence[str]], list[Candidate | Skipped]]
   peers: Callable[[], list[Candidate | Skipped]]
   ratio_peers: tuple[str, ...]  # the peer a ratio is taken against when none is named: first available
   default_impls: tuple[str, ...] = ("reference",)
+  modes: tuple[str, ...] = MODES  # decode steps have no backward
+  float32_inputs: tuple[int, ...] = ()  # positions of inputs that are float32 whatever --dtype (recurrent states)
 
   def resolve_shapes(self, names: Sequence[str]) -> list[Any]:
     """Shapes by name or by set name, in the order given, without repeats."""
@@ -91,6 +94,17 @@ class Row:
   ratio: float | None = None  # ratio peer's ms / this row's ms: > 1 means faster than the peer
   warmup_s: float | None = None  # compile + one call per input set
   detail: str = ""  # why a row has no time
+
+
+def copy_peer(pick: Callable[[tuple], tuple]) -> Candidate:
+  """The device's copy rate, measured in the same run: a jax candidate that copies the inputs `pick` chooses
+  (read once, written once), so a memory-bound op's ratio against it is its fraction of the copy bandwidth
+  when `pick` selects as many bytes as the op's work counts moved, reads and writes together, halved."""
+  import jax.numpy as jnp
+
+  def make(shape):
+    return lambda *inputs: tuple(jnp.copy(x) for x in pick(inputs))
+  return Candidate("xla:copy", "jax", make)
 
 
 def with_ratios(rows: Sequence[Row], peer: str | None) -> list[Row]:
@@ -139,17 +153,19 @@ def input_set_count(shapes: Sequence[tuple[int, ...]], itemsize: int) -> int:
   return MAX_INPUT_SETS if set_bytes < ROTATE_BELOW_BYTES else 1
 
 
-def jax_timing(fn: Callable[..., Any], input_shapes, output_shape, dtype: str, mode: str, seed: int):
+def jax_timing(fn: Callable[..., Any], input_shapes, output_shape, dtype: str, mode: str, seed: int,
+               float32_inputs: Sequence[int] = ()):
   """(call, sync, input_sets) for a jax candidate."""
   import jax
   import jax.numpy as jnp
 
   jdtype = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[dtype]
   shapes = list(input_shapes) + ([output_shape] if mode == "fwd_bwd" else [])
+  dtypes = [jnp.float32 if i in float32_inputs else jdtype for i in range(len(shapes))]
   sets = []
   for i in range(input_set_count(shapes, jnp.dtype(jdtype).itemsize)):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), len(shapes))
-    sets.append(tuple(jax.random.normal(key, shape, jdtype) for key, shape in zip(keys, shapes)))
+    sets.append(tuple(jax.random.normal(key, shape, dt) for key, shape, dt in zip(keys, shapes, dtypes)))
   if mode == "fwd":
     forward = jax.jit(fn)
     call = lambda args: forward(*args)
@@ -198,9 +214,14 @@ def measure(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype: st
 
 def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype: str, repeats: int,
                seed: int) -> Row:
-  timing = jax_timing if candidate.framework == "jax" else torch_timing
   input_shapes, output_shape = suite.array_shapes(shape)
   try:
+    if candidate.framework == "jax":
+      timing = functools.partial(jax_timing, float32_inputs=suite.float32_inputs)
+    elif suite.float32_inputs:
+      raise NotImplementedError(f"{suite.op}: float32 state inputs are made for jax candidates only")
+    else:
+      timing = torch_timing
     call, sync, input_sets = timing(candidate.make(shape), input_shapes, output_shape, dtype, mode, seed)
     ms, warmup_s = median_ms(call, sync, input_sets, repeats)
   except Exception as error:  # noqa: BLE001 - one failing candidate must not end a long run
@@ -209,5 +230,6 @@ def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype:
       import traceback
       traceback.print_exception(error, file=sys.stderr)
     return Row(candidate.name, shape.name, mode, status, detail=detail)
-  rate = suite.work(shape, mode) / (ms * 1e-3) / (1e12 if suite.unit == "TFLOP/s" else 1e9)
+  itemsize = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
+  rate = suite.work(shape, mode, itemsize) / (ms * 1e-3) / (1e12 if suite.unit == "TFLOP/s" else 1e9)
   return Row(candidate.name, shape.name, mode, "ok", ms=ms, rate=rate, warmup_s=warmup_s)

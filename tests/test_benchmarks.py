@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import attention, based, harness, report
+from benchmarks import attention, attention_decode, based, based_decode, harness, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,19 +36,25 @@ def _table_rows(stdout: str) -> list[list[str]]:
 @pytest.mark.parametrize("op, extra", [
     ("attention", ["--impls", "reference", "no-such-impl", "--peers", "jax.nn:xla"]),
     ("based", []),
+    ("attention_decode", ["--impls", "reference", "pallas"]),
+    ("based_decode", ["--impls", "reference", "pallas"]),
 ])
 def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
   result = _run_cli(op, "--shapes", "tiny", "--repeats", "2", *extra, out=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = _table_rows(result.stdout)
-  suite = {"attention": attention.SUITE, "based": based.SUITE}[op]
+  suite = {"attention": attention.SUITE, "based": based.SUITE, "attention_decode": attention_decode.SUITE,
+           "based_decode": based_decode.SUITE}[op]
   tiny = suite.shape_sets["tiny"]
   ours = [r for r in rows if r[0] == "reference"]
-  assert {(r[1], r[2]) for r in ours} == {(s, m) for s in tiny for m in harness.MODES}
+  assert {(r[1], r[2]) for r in ours} == {(s, m) for s in tiny for m in suite.modes}
   assert all(float(r[3]) > 0 for r in ours), rows
   if op == "attention":  # an implementation the api rejects is a row, not a crash
     assert {r[6].split(":")[0] for r in rows if r[0] == "no-such-impl"} == {"unsupported"}
     assert [r[5] for r in rows if r[0] == "jax.nn:xla"] == ["1.00x"] * 2 * len(tiny)  # the ratio peer
+  if op.endswith("_decode"):  # memory-bound: GB/s against the same run's device copy, and no backward rows
+    assert [r[5] for r in rows if r[0] == "xla:copy"] == ["1.00x"] * len(tiny)
+    assert all(r[0] != "pallas" or float(r[3]) > 0 for r in rows) and {r[2] for r in rows} == {"fwd"}
 
   files = list(tmp_path.glob(f"{op}-*.jsonl"))
   assert len(files) == 1, files
@@ -58,7 +64,8 @@ def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
     assert record["op"] == op and record["command"].startswith(f"python -m benchmarks {op}")
     assert {"device", "jax_version", "timestamp", "shape_params", "status", "ms"} <= record.keys()
   ok = [r for r in records if r["impl"] == "reference"]
-  assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 for r in ok)
+  rate_key = "tflops" if suite.unit == "TFLOP/s" else "gbps"
+  assert all(r["status"] == "ok" and r["ms"] > 0 and r[rate_key] > 0 for r in ok)
 
 
 @pytest.mark.parametrize("name", sorted(attention.SHAPES))
@@ -85,6 +92,19 @@ def test_flop_counts_follow_the_documented_conventions():
   shape = based.SHAPES["B8-T2048-H16-F16-D64"]
   per_token_head = 2 * 64 * (16 + 64 + 1) + 4 * 273 * 65
   assert based.based_flops(shape, "fwd") == 8 * 2048 * 16 * per_token_head
+
+
+def test_decode_byte_counts_match_the_arrays_moved():
+  """Bytes = what the arrays hold: the KV cache read once; the float32 BASED state read and written once."""
+  shape = attention_decode.SHAPES["B64-S8192-H16-K4-D128"]
+  (q, k_cache, v_cache), out = attention_decode.array_shapes(shape)
+  moved = (np.prod(k_cache) + np.prod(v_cache) + np.prod(q) + np.prod(out)) * 2
+  assert attention_decode.decode_bytes(shape, "fwd", 2) == moved
+  shape = based_decode.SHAPES["B128-H16-F16-D64"]
+  inputs, out = based_decode.array_shapes(shape)
+  state = sum(np.prod(inputs[i]) for i in based_decode.STATE_INPUTS) * 4
+  tokens = (sum(np.prod(s) for s in inputs[:3]) + np.prod(out)) * 2
+  assert based_decode.decode_bytes(shape, "fwd", 2) == 2 * state + tokens
 
 
 def test_brief_shapes_exist():

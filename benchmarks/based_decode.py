@@ -1,0 +1,88 @@
+"""BASED decode benchmark: one token per row through the recurrent form, in GB/s against the device's copy rate
+measured in the same run. The step reads the float32 state once and writes it back updated (memory-bound: about
+2 FLOPs per state byte), which is the whole cost of BASED generation.
+
+Letters: B batch, H heads, F q/k feature dim, D value head dim. State per (b, h), float32: s0 [D], s1 [F, D],
+s2 [F, F, D], z0, z1 [F], z2 [F, F].
+
+Bytes counted: the state read and written, 2·4·B·H·(1 + F + F²)·(D + 1), plus q, k, v in and y out. The
+`xla:copy` peer copies the state (read once, written once): the same bytes, so the ratio column is the fraction
+of the copy bandwidth a kernel reaches (the issue's target: >= 0.70 at batch 128 and 512).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from benchmarks.harness import Candidate, Skipped, Suite, copy_peer
+
+STATE_INPUTS = (3, 4, 5, 6, 7, 8)  # s0, s1, s2, z0, z1, z2 after q, k, v
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+  name: str
+  batch: int
+  num_heads: int
+  feature_dim: int = 16
+  head_dim: int = 64
+
+
+def _shape(batch, heads=16, feature_dim=16, head_dim=64, prefix="") -> DecodeShape:
+  return DecodeShape(f"{prefix}B{batch}-H{heads}-F{feature_dim}-D{head_dim}", batch, heads, feature_dim, head_dim)
+
+
+DEFAULT = (_shape(128), _shape(512), _shape(128, head_dim=128))
+TINY = (_shape(2, heads=2, head_dim=32, prefix="tiny-"),)
+SHAPES = {s.name: s for s in DEFAULT + TINY}
+SHAPE_SETS = {"default": tuple(s.name for s in DEFAULT), "tiny": tuple(s.name for s in TINY), "all": tuple(SHAPES)}
+
+
+def decode_bytes(shape: DecodeShape, mode: str, itemsize: int = 2) -> float:
+  del mode  # forward only
+  b, h, f, d = shape.batch, shape.num_heads, shape.feature_dim, shape.head_dim
+  state = 4 * b * h * (1 + f + f * f) * (d + 1)
+  return float(2 * state + b * h * (2 * f + 2 * d) * itemsize)
+
+
+def array_shapes(shape: DecodeShape):
+  """((q, k, v, s0, s1, s2, z0, z1, z2) shapes, output shape)."""
+  b, h, f, d = shape.batch, shape.num_heads, shape.feature_dim, shape.head_dim
+  state = ((b, h, d), (b, h, f, d), (b, h, f, f, d), (b, h), (b, h, f), (b, h, f, f))
+  return ((b, h, f), (b, h, f), (b, h, d), *state), (b, h, d)
+
+
+def our_candidates(names) -> list[Candidate | Skipped]:
+  try:
+    from pallas_kernels.based.api import based_decode_step
+    from pallas_kernels.based.reference import BasedState
+  except Exception as error:  # noqa: BLE001 - reported as skipped rows, the peers still run
+    return [Skipped(name, f"pallas_kernels.based.api not importable ({error})") for name in names]
+
+  def candidate(name: str) -> Candidate:
+    def make(shape: DecodeShape):
+      step = functools.partial(based_decode_step, normalize=True, implementation=name)
+      return lambda q, k, v, *state: step(q, k, v, BasedState(*state))
+    return Candidate(name, "jax", make, is_ours=True)
+
+  return [candidate(name) for name in names]
+
+
+def peer_candidates() -> list[Candidate | Skipped]:
+  return [copy_peer(lambda inputs: inputs[3:])]
+
+
+SUITE = Suite(
+    op="based_decode",
+    shapes=SHAPES,
+    shape_sets=SHAPE_SETS,
+    unit="GB/s",
+    work=decode_bytes,
+    array_shapes=array_shapes,
+    ours=our_candidates,
+    peers=peer_candidates,
+    ratio_peers=("xla:copy",),
+    modes=("fwd",),
+    float32_inputs=STATE_INPUTS,
+)
