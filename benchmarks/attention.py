@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from benchmarks import harness
 from benchmarks.harness import BACKWARD_FACTOR, Candidate, Skipped, Suite
 from benchmarks.peers import gpu_missing_reason, import_tokamax
 
@@ -88,17 +89,8 @@ def _peer_window(shape: AttentionShape) -> tuple[int, int] | None:
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
-  try:
-    from pallas_kernels.attention.api import attention
-  except Exception as error:  # noqa: BLE001 - reported as skipped rows, the peers still run
-    return [Skipped(name, f"pallas_kernels.attention.api not importable ({error})") for name in names]
-
-  def candidate(name: str) -> Candidate:
-    def make(shape: AttentionShape):
-      return functools.partial(attention, causal=shape.causal, window=shape.window, implementation=name)
-    return Candidate(name, "jax", make, is_ours=True)
-
-  return [candidate(name) for name in names]
+  return harness.our_candidates(names, "pallas_kernels.attention.api", lambda api, name, shape: functools.partial(
+      api.attention, causal=shape.causal, window=shape.window, implementation=name))
 
 
 def _jax_nn(implementation: str) -> Candidate:

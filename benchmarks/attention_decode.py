@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from benchmarks import harness
 from benchmarks.harness import Candidate, Skipped, Suite, copy_peer
 
 
@@ -55,19 +56,11 @@ def array_shapes(shape: DecodeShape):
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
-  try:
+  def make(api, name: str, shape: DecodeShape):
     import jax.numpy as jnp
-    from pallas_kernels.attention.api import attention_decode
-  except Exception as error:  # noqa: BLE001 - reported as skipped rows, the peers still run
-    return [Skipped(name, f"pallas_kernels.attention.api not importable ({error})") for name in names]
-
-  def candidate(name: str) -> Candidate:
-    def make(shape: DecodeShape):
-      lengths = jnp.full((shape.batch,), shape.cache_len, jnp.int32)
-      return functools.partial(attention_decode, lengths=lengths, implementation=name)
-    return Candidate(name, "jax", make, is_ours=True)
-
-  return [candidate(name) for name in names]
+    lengths = jnp.full((shape.batch,), shape.cache_len, jnp.int32)  # every row's cache full
+    return functools.partial(api.attention_decode, lengths=lengths, implementation=name)
+  return harness.our_candidates(names, "pallas_kernels.attention.api", make)
 
 
 def peer_candidates() -> list[Candidate | Skipped]:

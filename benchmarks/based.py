@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from benchmarks import harness
 from benchmarks.harness import BACKWARD_FACTOR, Candidate, Skipped, Suite
 from benchmarks.peers import import_fla_based
 
@@ -69,17 +70,8 @@ def array_shapes(shape: BasedShape):
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
-  try:
-    from pallas_kernels.based.api import based_linear_attention
-  except Exception as error:  # noqa: BLE001 - reported as skipped rows, the peers still run
-    return [Skipped(name, f"pallas_kernels.based.api not importable ({error})") for name in names]
-
-  def candidate(name: str) -> Candidate:
-    def make(shape: BasedShape):
-      return functools.partial(based_linear_attention, normalize=True, implementation=name)
-    return Candidate(name, "jax", make, is_ours=True)
-
-  return [candidate(name) for name in names]
+  return harness.our_candidates(names, "pallas_kernels.based.api", lambda api, name, shape: functools.partial(
+      api.based_linear_attention, normalize=True, implementation=name))
 
 
 def peer_candidates() -> list[Candidate | Skipped]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from benchmarks import harness
 from benchmarks.harness import Candidate, Skipped, Suite, copy_peer
 
 STATE_INPUTS = (3, 4, 5, 6, 7, 8)  # s0, s1, s2, z0, z1, z2 after q, k, v
@@ -54,19 +55,10 @@ def array_shapes(shape: DecodeShape):
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
-  try:
-    from pallas_kernels.based.api import based_decode_step
-    from pallas_kernels.based.reference import BasedState
-  except Exception as error:  # noqa: BLE001 - reported as skipped rows, the peers still run
-    return [Skipped(name, f"pallas_kernels.based.api not importable ({error})") for name in names]
-
-  def candidate(name: str) -> Candidate:
-    def make(shape: DecodeShape):
-      step = functools.partial(based_decode_step, normalize=True, implementation=name)
-      return lambda q, k, v, *state: step(q, k, v, BasedState(*state))
-    return Candidate(name, "jax", make, is_ours=True)
-
-  return [candidate(name) for name in names]
+  def make(api, name: str, shape: DecodeShape):
+    step = functools.partial(api.based_decode_step, normalize=True, implementation=name)
+    return lambda q, k, v, *state: step(q, k, v, api.BasedState(*state))
+  return harness.our_candidates(names, "pallas_kernels.based.api", make)
 
 
 def peer_candidates() -> list[Candidate | Skipped]:

@@ -96,6 +96,19 @@ class Row:
   detail: str = ""  # why a row has no time
 
 
+def our_candidates(names: Sequence[str], module: str, make: Callable[[Any, str, Any], Callable[..., Any]]
+                   ) -> list[Candidate | Skipped]:
+  """Our implementations by name: `make(api, name, shape)` is the function to time, `api` the imported `module`
+  (an import failure becomes skipped rows, so the peers still run)."""
+  import importlib
+
+  try:
+    api = importlib.import_module(module)
+  except Exception as error:  # noqa: BLE001 - reported as skipped rows
+    return [Skipped(name, f"{module} not importable ({error})") for name in names]
+  return [Candidate(name, "jax", functools.partial(make, api, name), is_ours=True) for name in names]
+
+
 def copy_peer(pick: Callable[[tuple], tuple]) -> Candidate:
   """The device's copy rate, measured in the same run: a jax candidate that copies the inputs `pick` chooses
   (read once, written once), so a memory-bound op's ratio against it is its fraction of the copy bandwidth
