@@ -51,12 +51,11 @@ class BlockSizes:
       return cls(128, 128, 128, 128, 128, 128)
     if backend == "gpu":
       row_bytes = pl.next_power_of_2(head_dim) * itemsize
+      fwd_q = 128 if q_len >= 128 else 64
       if row_bytes <= 128:  # bf16 D64
-        fwd_q = 128 if q_len >= 128 else 64
         return cls(block_q=fwd_q, block_k=128, block_q_dq=64, block_k_dq=128, block_q_dkv=128, block_k_dkv=128,
                    num_warps=4, num_stages=3)
       if row_bytes <= 512:  # bf16 D128/D256, float32 D64/D128
-        fwd_q = 128 if q_len >= 128 else 64
         return cls(block_q=fwd_q, block_k=64, block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
                    num_warps=8, num_stages=2)
       return cls(32, 32, 32, 32, 32, 32, num_warps=4, num_stages=2)  # float32 D256

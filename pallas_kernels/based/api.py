@@ -42,13 +42,13 @@ def _without_chunk(fn: Callable[..., Any]) -> Callable[..., Any]:
 TRITON_MAX_FEATURE_DIM = 16
 
 
-def _pallas_supports(*, chunk: int, feature_dim: int, value_dim: int, **_) -> str | None:
+def _pallas_supports(*, chunk: int, feature_dim: int, value_dim: int, backend: str, **_) -> str | None:
   # What the kernel tests cover: Triton tiles are powers of two >= 16, and the on-chip order-2 state (F² x Dc
   # floats) must fit a program.
-  max_feature_dim = TRITON_MAX_FEATURE_DIM if jax.default_backend() == "gpu" else 32
+  max_feature_dim = TRITON_MAX_FEATURE_DIM if backend == "gpu" else 32
   return first_reason(
       require(chunk in (16, 32, 64, 128), f"{chunk=} not in (16, 32, 64, 128)"),
-      require(feature_dim <= max_feature_dim, f"{feature_dim=} > {max_feature_dim} on {jax.default_backend()}"),
+      require(feature_dim <= max_feature_dim, f"{feature_dim=} > {max_feature_dim} on {backend}"),
       require(value_dim <= 256, f"{value_dim=} > 256"))
 
 
@@ -111,6 +111,19 @@ def _check_eps(eps: float) -> None:
     raise ValueError(f"eps must be >= 0, got {eps!r}")
 
 
+def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[str, ...]) -> None:
+  """q, k [*axes, feature_dim] and v [*axes, value_dim], one float dtype."""
+  lead = ", ".join(axes)
+  validation.check_rank("q", q, len(axes) + 1, f"{lead}, feature_dim")
+  validation.check_shape("k", k, q.shape, f"{lead}, feature_dim, as q")
+  validation.check_rank("v", v, len(axes) + 1, f"{lead}, value_dim")
+  for i, axis in enumerate(axes):
+    validation.check_dim("v", v, i, q.shape[i], f"{axis}, as q")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    validation.check_dtype(name, x)
+  validation.check_same_dtype(q=q, k=k, v=v)
+
+
 def _check_state(name: str, state: Any, batch: int, heads: int, feature_dim: int, value_dim: int) -> None:
   """A BasedState of float32 arrays with the shapes BasedState.zeros(batch, heads, feature_dim, value_dim) has."""
   if not isinstance(state, BasedState):
@@ -128,16 +141,8 @@ def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_
                            segment_ids: jax.Array | None = None, implementation: str = "auto"):
   """Causal Based attention of q, k [B, T, H, F] and v [B, T, H, D]: y [B, T, H, D], plus the final
   BasedState when return_final_state."""
-  validation.check_rank("q", q, 4, "batch, length, heads, feature_dim")
-  validation.check_shape("k", k, q.shape, "batch, length, heads, feature_dim, as q")
-  validation.check_rank("v", v, 4, "batch, length, heads, value_dim")
+  _check_qkv(q, k, v, ("batch", "length", "heads"))
   batch, length, heads, _ = q.shape
-  validation.check_dim("v", v, 0, batch, "batch, as q")
-  validation.check_dim("v", v, 1, length, "length, as q")
-  validation.check_dim("v", v, 2, heads, "heads, as q")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    validation.check_dtype(name, x)
-  validation.check_same_dtype(q=q, k=k, v=v)
   feature_dim = _check_feature_dim(feature_dim, q)
   validation.check_in("normalize", normalize, (True, False))
   validation.check_in("return_final_state", return_final_state, (True, False))
@@ -165,15 +170,8 @@ def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_
 def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedState, *, normalize: bool = True,
                       eps: float = 1e-6, implementation: str = "auto") -> tuple[jax.Array, BasedState]:
   """One decode token, q, k [B, H, F] and v [B, H, D]: (y [B, H, D], the state with this token added)."""
-  validation.check_rank("q", q, 3, "batch, heads, feature_dim")
-  validation.check_shape("k", k, q.shape, "batch, heads, feature_dim, as q")
-  validation.check_rank("v", v, 3, "batch, heads, value_dim")
+  _check_qkv(q, k, v, ("batch", "heads"))
   batch, heads, _ = q.shape
-  validation.check_dim("v", v, 0, batch, "batch, as q")
-  validation.check_dim("v", v, 1, heads, "heads, as q")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    validation.check_dtype(name, x)
-  validation.check_same_dtype(q=q, k=k, v=v)
   feature_dim = _check_feature_dim(None, q)
   validation.check_in("normalize", normalize, (True, False))
   _check_eps(eps)

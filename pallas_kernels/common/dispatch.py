@@ -18,7 +18,8 @@ from pallas_kernels.common import sharding
 
 AUTO = "auto"
 
-# Returns None when the implementation covers the call, otherwise a short reason it does not.
+# Returns None when the implementation covers the call, otherwise a short reason it does not. It is called with
+# the call's options and `backend` (jax.default_backend()), for limits that differ by backend.
 SupportCheck = Callable[..., "str | None"]
 
 
@@ -65,7 +66,7 @@ class Dispatcher:
   def _unsupported_reason(self, impl: Implementation, backend: str, options: dict[str, Any]) -> str | None:
     if impl.backends is not None and backend not in impl.backends:
       return f"runs on {impl.backends}, not on backend {backend!r}"
-    return impl.supports(**options)
+    return impl.supports(backend=backend, **options)
 
   def select(self, implementation: str, **options: Any) -> Implementation:
     """The implementation to run for `options` (the op's static shapes, dtypes and flags)."""
