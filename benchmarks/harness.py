@@ -69,6 +69,10 @@ class Suite:
   default_impls: tuple[str, ...] = ("reference",)
   modes: tuple[str, ...] = MODES  # decode steps have no backward
   float32_inputs: tuple[int, ...] = ()  # positions of inputs that are float32 whatever --dtype (recurrent states)
+  # Inputs a step returns updated (a decode state). Our candidates return (output, the updated inputs); the harness
+  # donates them and feeds the updated values to the next call, as generation does, so a kernel that updates
+  # the state in place is timed in place (without donation XLA would copy the state before every call).
+  carried_inputs: tuple[int, ...] = ()
 
   def resolve_shapes(self, names: Sequence[str]) -> list[Any]:
     """Shapes by name or by set name, in the order given, without repeats."""
@@ -167,8 +171,8 @@ def input_set_count(shapes: Sequence[tuple[int, ...]], itemsize: int) -> int:
 
 
 def jax_timing(fn: Callable[..., Any], input_shapes, output_shape, dtype: str, mode: str, seed: int,
-               float32_inputs: Sequence[int] = ()):
-  """(call, sync, input_sets) for a jax candidate."""
+               float32_inputs: Sequence[int] = (), carried_inputs: Sequence[int] = ()):
+  """(call, sync, input_sets) for a jax candidate; `carried_inputs`: see Suite (forward only)."""
   import jax
   import jax.numpy as jnp
 
@@ -179,7 +183,18 @@ def jax_timing(fn: Callable[..., Any], input_shapes, output_shape, dtype: str, m
   for i in range(input_set_count(shapes, jnp.dtype(jdtype).itemsize)):
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), len(shapes))
     sets.append(tuple(jax.random.normal(key, shape, dt) for key, shape, dt in zip(keys, shapes, dtypes)))
-  if mode == "fwd":
+  if carried_inputs:
+    if mode != "fwd":
+      raise NotImplementedError("carried (donated) inputs are timed in fwd mode only")
+    step = jax.jit(fn, donate_argnums=tuple(carried_inputs))
+    sets = [list(args) for args in sets]  # each call replaces its set's carried inputs with the updated ones
+
+    def call(args):
+      output, updated = step(*args)
+      for position, value in zip(carried_inputs, updated, strict=True):
+        args[position] = value
+      return output
+  elif mode == "fwd":
     forward = jax.jit(fn)
     call = lambda args: forward(*args)
   else:
@@ -230,7 +245,8 @@ def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype:
   input_shapes, output_shape = suite.array_shapes(shape)
   try:
     if candidate.framework == "jax":
-      timing = functools.partial(jax_timing, float32_inputs=suite.float32_inputs)
+      timing = functools.partial(jax_timing, float32_inputs=suite.float32_inputs,
+                                 carried_inputs=suite.carried_inputs if candidate.is_ours else ())
     elif suite.float32_inputs:
       raise NotImplementedError(f"{suite.op}: float32 state inputs are made for jax candidates only")
     else:

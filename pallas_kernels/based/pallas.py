@@ -6,13 +6,16 @@ C tokens:
   intra  y += mask(1 + s + s²/2) v,  s = q kᵀ/√F        (the exact quadratic form; C×C on chip)
   inter  y += phi(q)·S,  den += phi(q)·z                  (the prefix states before the chunk)
   update S += phi(k)ᵀ v,  z += Σ phi(k)                  (order 0/1/2 pieces, float32, never leave the chip)
-The order-2 features vec(x⊗x) are built on chip as (x E1) ⊙ (x E2) with 0/1 expansion matrices E1[i, iF+j] = 1,
-E2[j, iF+j] = 1, so the expansion is two small matmuls and needs no reshape (Triton has none).
+The order-2 features vec(x⊗x) are built on chip in groups of G leading features (a broadcast product reshaped
+to [C, G·F], 256 columns by default), so each order-2 product is one matmul with a deep contraction and the state
+S2 is carried as F/G tiles [G·F, Dc]. Matmul operands are the inputs' dtype (bf16/f16 at tensor-core rate, the
+float32 state rounded to it, as fla does), accumulation float32.
 With segment ids, the carried state belongs to one segment: it reaches only tokens of that segment, and at a chunk
 end it is replaced by the sums of the chunk's last segment (plus the old state when that segment continues).
 
 Letters: B batch, T length (padded to whole chunks), H heads, F feature dim (padded to a power of two >= 16;
-padding features are zero and add nothing), X = F², D value dim, Dc value-column block, C chunk.
+padding features are zero and add nothing), X = F², G leading features per order-2 group, D value dim, Dc
+value-column block, C chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +38,18 @@ from pallas_kernels.common.target import Target
 @dataclasses.dataclass(frozen=True)
 class BasedBlocks:
   block_d: int = 64  # value columns per program
+  order2_width: int = 256  # order-2 feature columns per matmul (G·F, G leading features per group)
   num_warps: int = 4  # Triton only
   num_stages: int = 1  # Triton only
 
   @classmethod
   def for_shape(cls, *, d_pad: int, target: Target) -> "BasedBlocks":
-    # TPU tiles must span whole 128-lane multiples (or the full dim): one value block there.
-    return cls(block_d=d_pad if target.mosaic_tpu else min(64, d_pad))
+    # TPU tiles must span whole 128-lane multiples (or the full dim): one value block there. Triton: 64 value
+    # columns with 8 warps was the fastest of block_d in {32, 64} x warps in {4, 8} on the H100 (B8 T2048 H16
+    # F16 D64 bf16: forward 0.50 ms, forward+backward 1.72 ms; 32 columns with 4 warps 0.68 / 2.31 ms).
+    if target.mosaic_tpu:
+      return cls(block_d=d_pad)
+    return cls(block_d=min(64, d_pad), num_warps=8 if target.triton else 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,74 +60,126 @@ class _Spec(TaylorScaled):
   chunk: int
   seq_len: int  # real tokens; the rest is padding
   has_segments: bool
+  group: int  # G leading features per order-2 group (G·F feature columns per matmul)
+  operand_dtype: object = jnp.float32  # matmul operands: the inputs' dtype (16-bit: tensor-core rate)
   precision: object = None  # matmul precision: IEEE float32 for float32 inputs, else the fast default
+
+  @property
+  def num_groups(self) -> int:  # groups with a real leading feature
+    return -(-self.feature_dim // self.group)
 
 
 def _mm(spec: _Spec, a, b):
-  return dot(a, b, spec.precision)
+  return dot(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
 
 
 def _mm_nt(spec: _Spec, a, b):
-  return dot_nt(a, b, spec.precision)
+  return dot_nt(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
 
 
 def _mm_tn(spec: _Spec, a, b):
-  return dot_tn(a, b, spec.precision)
+  return dot_tn(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
 
 
-def _expanders(f: int):
-  """E1, E2 [F, F²]: x E1 repeats each x_i F times, x E2 tiles x F times, so (x E1)(x E2) = vec(x ⊗ x)."""
-  col = lax.broadcasted_iota(jnp.int32, (f, f * f), 1)
-  row = lax.broadcasted_iota(jnp.int32, (f, f * f), 0)
-  shift = int(math.log2(f))
-  e1 = (lax.shift_right_logical(col, shift) == row).astype(jnp.float32)
-  e2 = (lax.bitwise_and(col, f - 1) == row).astype(jnp.float32)
-  return e1, e2
+class _State(NamedTuple):
+  """The carried prefix state of one value block, float32. The order-2 part comes in groups (_order2_groups): s2[g]
+  [G·F, Dc] and z2[g] [1, G·F], the rows of vec(x ⊗ x) whose leading feature is in group g."""
+  seg: jax.Array  # [1, 1] the segment the state belongs to
+  s0: jax.Array  # [1, Dc]
+  s1: jax.Array  # [F, Dc]
+  s2: tuple[jax.Array, ...]
+  z0: jax.Array  # [1, 1]
+  z1: jax.Array  # [1, F]
+  z2: tuple[jax.Array, ...]
 
 
-def _order2(x, e1, e2, spec: _Spec):
-  """vec(x ⊗ x)·c2 for float32 rows x [C, F] -> [C, F²]."""
-  return _mm(spec, x, e1) * _mm(spec, x, e2) * spec.c2
+def _read_state(seg, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref, spec: _Spec) -> _State:
+  width = spec.group * s1_ref.shape[0]
+  return _State(seg, s0_ref[...], s1_ref[...], tuple(s2_ref[pl.ds(g * width, width), :] for g in range(spec.num_groups)),
+                z0_ref[...], z1_ref[...], tuple(z2_ref[:, pl.ds(g * width, width)] for g in range(spec.num_groups)))
+
+
+def _write_state(state: _State, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref):
+  width = state.s2[0].shape[0]
+  s0_ref[...], s1_ref[...], z0_ref[...], z1_ref[...] = state.s0, state.s1, state.z0, state.z1
+  zero_s2, zero_z2 = jnp.zeros((width, s2_ref.shape[1]), jnp.float32), jnp.zeros((1, width), jnp.float32)
+  for g in range(s2_ref.shape[0] // width):  # groups of padding features are zero; each row is written once
+    s2, z2 = (state.s2[g], state.z2[g]) if g < len(state.s2) else (zero_s2, zero_z2)
+    s2_ref[pl.ds(g * width, width), :] = s2
+    z2_ref[:, pl.ds(g * width, width)] = z2
+
+
+def _leading(x_ref, rows, group: int, spec: _Spec):
+  """Columns group·G .. group·G + G - 1 of the chunk's rows of x, float32 [C, G] (a strided load)."""
+  return x_ref[rows, pl.ds(group * spec.group, spec.group)].astype(jnp.float32)
+
+
+def _order2_groups(x_ref, rows, x, spec: _Spec):
+  """The order-2 features c2·vec(x ⊗ x) of float32 rows x [C, F] in groups of G leading features: group g is
+  c2·x[:, gG:gG+G] ⊗ x flattened to [C, G·F], the columns gG·F .. (g+1)G·F of vec(x ⊗ x). Built by a broadcast
+  and a reshape on chip (no expansion matrix, nothing in memory); groups of padding features are skipped."""
+  c, f = x.shape
+  return [(spec.c2 * _leading(x_ref, rows, g, spec)[:, :, None] * x[:, None, :]).reshape(c, spec.group * f)
+          for g in range(spec.num_groups)]
+
+
+def _order2_grad(x_ref, rows, x, dphi2, spec: _Spec):
+  """d/dx of Σ_g <group g of c2·vec(x ⊗ x), dphi2[g]> for float32 rows x [C, F], cotangent groups [C, G·F]."""
+  c, f = x.shape
+  grad = jnp.zeros(x.shape, jnp.float32)
+  for g, cotangent in enumerate(dphi2):
+    cot = cotangent.reshape(c, spec.group, f)
+    lead = _leading(x_ref, rows, g, spec)
+    grad = grad + jnp.sum(lead[:, :, None] * cot, axis=1)  # through the trailing factor x_b
+    by_lead = jnp.sum(x[:, None, :] * cot, axis=2)  # [C, G]: through the leading factor x_{gG+a}
+    if spec.group == f:
+      grad = grad + by_lead
+    else:  # place it at columns gG .. gG + G - 1
+      a = lax.broadcasted_iota(jnp.int32, (1, spec.group, f), 1)
+      col = lax.broadcasted_iota(jnp.int32, (1, spec.group, f), 2)
+      grad = grad + jnp.sum(by_lead[:, :, None] * (col == g * spec.group + a).astype(jnp.float32), axis=1)
+  return spec.c2 * grad
 
 
 def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
-  """Masked 1 + s + s²/2 within a chunk [C, C] (causal, same segment)."""
+  """Masked 1 + s + s²/2 within a chunk [C, C] (causal, same segment), and s."""
   s = _mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
   c = spec.chunk
   visible = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
   if seg_col is not None:
     visible = visible & (seg_col == seg_row)
-  return jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0)
+  return jnp.where(visible, 1.0 + s + 0.5 * s * s, 0.0), s
 
 
-def _advance_state(carry, kf, vf, seg_col, seg_col_ref, start, spec: _Spec, e1, e2):
-  """The carried (segment, s0, s1, s2, z0, z1, z2) after a chunk of float32 keys/values starting at `start`: its
+def _advance_state(state: _State, k_ref, rows, kf, v, seg_col, seg_col_ref, start, spec: _Spec) -> _State:
+  """The carried state after a chunk of float32 keys kf [C, F] and values v [C, Dc] starting at `start`: its
   valid tokens of the chunk's last segment added, the old state kept only if that segment continues it."""
-  state_seg, s0, s1, s2, z0, z1, z2 = carry
   c = spec.chunk
   weight = (start + lax.broadcasted_iota(jnp.int32, (c, 1), 0) < spec.seq_len).astype(jnp.float32)
-  keep = 1.0
+  keep, seg = 1.0, state.seg
   if spec.has_segments:
-    last_seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
-    weight = weight * (seg_col == last_seg).astype(jnp.float32)
-    keep = (state_seg == last_seg).astype(jnp.float32)
-    state_seg = last_seg
-  k1, k2 = kf * spec.c1 * weight, _order2(kf, e1, e2, spec) * weight
-  return (state_seg,
-          keep * s0 + jnp.sum(vf * weight, axis=0, keepdims=True), keep * s1 + _mm_tn(spec, k1, vf),
-          keep * s2 + _mm_tn(spec, k2, vf), keep * z0 + jnp.sum(weight, axis=0, keepdims=True),
-          keep * z1 + jnp.sum(k1, axis=0, keepdims=True), keep * z2 + jnp.sum(k2, axis=0, keepdims=True))
+    seg = seg_col_ref[pl.ds(start + c - 1, 1), :]
+    weight = weight * (seg_col == seg).astype(jnp.float32)
+    keep = (state.seg == seg).astype(jnp.float32)
+  k1 = kf * spec.c1 * weight
+  k2 = [p * weight for p in _order2_groups(k_ref, rows, kf, spec)]
+  vf = v.astype(jnp.float32)
+  colsum = lambda x: jnp.sum(x, axis=0, keepdims=True)
+  return _State(seg, keep * state.s0 + colsum(vf * weight), keep * state.s1 + _mm_tn(spec, k1, v),
+                tuple(keep * s2 + _mm_tn(spec, p, v) for s2, p in zip(state.s2, k2)),
+                keep * state.z0 + colsum(weight), keep * state.z1 + colsum(k1),
+                tuple(keep * z2 + colsum(p) for z2, p in zip(state.z2, k2)))
+
+
+def _first_segment(seg_col_ref, row: int, spec: _Spec):
+  return seg_col_ref[pl.ds(row, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref,
                 o_ref, den_ref, fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref, *, spec: _Spec):
   c = spec.chunk
-  f = q_ref.shape[-1]
-  e1, e2 = _expanders(f)
-  num_chunks = q_ref.shape[0] // c
 
-  def body(i, carry):
-    state_seg, s0, s1, s2, z0, z1, z2 = carry
+  def body(i, state: _State):
     start = i * c
     rows = pl.ds(start, c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
@@ -126,45 +187,37 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
     seg_col = seg_row = None
     if spec.has_segments:
       seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
-    a = _intra_scores(q, k, spec, seg_col, seg_row)
-    q1, q2 = qf * spec.c1, _order2(qf, e1, e2, spec)
-    inter_num = s0 + _mm(spec, q1, s1) + _mm(spec, q2, s2)
-    inter_den = z0 + jnp.sum(q1 * z1, axis=1, keepdims=True) + jnp.sum(q2 * z2, axis=1, keepdims=True)
+    a, _ = _intra_scores(q, k, spec, seg_col, seg_row)
+    q1 = qf * spec.c1
+    inter_num = state.s0 + _mm(spec, q1, state.s1)
+    inter_den = state.z0 + jnp.sum(q1 * state.z1, axis=1, keepdims=True)
+    for p, s2, z2 in zip(_order2_groups(q_ref, rows, qf, spec), state.s2, state.z2):
+      inter_num = inter_num + _mm(spec, p, s2)
+      inter_den = inter_den + jnp.sum(p * z2, axis=1, keepdims=True)
     if spec.has_segments:
-      reaches = (seg_col == state_seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
+      reaches = (seg_col == state.seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
       inter_num, inter_den = inter_num * reaches, inter_den * reaches
-    num = _mm(spec, a.astype(v.dtype), v) + inter_num
+    num = _mm(spec, a, v) + inter_num
     if spec.normalize:
       den = jnp.sum(a, axis=1, keepdims=True) + inter_den
       o_ref[rows, :] = (num / (den + spec.eps)).astype(o_ref.dtype)
       den_ref[rows, :] = den
     else:
       o_ref[rows, :] = num.astype(o_ref.dtype)
+    return _advance_state(state, k_ref, rows, kf, v, seg_col, seg_col_ref, start, spec)
 
-    return _advance_state(carry, kf, v.astype(jnp.float32), seg_col, seg_col_ref, start, spec, e1, e2)
-
-  first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
-  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
-  _, s0, s1, s2, z0, z1, z2 = lax.fori_loop(0, num_chunks, body, init)
-  for ref, value in zip((fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref), (s0, s1, s2, z0, z1, z2)):
-    ref[...] = value
-
-
-
-def _features_grad(x, dphi1, dphi2, spec: _Spec, e1, e2):
-  """Chain rule through phi's order-1 and order-2 pieces for float32 rows x [C, F]."""
-  second = _mm_nt(spec, dphi2 * _mm(spec, x, e2), e1) + _mm_nt(spec, dphi2 * _mm(spec, x, e1), e2)
-  return spec.c1 * dphi1 + spec.c2 * second
+  init = _read_state(_first_segment(seg_col_ref, 0, spec), s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref, spec)
+  final = lax.fori_loop(0, q_ref.shape[0] // c, body, init)
+  _write_state(final, fs0_ref, fs1_ref, fs2_ref, fz0_ref, fz1_ref, fz2_ref)
 
 
 def _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref, dd_ref, rows, spec: _Spec, first_block):
   """What both backward kernels recompute per chunk: inputs, masked scores, and dL/ds of the intra part."""
-  q, k, v = (ref[rows, :].astype(jnp.float32) for ref in (q_ref, k_ref, v_ref))
+  q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
   seg_col = seg_row = None
   if spec.has_segments:
     seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
-  s = _mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
-  a = _intra_scores(q, k, spec, seg_col, seg_row)
+  a, s = _intra_scores(q, k, spec, seg_col, seg_row)
   dn = dn_ref[rows, :]
   dd = dd_ref[rows, :] * first_block  # the normaliser's cotangent counts once, in value block 0
   da = _mm_nt(spec, dn, v) + dd
@@ -176,73 +229,69 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
                dn_ref, dd_ref, dq_ref, *, spec: _Spec):
   """Forward order: dq = intra (ds k) + inter (through phi(q)·S and phi(q)·z with the states recomputed)."""
   c = spec.chunk
-  e1, e2 = _expanders(q_ref.shape[-1])
   first_block = (pl.program_id(2) == 0).astype(jnp.float32)
 
-  def body(i, carry):
-    state_seg, s0, s1, s2, z0, z1, z2 = carry
+  def body(i, state: _State):
     start = i * c
     rows = pl.ds(start, c)
     q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    dphi1 = _mm_nt(spec, dn, s1) + dd * z1
-    dphi2 = _mm_nt(spec, dn, s2) + dd * z2
-    if spec.has_segments:
-      reaches = (seg_col == state_seg).astype(jnp.float32)
-      dphi1, dphi2 = dphi1 * reaches, dphi2 * reaches
-    dq_ref[rows, :] = _mm(spec, ds, k) + _features_grad(q, dphi1, dphi2, spec, e1, e2)
-    return _advance_state(carry, k, v, seg_col, seg_col_ref, start, spec, e1, e2)
+    reaches = (seg_col == state.seg).astype(jnp.float32) if spec.has_segments else 1.0
+    dphi1 = (_mm_nt(spec, dn, state.s1) + dd * state.z1) * reaches
+    dphi2 = [(_mm_nt(spec, dn, s2) + dd * z2) * reaches for s2, z2 in zip(state.s2, state.z2)]
+    qf = q.astype(jnp.float32)
+    dq_ref[rows, :] = _mm(spec, ds, k) + spec.c1 * dphi1 + _order2_grad(q_ref, rows, qf, dphi2, spec)
+    return _advance_state(state, k_ref, rows, k.astype(jnp.float32), v, seg_col, seg_col_ref, start, spec)
 
-  first_seg = seg_col_ref[pl.ds(0, 1), :] if spec.has_segments else jnp.zeros((1, 1), jnp.int32)
-  init = (first_seg, s0_ref[...], s1_ref[...], s2_ref[...], z0_ref[...], z1_ref[...], z2_ref[...])
+  init = _read_state(_first_segment(seg_col_ref, 0, spec), s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref, spec)
   lax.fori_loop(0, q_ref.shape[0] // c, body, init)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g2_ref, gz0_ref, gz1_ref, gz2_ref,
                 dn_ref, dd_ref, dk_ref, dv_ref, di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref, *,
                 spec: _Spec):
-  """Reverse order, carrying G = Σ_{later queries of one segment} phi(q) dnᵀ and phi(q) dd (started from the final
-  state's cotangent, which acts like one more query of the last segment); what is left at the start is the initial
-  state's cotangent."""
+  """Reverse order, carrying G = Σ_{later queries of one segment} phi(q) dnᵀ and phi(q) dd (a _State of
+  cotangents, started from the final state's cotangent, which acts like one more query of the last segment);
+  what is left at the start is the initial state's cotangent."""
   c = spec.chunk
-  e1, e2 = _expanders(q_ref.shape[-1])
   first_block = (pl.program_id(2) == 0).astype(jnp.float32)
   num_chunks = q_ref.shape[0] // c
+  colsum = lambda x: jnp.sum(x, axis=0, keepdims=True)
 
-  def body(step, carry):
-    state_seg, g0, g1, g2, gz0, gz1, gz2 = carry
+  def body(step, g: _State):
     start = (num_chunks - 1 - step) * c
     rows = pl.ds(start, c)
     q, k, v, seg_col, a, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
-    k1, k2 = k * spec.c1, _order2(k, e1, e2, spec)
-    reaches = (seg_col == state_seg).astype(jnp.float32) if spec.has_segments else 1.0
-    dv_inter = g0 + _mm(spec, k1, g1) + _mm(spec, k2, g2)
-    dphi1 = _mm_nt(spec, v, g1) + gz1 * first_block
-    dphi2 = _mm_nt(spec, v, g2) + gz2 * first_block
+    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+    reaches = (seg_col == g.seg).astype(jnp.float32) if spec.has_segments else 1.0
+    k1 = kf * spec.c1
+    dv_inter = g.s0 + _mm(spec, k1, g.s1)
+    dphi2 = []
+    for p, g2, gz2 in zip(_order2_groups(k_ref, rows, kf, spec), g.s2, g.z2):
+      dv_inter = dv_inter + _mm(spec, p, g2)
+      dphi2.append(_mm_nt(spec, v, g2) + gz2 * first_block)
+    dphi1 = _mm_nt(spec, v, g.s1) + g.z1 * first_block
     dv_ref[rows, :] = (_mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
-    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * _features_grad(k, dphi1, dphi2, spec, e1, e2)
-    keep = 1.0
-    weight = 1.0
+    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * (spec.c1 * dphi1 + _order2_grad(k_ref, rows, kf, dphi2, spec))
+    keep, weight, seg = 1.0, 1.0, g.seg
     if spec.has_segments:
-      first_seg = seg_col_ref[pl.ds(start, 1), :]
-      weight = (seg_col == first_seg).astype(jnp.float32)
-      keep = (state_seg == first_seg).astype(jnp.float32)
-      state_seg = first_seg
-    q1, q2 = q * spec.c1 * weight, _order2(q, e1, e2, spec) * weight
-    dd_all = dd_ref[rows, :]  # the z cotangents are the same in every value block
-    return (state_seg,
-            keep * g0 + jnp.sum(dn * weight, axis=0, keepdims=True), keep * g1 + _mm_tn(spec, q1, dn),
-            keep * g2 + _mm_tn(spec, q2, dn), keep * gz0 + jnp.sum(dd_all * weight, axis=0, keepdims=True),
-            keep * gz1 + jnp.sum(q1 * dd_all, axis=0, keepdims=True),
-            keep * gz2 + jnp.sum(q2 * dd_all, axis=0, keepdims=True))
+      seg = seg_col_ref[pl.ds(start, 1), :]
+      weight = (seg_col == seg).astype(jnp.float32)
+      keep = (g.seg == seg).astype(jnp.float32)
+    dd_all = dd_ref[rows, :] * weight  # the z cotangents are the same in every value block
+    q1 = qf * spec.c1 * weight
+    q2 = [p * weight for p in _order2_groups(q_ref, rows, qf, spec)]
+    return _State(seg, keep * g.s0 + colsum(dn * weight), keep * g.s1 + _mm_tn(spec, q1, dn),
+                  tuple(keep * g2 + _mm_tn(spec, p, dn) for g2, p in zip(g.s2, q2)),
+                  keep * g.z0 + colsum(dd_all), keep * g.z1 + colsum(q1 * dd_all),
+                  tuple(keep * gz2 + colsum(p * dd_all) for gz2, p in zip(g.z2, q2)))
 
-  last_seg = (seg_col_ref[pl.ds(q_ref.shape[0] - 1, 1), :] if spec.has_segments
-              else jnp.zeros((1, 1), jnp.int32))
-  init = (last_seg, g0_ref[...], g1_ref[...], g2_ref[...], gz0_ref[...], gz1_ref[...], gz2_ref[...])
-  _, *grads = lax.fori_loop(0, num_chunks, body, init)
-  for ref, value in zip((di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref), grads):
-    ref[...] = value
+  init = _read_state(_first_segment(seg_col_ref, q_ref.shape[0] - 1, spec), g0_ref, g1_ref, g2_ref, gz0_ref,
+                     gz1_ref, gz2_ref, spec)
+  final = lax.fori_loop(0, num_chunks, body, init)
+  _write_state(final, di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref)
+
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
@@ -331,7 +380,9 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
                          s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
                          s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
   spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len,
-               has_segments=segment_ids is not None, precision=exact_precision(q_BTHF.dtype))
+               has_segments=segment_ids is not None,
+               group=max(1, min(f_pad, blocks.order2_width // f_pad)), operand_dtype=q_BTHF.dtype,
+               precision=exact_precision(q_BTHF.dtype))
   y, final = _based(spec, blocks, target, q, k, v, seg_col, seg_row, _pack_state(state, f_pad))
   y = layout.restore(y)[:, :seq_len, :, :d]
   if not return_final_state:
