@@ -37,9 +37,9 @@ def _without_chunk(fn: Callable[..., Any]) -> Callable[..., Any]:
   return call
 
 
-# Triton builds the order-2 features with two [F, F²] float32 expansion matrices held in shared memory: F <= 16
-# (32 KiB) fits, F = 24/32 (padded to 32: 256 KiB) does not (measured on the H100: 264 KiB asked, 227 KiB there).
-TRITON_MAX_FEATURE_DIM = 16
+# Wider features need a [F², Dc] float32 state per program: F = 32 runs on Triton with 16 value columns
+# (pallas.BasedBlocks.for_features) but slowly; the GPU tests cover F <= 32.
+TRITON_MAX_FEATURE_DIM = 32
 
 
 def _pallas_supports(*, chunk: int, feature_dim: int, value_dim: int, backend: str, **_) -> str | None:
@@ -61,8 +61,11 @@ def _pallas_supports_decode(*, feature_dim: int, value_dim: int, **_) -> str | N
 STATE_LAYOUT = BasedState("BHD", "BHFD", "BHFFD", "BH", "BHF", "BHFF")
 
 
-# The parallel kernel's work grows as T²; up to here it is expected to beat the chunked one (fla's parallel form
-# beats its chunked form up to 16k tokens on the H100). Not yet measured for our kernels: docs/benchmarks.md.
+# The parallel kernel's work grows as T², the chunked kernel's as T. Measured on the H100 (B·T = 16k tokens, H16
+# F16 D64 bf16, forward / forward+backward): T2048 parallel 0.27 / 1.02 ms vs chunked 0.47 / 1.71; T4096 0.41 /
+# 1.68 vs 0.62 / 2.92; T8192 0.78 / 3.17 vs 0.62 / 2.93. Auto takes it up to AUTO_PARALLEL_MAX_LENGTH; by name it
+# runs up to PARALLEL_MAX_LENGTH.
+AUTO_PARALLEL_MAX_LENGTH = 4096
 PARALLEL_MAX_LENGTH = 8192
 
 
@@ -75,11 +78,14 @@ def _parallel_supports(*, length: int, feature_dim: int, value_dim: int, has_ini
       require(value_dim <= 256, f"{value_dim=} > 256"))
 
 
+def _parallel_preferred(*, length: int, **_) -> str | None:
+  return require(length <= AUTO_PARALLEL_MAX_LENGTH, f"{length=} > {AUTO_PARALLEL_MAX_LENGTH}: chunked is faster")
+
+
 DISPATCHER = Dispatcher("based", (
-    # By name only until its tests have passed on the GPU machine (written after this session's device time ran
-    # out); then auto may take it on GPU/TPU for short stateless calls.
-    Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, in_auto=False,
-                   per_shard=True),
+    # Auto takes it on GPU (where it was timed) for short stateless calls.
+    Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, auto_backends=("gpu",),
+                   auto_prefers=_parallel_preferred, per_shard=True),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
                    per_shard=True),

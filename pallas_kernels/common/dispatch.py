@@ -36,6 +36,9 @@ class Implementation:
   in_auto: bool = True  # False for implementations only taken by name (alternative reference forms)
   auto_backends: tuple[str, ...] | None = None  # where auto may pick it (e.g. not interpret mode on CPU); None: all
   per_shard: bool = False  # a kernel XLA cannot partition: run it on each shard under a mesh
+  # Where auto prefers it (a measured speed rule, e.g. a length range), on top of `supports`; by name it runs
+  # wherever `supports` holds.
+  auto_prefers: SupportCheck = supports_everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,8 @@ class Dispatcher:
     if implementation == AUTO:
       for impl in self.implementations:
         if (impl.in_auto and (impl.auto_backends is None or backend in impl.auto_backends)
-            and self._unsupported_reason(impl, backend, options) is None):
+            and self._unsupported_reason(impl, backend, options) is None
+            and impl.auto_prefers(backend=backend, **options) is None):
           return impl
       raise ValueError(f"{self.op}: no implementation supports {options}")
     by_name = {impl.name: impl for impl in self.implementations}

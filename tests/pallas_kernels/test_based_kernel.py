@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.based import api
+from pallas_kernels.based import api, pallas
 from pallas_kernels.based import reference as ref
 from tests.tolerances import assert_close, normal
 
@@ -83,6 +83,21 @@ def test_kernel_matches_reference(rng, case, implementation):
   _check_against_reference(rng, kernel, CASES[case])
 
 
+@pytest.mark.parametrize("case", ["f16_dv64", "f24_initial_state"])
+def test_sequence_split_into_pieces_matches_reference(rng, case):
+  """Pieces of the sequence run as separate programs from prefix-summed piece states (the GPU's long-sequence
+  path, forced here): outputs, final state and gradients, incl. wrt the initial state."""
+  blocks = pallas.BasedBlocks(block_d=32, sequence_pieces=4)
+  kernel = lambda *a, **kw: pallas.based_chunked(*a, block_sizes=blocks, **kw)
+  _check_against_reference(rng, kernel, dict(CASES[case], T=128))
+
+
+def test_sequence_split_refuses_what_it_cannot_model(rng):
+  (q, k, v, _), options, _ = _inputs(rng, T=128, segments=True)
+  with pytest.raises(ValueError, match="sequence_pieces=4"):
+    pallas.based_chunked(q, k, v, block_sizes=pallas.BasedBlocks(sequence_pieces=4), **options)
+
+
 def test_auto_takes_the_kernel_only_where_covered():
   stateful = dict(length=128, feature_dim=16, value_dim=64, has_initial_state=True, return_final_state=True)
   chosen = api.DISPATCHER.select("auto", chunk=64, **stateful).name
@@ -132,11 +147,16 @@ def test_parallel_kernel_matches_reference(rng, case, implementation):
     assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
 
 
-def test_parallel_kernel_is_taken_by_name_only_for_now():
+def test_auto_takes_the_parallel_kernel_for_short_stateless_calls_on_gpu():
   options = dict(chunk=64, feature_dim=16, value_dim=64, has_initial_state=False, return_final_state=False)
-  on_accelerator = jax.default_backend() in ("gpu", "tpu")
-  assert api.DISPATCHER.select("auto", length=2048, **options).name == ("pallas" if on_accelerator
-                                                                         else "reference")
-  assert api.DISPATCHER.select("pallas_parallel", length=2048, **options).name == "pallas_parallel"
-  with pytest.raises(ValueError, match="no state in or out"):
-    api.DISPATCHER.select("pallas_parallel", length=64, **dict(options, has_initial_state=True))
+  backend = jax.default_backend()
+  chunked = "pallas" if backend in ("gpu", "tpu") else "reference"
+  short = api.DISPATCHER.select("auto", length=api.AUTO_PARALLEL_MAX_LENGTH, **options).name
+  assert short == ("pallas_parallel" if backend == "gpu" else chunked)
+  assert api.DISPATCHER.select("auto", length=api.AUTO_PARALLEL_MAX_LENGTH + 1, **options).name == chunked
+  stateful = dict(options, return_final_state=True)
+  assert api.DISPATCHER.select("auto", length=128, **stateful).name == chunked
+  # By name it runs beyond auto's length, up to its own limit.
+  assert api.DISPATCHER.select("pallas_parallel", length=api.PARALLEL_MAX_LENGTH, **options).name == "pallas_parallel"
+  with pytest.raises(ValueError, match="length"):
+    api.DISPATCHER.select("pallas_parallel", length=api.PARALLEL_MAX_LENGTH + 1, **options)

@@ -44,6 +44,15 @@ def test_named_implementation_runs_or_says_why():
       DISPATCH.select("gpu_only", length=4)
 
 
+def test_auto_prefers_restricts_auto_only():
+  short = lambda *, length, **_: require(length <= 8, f"{length=} > 8")
+  dispatch = Dispatcher("toy", (Implementation("short", lambda x: x, auto_prefers=short),
+                                Implementation("reference", lambda x: x)))
+  assert dispatch.select("auto", length=8).name == "short"
+  assert dispatch.select("auto", length=9).name == "reference"
+  assert dispatch.select("short", length=9).name == "short"
+
+
 def test_dispatch_calls_the_selected_function(rng):
   x = normal(rng, (3,))
   np.testing.assert_allclose(DISPATCH("interpret", {"length": 3}, x), 4.0 * np.asarray(x), rtol=1e-6)
