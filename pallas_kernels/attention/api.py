@@ -10,7 +10,7 @@ import numbers
 
 import jax
 
-from pallas_kernels.attention import decode, pallas, reference
+from pallas_kernels.attention import decode, hopper, pallas, reference
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, require
 
@@ -22,6 +22,8 @@ def _pallas_supports(*, head_dim: int, **_) -> str | None:
 
 # The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
 ATTENTION = Dispatcher("attention", (
+    # The Mosaic GPU forward: sm90 only, 16-bit inputs, head dim 64 or 128; the portable kernel covers the rest.
+    Implementation("hopper", hopper.flash_attention, supports=hopper.supports, backends=("gpu",), per_shard=True),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.flash_attention, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
                    per_shard=True),

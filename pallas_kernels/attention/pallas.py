@@ -285,15 +285,18 @@ def _attention_fwd(plan, q, k, v, q_seg, k_seg):
   return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
 
 
-def _attention_bwd(plan, residuals, cotangents):
-  q, k, v, q_seg, k_seg, o, lse = residuals
-  do, dlse = cotangents
+def _backward_from_residuals(plan: _Plan, q, k, v, q_seg, k_seg, o, lse, do, dlse):
+  """dq, dk, dv from the forward's o and lse (row statistics as [B, H, T, 1] columns) and the cotangents."""
   # d lse / d logits = P, so an lse cotangent enters exactly like a shift of delta.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   if not plan.layout.heads_major:
     delta = jnp.swapaxes(delta, 1, 2)  # row statistics are [B, H, T, 1] columns in both layouts
-  delta = delta[..., None] - dlse
-  dq, dk, dv = _backward(plan, q, k, v, q_seg, k_seg, do, lse, delta)
+  return _backward(plan, q, k, v, q_seg, k_seg, do, lse, delta[..., None] - dlse)
+
+
+def _attention_bwd(plan, residuals, cotangents):
+  q, k, v, q_seg, k_seg, o, lse = residuals
+  dq, dk, dv = _backward_from_residuals(plan, q, k, v, q_seg, k_seg, o, lse, *cotangents)
   return dq, dk, dv, None, None
 
 
@@ -304,13 +307,11 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window_right=None, segment_ids=None,
-                    kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
-  """FlashAttention with the reference's semantics (pallas_kernels/attention/reference.py); inputs validated by
-  api.py. Pads the sequence to whole blocks and, for Triton, the head dim to a power of two (>= 16)."""
+def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, window_right, scale, softcap,
+           block_sizes: BlockSizes | None, interpret: bool | None):
+  """The plan of one call, a function that pads and arranges [B, rows, heads, D] arrays for the kernels, and the
+  padded segment ids (None without segments)."""
   target = Target.current(interpret)
-  layout = target.layout
   batch, q_len, heads, head_dim = q_BTHD.shape
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   blocks = block_sizes or BlockSizes.for_shape(q_len=q_len, kv_len=kv_len, head_dim=head_dim,
@@ -322,9 +323,8 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
 
   def prepare(x, rows):
     x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, d_pad - x.shape[3])))
-    return layout.arrange(x)
+    return target.layout.arrange(x)
 
-  q, k, v = prepare(q_BTHD, t_pad), prepare(k_BSKD, s_pad), prepare(v_BSKD, s_pad)
   q_seg = k_seg = None
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
@@ -335,6 +335,40 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                   q_len=q_len, kv_len=kv_len)
   plan = _Plan(mask=mask, blocks=blocks, target=target, heads=heads, kv_heads=kv_heads,
                has_segments=q_seg is not None)
-  o, lse = _attention(plan, q, k, v, q_seg, k_seg)
-  o = layout.restore(o)[:, :q_len, :, :head_dim]
+  return plan, functools.partial(prepare, rows=t_pad), functools.partial(prepare, rows=s_pad), q_seg, k_seg
+
+
+def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window_right=None, segment_ids=None,
+                    kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """FlashAttention with the reference's semantics (pallas_kernels/attention/reference.py); inputs validated by
+  api.py. Pads the sequence to whole blocks and, for Triton, the head dim to a power of two (>= 16)."""
+  plan, q_rows, kv_rows, q_seg, k_seg = _setup(
+      q_BTHD, k_BSKD, segment_ids, kv_segment_ids, causal=causal, window=window, window_right=window_right,
+      scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+  o, lse = _attention(plan, q_rows(q_BTHD), kv_rows(k_BSKD), kv_rows(v_BSKD), q_seg, k_seg)
+  q_len, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
+  o = plan.layout.restore(o)[:, :q_len, :, :head_dim]
   return (o, lse[:, :, :q_len, 0]) if return_lse else o
+
+
+def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, dlse_BHT, *, causal=False,
+                             window=None, window_right=None, segment_ids=None, kv_segment_ids=None, scale=None,
+                             softcap=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """(dq, dk, dv) of `flash_attention` from its outputs o, lse and their cotangents do, dlse: the backward for
+  kernels that compute the same forward elsewhere (hopper.py). Arrays in the public layouts, unpadded."""
+  plan, q_rows, kv_rows, q_seg, k_seg = _setup(
+      q_BTHD, k_BSKD, segment_ids, kv_segment_ids, causal=causal, window=window, window_right=window_right,
+      scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
+  q_len, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
+  q = q_rows(q_BTHD)
+  t_pad = plan.layout.seq_len(q)
+
+  def row_stat(x_BHT):  # padded rows get 0: their q and do are zero, so they add nothing to dk, dv
+    return jnp.pad(x_BHT.astype(jnp.float32), ((0, 0), (0, 0), (0, t_pad - q_len)))[..., None]
+
+  dq, dk, dv = _backward_from_residuals(plan, q, kv_rows(k_BSKD), kv_rows(v_BSKD), q_seg, k_seg, q_rows(o_BTHD),
+                                        row_stat(lse_BHT), q_rows(do_BTHD), row_stat(dlse_BHT))
+  kv_len = k_BSKD.shape[1]
+  restore = lambda x, rows: plan.layout.restore(x)[:, :rows, :, :head_dim]
+  return restore(dq, q_len), restore(dk, kv_len), restore(dv, kv_len)
