@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import attention, attention_decode, based, based_decode, harness, report
+from benchmarks import attention, attention_decode, based, based_decode, harness, matmul, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,15 @@ def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
   ok = [r for r in records if r["impl"] == "reference"]
   rate_key = "tflops" if suite.unit == "TFLOP/s" else "gbps"
   assert all(r["status"] == "ok" and r["ms"] > 0 and r[rate_key] > 0 for r in ok)
+
+
+def test_matmul_yardstick_prints_its_rate(tmp_path):
+  assert matmul.matmul_flops(matmul.SHAPES["M8192-N8192-K8192"], "fwd") == 2 * 8192 ** 3
+  result = _run_cli("matmul", "--shapes", "tiny", "--repeats", "2", out=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = _table_rows(result.stdout)
+  assert [(r[0], r[1], r[2], r[5]) for r in rows] == [("xla:dot", "tiny-M128-N128-K128", "fwd", "1.00x")]
+  assert float(rows[0][4]) > 0
 
 
 @pytest.mark.parametrize("name", sorted(attention.SHAPES))
