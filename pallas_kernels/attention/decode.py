@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common.layout import round_up
 from pallas_kernels.common.target import Target
 
 _LOG2E = math.log2(math.e)
@@ -168,16 +169,12 @@ def _merged(acc_BKNGD, m_BKNG1, l_BKNG1):
   return acc / jnp.where(denom == 0.0, 1.0, denom)
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _split_plan(kv_len: int, blocks: DecodeBlocks, target: Target) -> tuple[int, int, int]:
   """(block_k, split_len, num_splits) with split_len a multiple of block_k and no empty split."""
   block_k = blocks.block_k
   if target.mosaic_tpu and kv_len <= block_k:
     block_k = kv_len  # one block equal to the full (unpadded) dim suits Mosaic
-  split_len = _round_up(-(-kv_len // max(1, blocks.num_splits)), block_k)
+  split_len = round_up(-(-kv_len // max(1, blocks.num_splits)), block_k)
   return block_k, split_len, -(-kv_len // split_len)
 
 

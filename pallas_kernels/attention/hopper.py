@@ -55,6 +55,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.attention import pallas as portable
 from pallas_kernels.attention.masking import MaskSpec
 from pallas_kernels.common.dispatch import first_reason, require
+from pallas_kernels.common.layout import round_up
 
 _LOG2E = math.log2(math.e)
 _SMEM_BYTES = 232_448  # opt-in shared memory per block on sm90
@@ -388,10 +389,6 @@ def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
   )(q, k, v, *segments)
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class _Options:
   """The static arguments of one call, shared by the forward and the portable backward."""
@@ -417,7 +414,7 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
                   causal=options.causal, window=options.window, window_right=options.window_right,
                   softcap=options.softcap, q_offset=kv_len - q_len, q_len=q_len, kv_len=kv_len)
   rows = _CONSUMERS * blocks.block_q
-  t_pad, s_pad = _round_up(q_len, rows), _round_up(kv_len, blocks.block_k)
+  t_pad, s_pad = round_up(q_len, rows), round_up(kv_len, blocks.block_k)
   plan = _Plan(mask=mask, blocks=blocks, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                dtype=jnp.dtype(q_BTHD.dtype), q_blocks=t_pad // rows, kv_blocks=s_pad // blocks.block_k,
                segmented=ids_BT is not None)

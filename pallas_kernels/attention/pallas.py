@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.attention.masking import MaskSpec
-from pallas_kernels.common.layout import Layout
+from pallas_kernels.common.layout import Layout, round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
@@ -303,10 +303,6 @@ def _attention_bwd(plan, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, window_right, scale, softcap,
            block_sizes: BlockSizes | None, interpret: bool | None):
   """The plan of one call, a function that pads and arranges [B, rows, heads, D] arrays for the kernels, and the
@@ -318,8 +314,8 @@ def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, windo
                                                itemsize=q_BTHD.dtype.itemsize,
                                                backend=target.backend if not target.interpret else "cpu")
   d_pad = target.padded_dim(head_dim)
-  t_pad = _round_up(q_len, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
-  s_pad = _round_up(kv_len, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
+  t_pad = round_up(q_len, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
+  s_pad = round_up(kv_len, max(blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv))
 
   def prepare(x, rows):
     x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, d_pad - x.shape[3])))

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.based.reference import BasedState, TaylorScaled
+from pallas_kernels.common.layout import round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
 
@@ -46,22 +47,17 @@ class BasedBlocks:
   sequence_pieces: int | None = None
 
   @classmethod
-  def for_shape(cls, *, d_pad: int, target: Target) -> "BasedBlocks":
-    # TPU tiles must span whole 128-lane multiples (or the full dim): one value block there. Triton: 64 value
-    # columns with 8 warps was the fastest of block_d in {32, 64} x warps in {4, 8} on the H100 (B8 T2048 H16
-    # F16 D64 bf16: forward 0.50 ms, forward+backward 1.72 ms; 32 columns with 4 warps 0.68 / 2.31 ms).
+  def for_shape(cls, *, f_pad: int, d_pad: int, target: Target) -> "BasedBlocks":
+    """TPU tiles must span whole 128-lane multiples (or the full dim): one value block there. Triton: 64 value
+    columns with 8 warps was the fastest of block_d in {32, 64} x warps in {4, 8} on the H100 (B8 T2048 H16 F16
+    D64 bf16: forward 0.50 ms, forward+backward 1.72 ms; 32 columns with 4 warps 0.68 / 2.31 ms). Wider features
+    get 16 columns: a program carries its [F², Dc] float32 state in registers (F = 32 with 64 columns spilled:
+    14.8 ms where F = 16 takes 0.47 ms)."""
     if target.mosaic_tpu:
       return cls(block_d=d_pad)
-    return cls(block_d=min(64, d_pad), num_warps=8 if target.triton else 4)
-
-  @classmethod
-  def for_features(cls, *, f_pad: int, d_pad: int, target: Target) -> "BasedBlocks":
-    """for_shape, with fewer value columns for wider features on Triton: a program carries its [F², Dc] float32
-    state in registers (F = 32 with 64 columns spilled: 14.8 ms where F = 16 takes 0.47 ms)."""
-    blocks = cls.for_shape(d_pad=d_pad, target=target)
-    if target.triton and f_pad > 16:
-      blocks = dataclasses.replace(blocks, block_d=min(blocks.block_d, 16))
-    return blocks
+    if not target.triton:
+      return cls(block_d=min(64, d_pad))
+    return cls(block_d=min(64 if f_pad <= 16 else 16, d_pad), num_warps=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +318,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
   _write_state(final, di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref)
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _pack_state(state, f_pad: int):
   """BasedState -> kernel tiles: s0 [B,H,1,D], s1 [B,H,F,D], s2 [B,H,F²,D], z0 [B,H,1,1], z1 [B,H,1,F],
   z2 [B,H,1,F²], float32, features zero-padded to f_pad."""
@@ -360,10 +352,15 @@ def _state_shapes(batch: int, heads: int, f_pad: int, value_dim: int):
   return [jax.ShapeDtypeStruct((batch, heads, *s), jnp.float32) for s in shapes]
 
 
+def _dims(layout, qk, v):
+  """(batch, heads, padded length, padded feature dim, value dim) of kernel-layout q or k and v."""
+  heads = qk.shape[1] if layout.heads_major else qk.shape[2]
+  return qk.shape[0], heads, layout.seq_len(qk), qk.shape[-1], v.shape[-1]
+
+
 def _forward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles):
   layout = target.layout
-  batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
-  t_pad, f_pad, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
+  batch, heads, t_pad, f_pad, d = _dims(layout, q, v)
   block_d = min(blocks.block_d, d)
   qk_tile = layout.tile(t_pad, f_pad, None, lambda b, h, j: (b, h, 0))
   v_tile = layout.tile(t_pad, block_d, None, lambda b, h, j: (b, h, 0, j))
@@ -385,8 +382,7 @@ def _forward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col,
 
 def _states_forward(spec: _Spec, blocks: BasedBlocks, target: Target, k, v, state_tiles):
   layout = target.layout
-  batch, heads = k.shape[0], (k.shape[1] if layout.heads_major else k.shape[2])
-  t_pad, f_pad, d = layout.seq_len(k), k.shape[-1], v.shape[-1]
+  batch, heads, t_pad, f_pad, d = _dims(layout, k, v)
   block_d = min(blocks.block_d, d)
   out = target.pallas_call(
       functools.partial(_states_kernel, spec=spec), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -410,9 +406,9 @@ def _piece_states_fwd(spec, blocks, target, q, k, v, state_tiles):
 
 def _piece_states_bwd(spec, blocks, target, residuals, final_cotangents):
   q, k, v, state_tiles = residuals
+  batch, heads, t_pad, _, _ = _dims(target.layout, k, v)
   dn = jnp.zeros(v.shape, jnp.float32)  # no outputs: only the final state's cotangent flows back
-  dd = jnp.zeros((*dn.shape[:-1], 1) if target.layout.heads_major else
-                 (dn.shape[0], dn.shape[2], dn.shape[1], 1), jnp.float32)
+  dd = jnp.zeros((batch, heads, t_pad, 1), jnp.float32)
   _, dk, dv, d_state = _backward(spec, blocks, target, q, k, v, None, None, state_tiles, final_cotangents, dn, dd,
                                  need_dq=False)
   return jnp.zeros_like(q), dk, dv, d_state
@@ -461,8 +457,8 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float 
   batch, seq_len, heads, f = q_BTHF.shape
   d = v_BTHD.shape[-1]
   f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
-  blocks = block_sizes or BasedBlocks.for_features(f_pad=f_pad, d_pad=d_pad, target=target)
-  t_pad = _round_up(seq_len, chunk)
+  blocks = block_sizes or BasedBlocks.for_shape(f_pad=f_pad, d_pad=d_pad, target=target)
+  t_pad = round_up(seq_len, chunk)
   value_blocks = d_pad // min(blocks.block_d, d_pad)
   pieces = blocks.sequence_pieces or _sequence_pieces(
       programs=batch * heads * value_blocks, seq_len=seq_len, chunk=chunk,
@@ -513,8 +509,7 @@ def _value_tile(layout, t_pad: int, width: int):
 def _backward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles,
               final_cotangents, dn, dd, need_dq: bool = True):
   layout = target.layout
-  batch, heads = q.shape[0], (q.shape[1] if layout.heads_major else q.shape[2])
-  t_pad, f_pad, d = layout.seq_len(q), q.shape[-1], v.shape[-1]
+  batch, heads, t_pad, f_pad, d = _dims(layout, q, v)
   block_d = min(blocks.block_d, d)
   num_blocks = d // block_d
   qk_tile = layout.tile(t_pad, f_pad, None, lambda b, h, j: (b, h, 0))

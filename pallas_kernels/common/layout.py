@@ -13,6 +13,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 
+def round_up(x: int, multiple: int) -> int:
+  """x padded up to whole blocks of `multiple` (sequence lengths to whole kernel blocks)."""
+  return -(-x // multiple) * multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where batch, sequence and heads sit in the arrays the kernels read."""
