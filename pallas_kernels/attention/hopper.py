@@ -1,5 +1,6 @@
 """FlashAttention forward for Hopper (sm90) in Mosaic GPU: TMA, wgmma and warp specialisation (FA3, Shah et al.
-2024), with reference.py's masks, GQA/MQA, soft-cap and segment ids; the backward is the portable kernel's.
+2024), with reference.py's masks, GQA/MQA, soft-cap and segment ids; its custom_vjp backward is
+hopper_backward.py's (separate dQ and dK/dV kernels in the same style).
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim, R query rows per CTA.
 
@@ -52,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention import pallas as portable
+from pallas_kernels.attention import hopper_backward
 from pallas_kernels.attention.masking import MaskSpec
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
@@ -391,7 +392,7 @@ def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-  """The static arguments of one call, shared by the forward and the portable backward."""
+  """The static arguments of one call, shared by the forward and the backward."""
   causal: bool
   window: int | None
   window_right: int | None
@@ -437,8 +438,8 @@ def _attention_fwd(options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
 
 def _attention_bwd(options, residuals, cotangents):
   q, k, v, ids_BT, ids_BS, o, lse = residuals
-  dq, dk, dv = portable.flash_attention_backward(q, k, v, o, lse, *cotangents, segment_ids=ids_BT,
-                                                 kv_segment_ids=ids_BS, **options.mask_args())
+  dq, dk, dv = hopper_backward.flash_attention_backward(q, k, v, o, lse, *cotangents, segment_ids=ids_BT,
+                                                        kv_segment_ids=ids_BS, **options.mask_args())
   return dq, dk, dv, None, None
 
 
@@ -449,7 +450,7 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                     kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
                     block_sizes: BlockSizes | None = None):
   """FlashAttention forward on sm90 with reference.py's semantics (api.py validates the rest of the inputs);
-  gradients come from the portable kernel's backward."""
+  gradients come from the Hopper backward kernels (hopper_backward.py)."""
   dtype, head_dim = jnp.dtype(q_BTHD.dtype), q_BTHD.shape[-1]
   if dtype not in tuple(map(jnp.dtype, _DTYPES)) or head_dim not in _HEAD_DIMS:
     raise ValueError(f"the Hopper kernel takes bfloat16/float16 inputs with head dim in {_HEAD_DIMS}, got "

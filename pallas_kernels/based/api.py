@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.based import decode, pallas, parallel, reference
+from pallas_kernels.based import decode, hopper_parallel, pallas, parallel, reference
 from pallas_kernels.based.reference import BasedState
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, first_reason, require
@@ -76,7 +76,14 @@ def _parallel_preferred(*, length: int, **_) -> str | None:
   return require(length <= AUTO_PARALLEL_MAX_LENGTH, f"{length=} > {AUTO_PARALLEL_MAX_LENGTH}: chunked is faster")
 
 
+def _hopper_parallel_supports(**options) -> str | None:
+  return first_reason(hopper_parallel.supports(**options), _parallel_supports(**options))
+
+
 DISPATCHER = Dispatcher("based", (
+    # The same quadratic form in Mosaic GPU (sm90, 16-bit inputs); auto's first choice where both apply.
+    Implementation("hopper_parallel", hopper_parallel.based_parallel_hopper, supports=_hopper_parallel_supports,
+                   backends=("gpu",), auto_prefers=_parallel_preferred, per_shard=True),
     # Auto takes it on GPU (where it was timed) for short stateless calls.
     Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, auto_backends=("gpu",),
                    auto_prefers=_parallel_preferred, per_shard=True),

@@ -1,7 +1,7 @@
-"""The Hopper (Mosaic GPU) attention forward: it lowers for sm90 on this CPU-only machine (jax.export traces and
-lowers the kernel to Mosaic GPU MLIR, which checks shapes, layouts, wgmma operands and the shared-memory budget),
-its support check refuses what it does not cover, and on an sm90 GPU it matches the float32 reference in outputs,
-lse and all three gradients (the backward is the portable kernel's).
+"""The Hopper (Mosaic GPU) attention forward and backward: they lower for sm90 on this CPU-only machine
+(jax.export traces and lowers the kernels to Mosaic GPU MLIR, which checks shapes, layouts, wgmma operands and the
+shared-memory budget), the backward's block ranges cover every visible pair, the support check refuses what the
+kernels do not cover, and on an sm90 GPU they match the float32 reference in outputs, lse and all three gradients.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 """
@@ -12,8 +12,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.attention import api, hopper
-from tests.pallas_kernels.test_attention_kernel import _check_against_reference
+import numpy as np
+
+from pallas_kernels.attention import api, hopper, hopper_backward
+from pallas_kernels.attention import reference as ref
+from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.common.layout import round_up
+from tests.pallas_kernels.test_attention_kernel import _check_against_reference, _inputs
+from tests.tolerances import assert_close, normal
 
 # Shapes and options that must lower; defaults B=2, T=S=256, H=4, K=2, D=128, bfloat16.
 LOWERING = {
@@ -27,6 +33,8 @@ LOWERING = {
     "odd_length_d64": dict(causal=True, T=37, S=37, D=64),
     "softcap_mqa": dict(softcap=30.0, K=1, D=64),
     "segments": dict(causal=True, segments=True, T=200, S=300),
+    "gqa_segments_window_d64": dict(window=70, segments=True, T=300, S=300, H=8, K=2, D=64),
+    "right_window_only_softcap": dict(window_right=40, softcap=20.0, T=130, S=190),
 }
 
 
@@ -48,17 +56,66 @@ def test_forward_lowers_for_sm90(name):
   assert text.count("mosaic_gpu") >= 1, "expected the Mosaic GPU kernel in the module"
 
 
-def test_forward_and_backward_lower_for_gpu():
-  """The custom_vjp wires the Hopper forward to the portable backward (Triton dq and dk/dv kernels on GPU)."""
-  args, options = _shapes(**LOWERING["gqa_causal"])
+@pytest.mark.parametrize("name", LOWERING)
+def test_forward_and_backward_lower_for_sm90(name):
+  """The custom_vjp wires the Hopper forward to the Hopper dQ and dK/dV kernels (no Triton left)."""
+  args, options = _shapes(**LOWERING[name])
 
-  def loss(q, k, v):
-    out, lse = hopper.flash_attention(q, k, v, return_lse=True, **options)
-    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+  def loss(q, k, v, *ids):
+    segments = dict(segment_ids=ids[0], kv_segment_ids=ids[1]) if ids else {}
+    out, lse = hopper.flash_attention(q, k, v, return_lse=True, **segments, **options)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isinf(lse), 0.0, lse))
 
-  with mock.patch.object(jax, "default_backend", lambda: "gpu"):  # the portable backward picks Triton
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("mosaic_gpu") >= 1 and text.count("triton") >= 2
+  text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",))(*args).mlir_module()
+  for kernel in ("fwd", "dq", "dkv"):
+    assert f"flash_attention_hopper_{kernel}_mosaic_gpu" in text, f"no Mosaic GPU {kernel} kernel"
+  assert "triton" not in text
+
+
+def _visible_pairs(mask: MaskSpec, t_pad: int, s_pad: int):
+  """[t_pad, s_pad] booleans: the pairs the reference sees (padding rows see nothing)."""
+  q_pos = np.arange(t_pad)[:, None] + mask.q_offset
+  visible = np.asarray(mask.visible(jnp.asarray(q_pos), jnp.arange(s_pad)[None, :]))
+  return visible & (np.arange(t_pad)[:, None] < mask.q_len)
+
+
+RANGE_CASES = [(37, 37), (300, 300), (70, 333), (300, 150), (12, 5), (1100, 1100), (700, 800)]
+MASKS = [dict(causal=True), dict(causal=False), dict(causal=True, window=100), dict(causal=False, window=50,
+         window_right=20), dict(causal=False, window_right=30), dict(causal=True, window=1),
+         dict(causal=False, window=64, window_right=0)]
+
+
+@pytest.mark.parametrize("lengths", RANGE_CASES)
+@pytest.mark.parametrize("mask_options", MASKS)
+def test_backward_block_ranges_cover_visible_pairs(lengths, mask_options):
+  """Each consumer's blocks [lo, hi) hold every pair its rows/keys see, lie in its CTA's streamed range, and the
+  blocks it runs unmasked, [full_lo, full_hi), hide nothing from a real row."""
+  q_len, kv_len = lengths
+  mask = MaskSpec(scale=1.0, softcap=None, q_offset=kv_len - q_len, q_len=q_len, kv_len=kv_len,
+                  **dict(dict(window=None, window_right=None), **mask_options))
+  blocks, cta_rows, wg_rows = hopper_backward.BlockSizes(), 128, 64
+  t_pad, s_pad = round_up(q_len, cta_rows), round_up(kv_len, cta_rows)
+  plan = hopper_backward._Plan(mask=mask, blocks=blocks, heads=1, kv_heads=1, head_dim=64, dtype=jnp.bfloat16,
+                               t_pad=t_pad, s_pad=s_pad, segmented=False)
+  visible = _visible_pairs(mask, t_pad, s_pad)
+  for transposed, step in ((False, blocks.block_k_dq), (True, blocks.block_q_dkv)):
+    pairs = visible.T if transposed else visible  # rows: what a consumer owns; columns: what it streams
+    for start in range(0, pairs.shape[0], cta_rows):
+      if transposed:
+        cta = hopper_backward._Cta(0, 0, start, *mask.q_block_range(start, cta_rows, step))
+        ranges = hopper_backward._dkv_query_blocks
+      else:
+        cta = hopper_backward._Cta(0, 0, start, *mask.kv_block_range(start, cta_rows, step))
+        ranges = hopper_backward._dq_key_blocks
+      for first in (start, start + wg_rows):
+        lo, full_lo, full_hi, hi = (int(x) for x in ranges(plan, cta, first))
+        assert int(cta.lo) <= lo <= full_lo <= full_hi <= hi <= int(cta.hi)
+        for j in range(pairs.shape[1] // step):
+          tile = pairs[first:first + wg_rows, j * step:(j + 1) * step]
+          assert lo <= j < hi or not tile.any(), f"{transposed=} {first=}: block {j} sees pairs, not in [{lo}, {hi})"
+          if full_lo <= j < full_hi:  # padding query rows have P = 0 and need no mask; padding keys do
+            real = tile[:, :max(0, q_len - j * step)] if transposed else tile[:max(0, q_len - first)]
+            assert real.all(), f"{transposed=} {first=}: block {j} runs unmasked but hides pairs"
 
 
 def test_block_sizes_are_checked():
@@ -68,6 +125,17 @@ def test_block_sizes_are_checked():
     hopper.BlockSizes(block_k=96).check(head_dim=64, itemsize=2)
   for head_dim in (64, 128):
     hopper.BlockSizes.for_shape(head_dim=head_dim).check(head_dim, itemsize=2)
+
+
+def test_backward_block_sizes_are_checked():
+  with pytest.raises(ValueError, match="shared memory"):
+    hopper_backward.BlockSizes(block_q_dkv=128, num_stages=4).check(head_dim=128, itemsize=2)
+  with pytest.raises(ValueError, match="64 or 128"):
+    hopper_backward.BlockSizes(block_k_dq=96).check(head_dim=64, itemsize=2)
+  with pytest.raises(ValueError, match="at least 2"):
+    hopper_backward.BlockSizes(num_stages=1).check(head_dim=64, itemsize=2)
+  for head_dim in (64, 128):
+    hopper_backward.BlockSizes.for_shape(head_dim=head_dim).check(head_dim, itemsize=2)
 
 
 def test_support_check_names_what_it_refuses():
@@ -110,6 +178,9 @@ CASES = {
     "mqa_softcap": dict(softcap=5.0, H=4, K=1, T=100, S=200, D=64, dtype=jnp.bfloat16),
     "segments": dict(causal=True, segments=True, T=64, S=300, D=128, dtype=jnp.bfloat16),
     "long_causal": dict(causal=True, T=1100, S=1100, H=2, K=1, D=128, dtype=jnp.bfloat16),
+    "gqa_segments_window": dict(window=70, segments=True, T=300, S=300, H=8, K=2, D=64, dtype=jnp.bfloat16),
+    "causal_softcap_d128_f16": dict(causal=True, softcap=10.0, T=200, S=260, D=128, dtype=jnp.float16),
+    "right_window_only": dict(window_right=40, T=190, S=130, D=128, dtype=jnp.bfloat16),
 }
 
 
@@ -128,3 +199,33 @@ def test_small_key_blocks_and_deep_ring(rng):
   blocks = hopper.BlockSizes(block_k=64, num_stages=3)
   kernel_fn = lambda *args, **kw: hopper.flash_attention(*args, block_sizes=blocks, **kw)
   _check_against_reference(rng, kernel_fn, dict(causal=True, window=300, T=700, S=800, D=64, dtype=jnp.bfloat16))
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("case", ["gqa_causal_window", "mqa_softcap", "segments"])
+def test_backward_with_long_steps_and_short_ring(rng, case):
+  """128-long pipeline steps in both backward kernels with a 2-deep ring, against the reference's vjp."""
+  (q, k, v), options, dtype = _inputs(rng, **CASES[case])
+  blocks = hopper_backward.BlockSizes(block_q_dkv=128, block_k_dq=128, num_stages=2)
+  out, lse = hopper.flash_attention(q, k, v, return_lse=True, **options)
+  d_out, d_lse = normal(rng, out.shape, dtype), normal(rng, lse.shape, jnp.float32)
+  got = hopper_backward.flash_attention_backward(q, k, v, out, lse, d_out, d_lse, block_sizes=blocks, **options)
+  upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+  _, vjp = jax.vjp(lambda *qkv: ref.attention(*qkv, return_lse=True, **options), *upcast)
+  want = vjp((d_out.astype(jnp.float32), d_lse))
+  for name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert_close(g, w, dtype=dtype, reduction_len=k.shape[1], name=name, scale=4.0)
+
+
+@pytest.mark.gpu
+@_on_sm90
+def test_backward_is_causal(rng):
+  """With causal masks, a loss on the first rows has exactly zero gradient for every later key and value."""
+  (q, k, v), options, _ = _inputs(rng, causal=True, T=520, S=520, H=4, K=2, D=128, dtype=jnp.bfloat16)
+  first = 200
+  loss = lambda q, k, v: jnp.sum(hopper.flash_attention(q, k, v, causal=True)[:, :first].astype(jnp.float32))
+  dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert not bool(jnp.any(dk[:, first:])) and not bool(jnp.any(dv[:, first:])), "later keys got gradients"
+  assert not bool(jnp.any(dq[:, first:])), "later queries got gradients"
+  assert bool(jnp.all(jnp.isfinite(dq))) and bool(jnp.any(dk[:, :first])), "no gradient reached the first keys"
