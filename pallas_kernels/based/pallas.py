@@ -571,3 +571,65 @@ def _based_bwd(spec, blocks, target, residuals, cotangents):
 
 
 _based.defvjp(_based_fwd, _based_bwd)
+
+
+
+def based_chunked_backward(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BTHD, d_final: BasedState, *,
+                           initial_state: BasedState, normalize: bool, eps: float, chunk: int,
+                           sequence_pieces: int | None = None):
+  """(dq, dk, dv, d initial_state) of based_chunked without segment ids, for a forward run elsewhere (the Hopper
+  kernel): its output y and normaliser den [B, T, H] stand in for `_based`'s forward residuals; the backward
+  kernels and the sequence pieces (chosen as based_chunked chooses them) are this module's."""
+  target = Target.current()
+  layout = target.layout
+  batch, seq_len, heads, f = q_BTHF.shape
+  d = v_BTHD.shape[-1]
+  f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
+  blocks = BasedBlocks.for_shape(f_pad=f_pad, d_pad=d_pad, target=target)
+  pieces = sequence_pieces or _sequence_pieces(
+      programs=batch * heads * (d_pad // min(blocks.block_d, d_pad)), seq_len=seq_len, chunk=chunk,
+      has_segments=False, target=target)
+  if pieces > 1 and seq_len % (pieces * chunk):
+    raise ValueError(f"sequence_pieces={pieces} needs a length that is a multiple of {pieces * chunk}, got {seq_len}")
+  t_pad = round_up(seq_len, chunk)
+  piece_len = t_pad // pieces
+
+  def prepare(x, width, fill=0.0):  # [B, T, H, W] -> kernel layout [B·G, T_pad/G, H, W]
+    x = jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, width - x.shape[-1])), constant_values=fill)
+    return layout.arrange(x.reshape(batch * pieces, piece_len, *x.shape[2:]))
+
+  def pad_d(state):
+    return state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, d_pad - d))),
+                          s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
+                          s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
+
+  spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len // pieces,
+               has_segments=False, group=max(1, min(f_pad, blocks.order2_width // f_pad)),
+               operand_dtype=q_BTHF.dtype, precision=exact_precision(q_BTHF.dtype))
+  q, k, v = prepare(q_BTHF, f_pad), prepare(k_BTHF, f_pad), prepare(v_BTHD, d_pad)
+
+  def piece_starts(q, k, v, state_tiles):  # each piece's initial state, as based_chunked computes it
+    if pieces == 1:
+      return state_tiles
+    zeros = tuple(jnp.zeros((batch * pieces, *x.shape[1:]), x.dtype) for x in state_tiles)
+    return _piece_initial_states(state_tiles, _piece_states(spec, blocks, target, q, k, v, zeros), pieces)
+
+  starts, starts_vjp = jax.vjp(piece_starts, q, k, v, _pack_state(pad_d(initial_state), f_pad))
+  y, dy = prepare(y_BTHD, d_pad), prepare(dy_BTHD.astype(jnp.float32), d_pad)
+  # Padded rows get den 1, so that their zero cotangents stay zero (not 0·inf); den's tiles are [B·G, H, T/G, 1].
+  den = prepare(den_BTH[..., None], 1, fill=1.0)
+  den = den if layout.heads_major else jnp.swapaxes(den, 1, 2)
+  # The final state is the last piece's: the other pieces' final states get no cotangent.
+  final = _pack_state(pad_d(BasedState(*(x.astype(jnp.float32) for x in d_final))), f_pad)
+  final = tuple(jnp.zeros((batch, pieces, *x.shape[1:]), x.dtype).at[:, -1].set(x).reshape(
+      batch * pieces, *x.shape[1:]) for x in final)
+  residuals = (q, k, v, None, None, starts, y, den)
+  dq, dk, dv, _, _, d_starts = _based_bwd(spec, blocks, target, residuals, (dy, final))
+  _, dk_starts, dv_starts, d_state = starts_vjp(d_starts)
+  dk = (dk.astype(jnp.float32) + dk_starts.astype(jnp.float32)).astype(dk.dtype)
+  dv = (dv.astype(jnp.float32) + dv_starts.astype(jnp.float32)).astype(dv.dtype)
+  unpad = lambda x, width: layout.restore(x).reshape(batch, t_pad, heads, -1)[:, :seq_len, :, :width]
+  d_state = _unpack_state(d_state, f, BasedState)
+  d_state = d_state._replace(s0_BHD=d_state.s0_BHD[..., :d], s1_BHFD=d_state.s1_BHFD[..., :d],
+                             s2_BHFFD=d_state.s2_BHFFD[..., :d])
+  return unpad(dq, f), unpad(dk, f), unpad(dv, d), d_state

@@ -1,0 +1,209 @@
+"""The Hopper (Mosaic GPU) chunked BASED forward: it lowers for sm90 on this CPU-only machine (jax.export traces and
+lowers the kernel to Mosaic GPU MLIR, which checks shapes, layouts, wgmma operands and the shared-memory budget),
+forward+backward lowers with the portable (Triton) backward, the support check refuses what it does not cover, and
+on an sm90 GPU it matches the float32 reference in outputs, final states and gradients wrt q, k, v and the initial
+state.
+
+Letters: B batch, T length, H heads, F feature dim, D value dim.
+"""
+
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.based import hopper_chunked, pallas
+from pallas_kernels.based import reference as ref
+from pallas_kernels.based.reference import BasedState
+from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
+from tests.tolerances import assert_close, normal
+
+# Shapes and options that must lower; defaults B=2, T=256, H=2, F=16, D=64, bfloat16, normalised, no state.
+LOWERING = {
+    "d64": dict(),
+    "d128_unnormalized": dict(D=128, normalize=False),
+    "f16_initial_state": dict(dtype=jnp.float16, initial_state=True),
+    "odd_length_d128_state": dict(T=200, D=128, initial_state=True),
+    "short": dict(T=5),
+    "sequence_pieces": dict(T=1000, initial_state=True, pieces=4),
+}
+
+
+def _shapes(B=2, T=256, H=2, F=16, D=64, dtype=jnp.bfloat16, initial_state=False, normalize=True, pieces=None):
+  qk, v = jax.ShapeDtypeStruct((B, T, H, F), dtype), jax.ShapeDtypeStruct((B, T, H, D), dtype)
+  state = jax.eval_shape(lambda: BasedState.zeros(B, H, F, D)) if initial_state else None
+  return (qk, qk, v, state), dict(normalize=normalize,
+                                  block_sizes=hopper_chunked.BlockSizes(sequence_pieces=pieces))
+
+
+def _call(q, k, v, state, **options):
+  return hopper_chunked.based_chunked_hopper(q, k, v, initial_state=state, return_final_state=True, **options)
+
+
+@pytest.mark.parametrize("name", LOWERING)
+def test_forward_lowers_for_sm90(name):
+  (q, k, v, state), options = _shapes(**LOWERING[name])
+  fn = lambda q, k, v, state: _call(q, k, v, state, **options)
+  text = jax.export.export(jax.jit(fn), platforms=("cuda",))(q, k, v, state).mlir_module()
+  assert text.count("mosaic_gpu") >= 1, "expected the Mosaic GPU kernel in the module"
+
+
+@pytest.mark.parametrize("name", ["odd_length_d128_state", "d64", "sequence_pieces"])
+def test_forward_and_backward_lower_for_gpu(name):
+  """The custom_vjp wires the Hopper forward to the portable backward (Triton kernels on GPU)."""
+  (q, k, v, state), options = _shapes(**LOWERING[name])
+
+  def loss(q, k, v, state):
+    y, final = _call(q, k, v, state, **options)
+    return jnp.sum(y.astype(jnp.float32)) + sum(jnp.sum(x) for x in final)
+
+  argnums = (0, 1, 2, 3) if state is not None else (0, 1, 2)
+  with mock.patch.object(jax, "default_backend", lambda: "gpu"):  # the portable backward picks Triton
+    text = jax.jit(jax.grad(loss, argnums=argnums)).trace(q, k, v, state).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 1 and text.count("triton") >= 2
+
+
+def test_expansion_matrices_build_the_taylor_features():
+  """x·E_p ⊙ x·E_b lays out vec(x ⊗ x) in pieces of 64, x·E_4 holds x (checked in numpy, float64)."""
+  e = hopper_chunked.expansion_matrices(np.float64)
+  x = np.random.default_rng(0).normal(size=(3, 16))
+  order2 = np.concatenate([(x @ e[p]) * (x @ e[-1]) for p in range(4)], axis=1)
+  np.testing.assert_allclose(order2, (x[:, :, None] * x[:, None, :]).reshape(3, 256))
+  np.testing.assert_allclose((x @ e[4])[:, :16], x)
+  np.testing.assert_array_equal((x @ e[4])[:, 16:], 0.0)
+
+
+def test_sequence_pieces_fill_one_wave_of_long_pieces():
+  assert hopper_chunked._sequence_pieces(ctas=128, num_steps=16) == 1  # B8 H16 D64 T2048
+  assert hopper_chunked._sequence_pieces(ctas=32, num_steps=128) == 4  # B2 H16 D64 T16384
+  assert hopper_chunked._sequence_pieces(ctas=16, num_steps=512) == 8  # B1 H16 D64 T65536
+  assert hopper_chunked._sequence_pieces(ctas=16, num_steps=12) == 1  # too short to split
+
+
+@pytest.mark.parametrize("pieces", [None, 4])
+def test_portable_backward_from_a_given_forward_matches_reference(rng, pieces):
+  """pallas.based_chunked_backward (the Hopper forward's gradients: portable kernels, interpret mode on CPU) from
+  the reference's y and normaliser: dq, dk, dv and the initial state's gradient, also in sequence pieces."""
+  (q, k, v, state), options, _ = _inputs(rng, T=128, initial_state=True)
+  cotangent_y = normal(rng, v.shape, jnp.float32)
+  cotangent_state = ref.BasedState(*(normal(rng, x.shape, jnp.float32) for x in state))
+  quadratic = lambda q, k, v, state: ref.based_quadratic(q, k, v, initial_state=state, return_final_state=True)
+  (y, _), pullback = jax.vjp(quadratic, q, k, v, state)
+  # den: the unnormalised output for values of ones and the normaliser state as the value state.
+  z_state = state._replace(s0_BHD=state.z0_BH[..., None], s1_BHFD=state.z1_BHF[..., None],
+                           s2_BHFFD=state.z2_BHFF[..., None])
+  den = ref.based_quadratic(q, k, jnp.ones((*v.shape[:3], 1)), initial_state=z_state, normalize=False)[..., 0]
+  got = pallas.based_chunked_backward(q, k, v, y, den, cotangent_y, cotangent_state, initial_state=state,
+                                      normalize=True, eps=1e-6, chunk=options["chunk"], sequence_pieces=pieces)
+  want = pullback((cotangent_y, cotangent_state))
+  for name, g, w in zip(("dq", "dk", "dv", "d initial_state"), got, want):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+      assert_close(a, b, dtype=jnp.float32, reduction_len=q.shape[1], name=name)
+
+
+def test_auto_preference_wants_a_full_wave():
+  assert hopper_chunked.preferred(batch=8, heads=16, value_dim=64) is None
+  assert hopper_chunked.preferred(batch=4, heads=16, value_dim=128) is None
+  assert "ctas=32" in hopper_chunked.preferred(batch=2, heads=16, value_dim=64)
+
+
+def test_state_packing_round_trips():
+  rng = np.random.default_rng(1)
+  state = BasedState(*(jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+                       for x in BasedState.zeros(2, 3, 16, 64)))
+  back = hopper_chunked._unpack_state(*hopper_chunked._pack_state(state))
+  for name, a, b in zip(BasedState._fields, back, state):
+    np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_support_check_names_what_it_refuses():
+  ok = dict(backend="gpu", dtype=jnp.bfloat16, feature_dim=16, value_dim=64, length=100, chunk=64,
+            has_segment_ids=False, normalize=True)
+  with mock.patch.object(hopper_chunked, "_is_sm90", lambda: True):
+    assert hopper_chunked.supports(**ok) is None
+    assert hopper_chunked.supports(**dict(ok, dtype=jnp.float16, value_dim=128, normalize=False)) is None
+    assert "float32" in hopper_chunked.supports(**dict(ok, dtype=jnp.float32))
+    assert "feature_dim=32" in hopper_chunked.supports(**dict(ok, feature_dim=32))
+    assert "value_dim=96" in hopper_chunked.supports(**dict(ok, value_dim=96))
+    assert "segment ids" in hopper_chunked.supports(**dict(ok, has_segment_ids=True))
+    assert "chunk=7" in hopper_chunked.supports(**dict(ok, chunk=7))
+    assert "backend='cpu'" in hopper_chunked.supports(**dict(ok, backend="cpu"))
+  with mock.patch.object(hopper_chunked, "_is_sm90", lambda: False):
+    assert "sm90" in hopper_chunked.supports(**ok)
+
+
+_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper_chunked._is_sm90(),
+                              reason="needs an sm90 (Hopper) GPU")
+
+# Cases the kernel covers (F = 16, D 64/128, 16-bit); lengths cross the 128-token step.
+CASES = {
+    "d64_odd_length": dict(T=300, D=64, chunk=64, dtype=jnp.bfloat16),
+    "d128_initial_state": dict(T=256, D=128, chunk=64, dtype=jnp.bfloat16, initial_state=True),
+    "unnormalized_f16_state": dict(T=200, D=64, chunk=64, dtype=jnp.float16, normalize=False, initial_state=True),
+    "short_d128_f16": dict(T=45, D=128, chunk=64, dtype=jnp.float16),
+    "many_steps": dict(T=1100, H=3, D=64, chunk=64, dtype=jnp.bfloat16, initial_state=True),
+}
+# Sequence pieces forced (pieces of 2 steps; the last piece of T=600 is padding only). NOT YET PASSED on the H100:
+# these failed before the states-only pass got its sync before the final staging, and have not run since.
+PIECES_CASES = {
+    "pieces_initial_state": dict(T=1000, D=128, chunk=64, dtype=jnp.bfloat16, initial_state=True),
+    "pieces_padding_piece_unnormalized": dict(T=600, D=64, chunk=64, dtype=jnp.float16, normalize=False,
+                                              initial_state=True),
+}
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("case", list(CASES))
+def test_hopper_chunked_matches_reference(rng, case):
+  _check_against_reference(rng, hopper_chunked.based_chunked_hopper, CASES[case])
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("case", list(PIECES_CASES))
+def test_sequence_pieces_match_reference(rng, case):
+  blocks = hopper_chunked.BlockSizes(sequence_pieces=4)
+  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw)
+  _check_against_reference(rng, kernel, PIECES_CASES[case])
+
+
+def _time(fn, *args, repeats=20):
+  """(milliseconds per call, the last output)."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats * 1e3, out
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("B,T", [(8, 2048), (2, 16384)])
+def test_timing_against_portable(B, T, capsys):
+  """Prints forward and forward+backward times (ms) of this kernel and the portable one and checks that the two
+  agree (the portable kernel splits B2 T16384 into sequence pieces; this one by default does not)."""
+  rng = np.random.default_rng(0)
+  H, F, D = 16, 16, 64
+  q, k = (jnp.asarray(rng.normal(size=(B, T, H, F)) * 0.5, jnp.bfloat16) for _ in range(2))
+  v = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+  results = {}
+  for name, fn in (("hopper", hopper_chunked.based_chunked_hopper), ("portable", pallas.based_chunked)):
+    fwd = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, chunk=64))
+    loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, chunk=64).astype(jnp.float32) * cotangent)
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    fwd_ms, y = _time(fwd, q, k, v)
+    bwd_ms, grads = _time(fwd_bwd, q, k, v)
+    results[name] = (y, grads)
+    with capsys.disabled():
+      print(f"\nB{B} T{T} H{H} F{F} D{D} bf16 {name}: fwd {fwd_ms:.3f} ms, fwd+bwd {bwd_ms:.3f} ms", flush=True)
+  for name, got, want in zip(("y", "dq", "dk", "dv"), jax.tree.leaves(results["hopper"]),
+                             jax.tree.leaves(results["portable"])):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want)), name
