@@ -56,15 +56,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.attention import hopper_backward
 from pallas_kernels.attention.masking import MaskSpec
 from pallas_kernels.common.dispatch import first_reason, require
+from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 
 _LOG2E = math.log2(math.e)
-_SMEM_BYTES = 232_448  # opt-in shared memory per block on sm90
-_SMEM_RESERVED = 4096  # Mosaic's reduction scratch, the barriers, alignment (about 2.7 KiB measured)
-_CONSUMERS = 2  # warpgroups that compute; one more loads
-_CONSUMER_REGISTERS = 232  # 2·128·232 + 128·40 <= 65536 registers per SM
-_PRODUCER_REGISTERS = 40
-_DTYPES = (jnp.bfloat16, jnp.float16)
 _HEAD_DIMS = (64, 128)
 
 
@@ -80,8 +75,8 @@ class BlockSizes:
     return cls(num_stages=3 if head_dim <= 64 else 2)
 
   def smem_bytes(self, head_dim: int, itemsize: int) -> int:
-    tiles = _CONSUMERS * self.block_q + 2 * self.num_stages * self.block_k
-    return tiles * head_dim * itemsize + _CONSUMERS * self.block_q * 4  # + the lse staging rows
+    tiles = mosaic.CONSUMERS * self.block_q + 2 * self.num_stages * self.block_k
+    return tiles * head_dim * itemsize + mosaic.CONSUMERS * self.block_q * 4  # + the lse staging rows
 
   def check(self, head_dim: int, itemsize: int) -> None:
     if self.block_q % 64 or self.block_k % 64 or self.block_k > 256:
@@ -89,8 +84,7 @@ class BlockSizes:
                        f"block_k at most 256 (wgmma N)")
     if self.num_stages < 2:
       raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    if (need := self.smem_bytes(head_dim, itemsize)) > _SMEM_BYTES - _SMEM_RESERVED:
-      raise ValueError(f"{self} needs {need} bytes of shared memory with {head_dim=}; the limit is {_SMEM_BYTES}")
+    mosaic.check_smem(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,15 +102,11 @@ class _Plan:
 
   @property
   def rows(self) -> int:
-    return _CONSUMERS * self.blocks.block_q
+    return mosaic.CONSUMERS * self.blocks.block_q
 
   @property
   def exp2_scale(self) -> float:
     return self.mask.scale * _LOG2E
-
-
-def _cdiv(x, d: int):
-  return lax.div(x + (d - 1), d)
 
 
 def _key_blocks(plan: _Plan, q_start):
@@ -131,7 +121,7 @@ def _key_blocks(plan: _Plan, q_start):
   p_first = mask.q_offset + q_start  # position of the CTA's first row
   full_lo = lo + 1
   if mask.window is not None:  # every row sees k >= p_last - window + 1
-    full_lo = jnp.maximum(full_lo, _cdiv(jnp.maximum(p_first + rows - mask.window, 0), bk))
+    full_lo = jnp.maximum(full_lo, mosaic.cdiv(jnp.maximum(p_first + rows - mask.window, 0), bk))
   full_hi = jnp.int32(mask.kv_len // bk)  # blocks without key padding
   if mask.right is not None:  # every row sees k <= p_first + right
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
@@ -154,13 +144,8 @@ def _scores(plan: _Plan, s, row_start, k_start, masked: bool, q_ids=None, k_ids=
   k_pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + k_start
   visible = mask.visible(q_pos, k_pos)
   if q_ids is not None:
-    visible = visible & (_rows(q_ids, s.shape) == lax.broadcast_in_dim(k_ids, s.shape, [1]))
+    visible = visible & (mosaic.rows(q_ids, s.shape) == lax.broadcast_in_dim(k_ids, s.shape, [1]))
   return jnp.where(visible, s, -jnp.inf)
-
-
-def _rows(x, shape):
-  """A per-row vector broadcast across the columns of a wgmma tile."""
-  return lax.broadcast_in_dim(x, shape, [0])
 
 
 def _softmax_step(s, c: float, m, l, masked: bool):
@@ -171,7 +156,7 @@ def _softmax_step(s, c: float, m, l, masked: bool):
   # A row that has seen only hidden keys keeps m = -inf; shift it by 0 so that exp2(-inf - shift) is 0, not NaN.
   # Unmasked tiles are finite everywhere, so m' is finite there.
   shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-  p = jnp.exp2(s * c - _rows(shift, s.shape))
+  p = jnp.exp2(s * c - mosaic.rows(shift, s.shape))
   alpha = jnp.exp2(m - shift)
   return p, m_new, l * alpha + jnp.sum(p, axis=1), alpha
 
@@ -194,16 +179,16 @@ def _shared_types(plan: _Plan) -> _Shared:
   bq, bk, stages, d = plan.blocks.block_q, plan.blocks.block_k, plan.blocks.num_stages, plan.head_dim
   tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   return _Shared(
-      q=plgpu.SMEM((_CONSUMERS, bq, d), plan.dtype, transforms=tiles),
+      q=plgpu.SMEM((mosaic.CONSUMERS, bq, d), plan.dtype, transforms=tiles),
       k=plgpu.SMEM((stages, bk, d), plan.dtype, transforms=tiles),
       v=plgpu.SMEM((stages, bk, d), plan.dtype, transforms=tiles),
-      lse=plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
-      q_ready=plgpu.Barrier(num_barriers=_CONSUMERS),
+      lse=plgpu.SMEM((mosaic.CONSUMERS, bq), jnp.float32),
+      q_ready=plgpu.Barrier(num_barriers=mosaic.CONSUMERS),
       k_ready=plgpu.Barrier(num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-      v_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-      turn=plgpu.Barrier(num_arrivals=1, num_barriers=_CONSUMERS))
+      k_free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
+      turn=plgpu.Barrier(num_arrivals=1, num_barriers=mosaic.CONSUMERS))
 
 
 class _Cta(NamedTuple):
@@ -324,7 +309,7 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
       s = _scores(plan, scores(j, o_acc, p_prev), row_start, j * bk, masked, q_ids, k_ids)
       p, m, l, alpha = _softmax_step(s, plan.exp2_scale, m, l, masked)
       o = finish_pv(o_acc, j - 1)
-      return m, l, store_o(o_acc, o * _rows(alpha, o.shape), p)
+      return m, l, store_o(o_acc, o * mosaic.rows(alpha, o.shape), p)
 
     carry = (m, l, p.astype(plan.dtype))
     carry = lax.fori_loop(lo + 1, cta.full_lo, functools.partial(step, masked=True), carry)
@@ -339,7 +324,7 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
   o, m, l = pl.run_scoped(run, plgpu.ACC((bq, plan.head_dim), jnp.float32))
   empty = l == 0.0  # rows that see no key: out 0, lse -inf
   l_safe = jnp.where(empty, 1.0, l)
-  q_tile[...] = (o * _rows(1.0 / l_safe, o.shape)).astype(plan.dtype)  # Q is dead: stage O in its tile
+  q_tile[...] = (o * mosaic.rows(1.0 / l_safe, o.shape)).astype(plan.dtype)  # Q is dead: stage O in its tile
   sh.lse.at[wg][...] = jnp.where(empty, -jnp.inf, m / _LOG2E + jnp.log(l_safe))
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(row_start, bq), head])
@@ -351,21 +336,12 @@ def _kernel(*refs, plan: _Plan):
   """refs: q, k, v, (q_ids, k_ids if segmented), o, lse, _Shared."""
   q_ref, k_ref, v_ref, *seg_refs = refs[:-3]
   o_ref, lse_ref, shared = refs[-3:]
-  wg = lax.axis_index("wg")
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
   q_start = (plan.q_blocks - 1 - lax.axis_index("q_blocks")) * plan.rows
   cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), q_start, *_key_blocks(plan, q_start),
              stages=plan.blocks.num_stages)
-
-  @pl.when(wg == _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    _producer(plan, cta, k_ref, v_ref, shared)
-
-  @pl.when(wg < _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared)
+  mosaic.warp_specialized(lambda: _producer(plan, cta, k_ref, v_ref, shared),
+                          lambda wg: _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared))
 
 
 def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
@@ -384,7 +360,7 @@ def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
       scratch_types=[_shared_types(plan)],
       grid=(plan.heads, plan.q_blocks, batch),
       grid_names=("heads", "q_blocks", "batch"),
-      num_threads=_CONSUMERS + 1,
+      num_threads=mosaic.CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, *segments)
@@ -414,7 +390,7 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
   mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if options.scale is None else options.scale,
                   causal=options.causal, window=options.window, window_right=options.window_right,
                   softcap=options.softcap, q_offset=kv_len - q_len, q_len=q_len, kv_len=kv_len)
-  rows = _CONSUMERS * blocks.block_q
+  rows = mosaic.CONSUMERS * blocks.block_q
   t_pad, s_pad = round_up(q_len, rows), round_up(kv_len, blocks.block_k)
   plan = _Plan(mask=mask, blocks=blocks, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                dtype=jnp.dtype(q_BTHD.dtype), q_blocks=t_pad // rows, kv_blocks=s_pad // blocks.block_k,
@@ -452,7 +428,7 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
   """FlashAttention forward on sm90 with reference.py's semantics (api.py validates the rest of the inputs);
   gradients come from the Hopper backward kernels (hopper_backward.py)."""
   dtype, head_dim = jnp.dtype(q_BTHD.dtype), q_BTHD.shape[-1]
-  if dtype not in tuple(map(jnp.dtype, _DTYPES)) or head_dim not in _HEAD_DIMS:
+  if not mosaic.is_16bit(dtype) or head_dim not in _HEAD_DIMS:
     raise ValueError(f"the Hopper kernel takes bfloat16/float16 inputs with head dim in {_HEAD_DIMS}, got "
                      f"{dtype} and {head_dim=}")
   if segment_ids is not None and kv_segment_ids is None:
@@ -464,16 +440,11 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
   return (o, lse) if return_lse else o
 
 
-def _is_sm90() -> bool:
-  return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
-
-
 def supports(*, backend: str, head_dim: int | None = None, dtype=None, **_) -> str | None:
   """None when the Hopper kernel covers the call, else why not."""
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
-      require(dtype is not None and jnp.dtype(dtype) in tuple(map(jnp.dtype, _DTYPES)),
-              f"{dtype=} is not bfloat16 or float16"),
+      require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
       require(head_dim in _HEAD_DIMS, f"{head_dim=} not in {_HEAD_DIMS}"),
-      require(backend != "gpu" or _is_sm90(), "needs an sm90 (Hopper) GPU"),
+      require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"),
   )

@@ -46,15 +46,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 
 _LOG2E = math.log2(math.e)
-_SMEM_BYTES = 232_448  # opt-in shared memory per block on sm90
-_SMEM_RESERVED = 4096  # Mosaic's scratch, the barriers, alignment
-_CONSUMERS = 2  # warpgroups that compute; one more loads
-_WG_ROWS = 64  # wgmma M: the rows each consumer owns
-_CONSUMER_REGISTERS = 232  # 2·128·232 + 128·40 <= 65536 registers per SM
-_PRODUCER_REGISTERS = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +67,7 @@ class BlockSizes:
 
   def smem_bytes(self, head_dim: int, itemsize: int) -> int:
     step = max(self.block_q_dkv, self.block_k_dq)
-    return (2 * _CONSUMERS * _WG_ROWS + 2 * self.num_stages * step) * head_dim * itemsize
+    return (2 * mosaic.CONSUMERS * mosaic.WG_ROWS + 2 * self.num_stages * step) * head_dim * itemsize
 
   def check(self, head_dim: int, itemsize: int) -> None:
     for step in (self.block_q_dkv, self.block_k_dq):
@@ -80,8 +75,7 @@ class BlockSizes:
         raise ValueError(f"{self.block_q_dkv=} and {self.block_k_dq=} must be 64 or 128 (swizzle tile, registers)")
     if self.num_stages < 2:
       raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    if (need := self.smem_bytes(head_dim, itemsize)) > _SMEM_BYTES - _SMEM_RESERVED:
-      raise ValueError(f"{self} needs {need} bytes of shared memory with {head_dim=}; the limit is {_SMEM_BYTES}")
+    mosaic.check_smem(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +98,6 @@ class _Plan:
   @property
   def exp2_scale(self) -> float:
     return self.mask.scale * _LOG2E
-
-
-def _cdiv(x, d: int):
-  return lax.div(x + (d - 1), d)
 
 
 def _probabilities(plan: _Plan, s, lse2, visible):
@@ -169,11 +159,11 @@ class _Shared(NamedTuple):
 def _shared_types(plan: _Plan, step: int) -> _Shared:
   stages = plan.blocks.num_stages
   return _Shared(
-      own_a=_tiles(plan, _WG_ROWS, _CONSUMERS), own_b=_tiles(plan, _WG_ROWS, _CONSUMERS),
+      own_a=_tiles(plan, mosaic.WG_ROWS, mosaic.CONSUMERS), own_b=_tiles(plan, mosaic.WG_ROWS, mosaic.CONSUMERS),
       ring_a=_tiles(plan, step, stages), ring_b=_tiles(plan, step, stages),
-      own_a_ready=plgpu.Barrier(num_barriers=_CONSUMERS), own_b_ready=plgpu.Barrier(num_barriers=_CONSUMERS),
+      own_a_ready=plgpu.Barrier(num_barriers=mosaic.CONSUMERS), own_b_ready=plgpu.Barrier(num_barriers=mosaic.CONSUMERS),
       ring_a_ready=plgpu.Barrier(num_barriers=stages), ring_b_ready=plgpu.Barrier(num_barriers=stages),
-      free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages))
+      free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
 
 
 def _produce(sh: _Shared, stages: int, count, source):
@@ -259,20 +249,6 @@ class _Cta(NamedTuple):
   hi: Any
 
 
-def _run_warpgroups(plan: _Plan, produce, consume):
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    produce()
-
-  @pl.when(wg < _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    consume(wg)
-
-
 # ---------------------------------------------------------------- dK / dV
 
 
@@ -280,11 +256,11 @@ def _dkv_query_blocks(plan: _Plan, cta: _Cta, k_first):
   """(lo, full_lo, full_hi, hi): query blocks [lo, hi) see some of keys k_first .. k_first + 63, and blocks
   [full_lo, full_hi) see all of them from every row (padding rows have P = 0 and need no mask)."""
   mask, bq = plan.mask, plan.blocks.block_q_dkv
-  lo, hi = mask.q_block_range(k_first, _WG_ROWS, bq)
-  k_last = k_first + _WG_ROWS - 1
+  lo, hi = mask.q_block_range(k_first, mosaic.WG_ROWS, bq)
+  k_last = k_first + mosaic.WG_ROWS - 1
   full_lo, full_hi = lo, hi
   if mask.right is not None:  # the block's first row p sees k_last iff k_last - p <= right
-    full_lo = _cdiv(jnp.maximum(k_last - mask.right - mask.q_offset, 0), bq)
+    full_lo = mosaic.cdiv(jnp.maximum(k_last - mask.right - mask.q_offset, 0), bq)
   if mask.window is not None:  # its last row p sees k_first iff p - k_first < window
     full_hi = lax.div(jnp.maximum(k_first + mask.window - mask.q_offset, 0), bq)
   full_hi = jnp.where(k_last < mask.kv_len, full_hi, full_lo)  # key padding
@@ -295,11 +271,11 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
   """dK, dV of this warpgroup's 64 keys, summed over the query heads of the GQA group."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dk_ref, dv_ref = refs
   bq, stages, group = plan.blocks.block_q_dkv, plan.blocks.num_stages, plan.group
-  k_first = cta.start + wg * _WG_ROWS
-  own = (cta.batch, pl.ds(k_first, _WG_ROWS), cta.head)
+  k_first = cta.start + wg * mosaic.WG_ROWS
+  own = (cta.batch, pl.ds(k_first, mosaic.WG_ROWS), cta.head)
   k_tile, v_tile = sh.own_a.at[wg], sh.own_b.at[wg]
   ranges = _dkv_query_blocks(plan, cta, k_first)
-  shape = (_WG_ROWS, bq)  # transposed tiles: keys down, query rows across
+  shape = (mosaic.WG_ROWS, bq)  # transposed tiles: keys down, query rows across
   columns = lambda x: lax.broadcast_in_dim(x, shape, [1])
   k_ids = _load_vector(seg_refs[1].at[cta.batch, own[1]], _ROW_VECTOR) if seg_refs else None
 
@@ -337,7 +313,7 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
     lax.fori_loop(0, group, per_head, None)
     return plgpu.wgmma_accumulator_load(dk_acc), plgpu.wgmma_accumulator_load(dv_acc)
 
-  acc = plgpu.ACC((_WG_ROWS, plan.head_dim), jnp.float32)
+  acc = plgpu.ACC((mosaic.WG_ROWS, plan.head_dim), jnp.float32)
   dk, dv = pl.run_scoped(run, acc, acc)
   _store_own(plan, [(dk * plan.mask.scale, k_tile, dk_ref.at[own]), (dv, v_tile, dv_ref.at[own])])
 
@@ -347,9 +323,9 @@ def _dkv_kernel(*refs, plan: _Plan):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-3]
   dk_ref, dv_ref, sh = refs[-3:]
   bq, group = plan.blocks.block_q_dkv, plan.group
-  start = lax.axis_index("k_blocks") * (_CONSUMERS * _WG_ROWS)
+  start = lax.axis_index("k_blocks") * (mosaic.CONSUMERS * mosaic.WG_ROWS)
   cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), start,
-             *plan.mask.q_block_range(start, _CONSUMERS * _WG_ROWS, bq))
+             *plan.mask.q_block_range(start, mosaic.CONSUMERS * mosaic.WG_ROWS, bq))
   n_blocks = cta.hi - cta.lo
 
   def source(n):  # step n: query head g of the group, query block i
@@ -357,8 +333,8 @@ def _dkv_kernel(*refs, plan: _Plan):
     rows = (cta.batch, pl.ds(i * bq, bq), cta.head * group + g)
     return q_ref.at[rows], do_ref.at[rows]
 
-  _run_warpgroups(
-      plan, lambda: _produce(sh, plan.blocks.num_stages, group * n_blocks, source),
+  mosaic.warp_specialized(
+      lambda: _produce(sh, plan.blocks.num_stages, group * n_blocks, source),
       lambda wg: _dkv_consumer(plan, cta, wg, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dk_ref,
                                                dv_ref), sh))
 
@@ -370,11 +346,11 @@ def _dq_key_blocks(plan: _Plan, cta: _Cta, row_first):
   """(lo, full_lo, full_hi, hi): key blocks [lo, hi) hold keys that rows row_first .. row_first + 63 see, and
   every row sees every key of blocks [full_lo, full_hi)."""
   mask, bk = plan.mask, plan.blocks.block_k_dq
-  lo, hi = mask.kv_block_range(row_first, _WG_ROWS, bk)
+  lo, hi = mask.kv_block_range(row_first, mosaic.WG_ROWS, bk)
   p_first = mask.q_offset + row_first
   full_lo, full_hi = lo, jnp.int32(mask.kv_len // bk)  # blocks without key padding
   if mask.window is not None:  # the last row sees the block's first key
-    full_lo = _cdiv(jnp.maximum(p_first + _WG_ROWS - mask.window, 0), bk)
+    full_lo = mosaic.cdiv(jnp.maximum(p_first + mosaic.WG_ROWS - mask.window, 0), bk)
   if mask.right is not None:  # the first row sees the block's last key
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
   return _ordered((cta.lo, cta.hi), lo, full_lo, full_hi, hi, plan.segmented)
@@ -384,11 +360,11 @@ def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
   """dQ of this warpgroup's 64 query rows."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dq_ref = refs
   bk, stages = plan.blocks.block_k_dq, plan.blocks.num_stages
-  row_first = cta.start + wg * _WG_ROWS
-  own = (cta.batch, pl.ds(row_first, _WG_ROWS), cta.head)
+  row_first = cta.start + wg * mosaic.WG_ROWS
+  own = (cta.batch, pl.ds(row_first, mosaic.WG_ROWS), cta.head)
   q_tile, do_tile = sh.own_a.at[wg], sh.own_b.at[wg]
   ranges = _dq_key_blocks(plan, cta, row_first)
-  shape = (_WG_ROWS, bk)
+  shape = (mosaic.WG_ROWS, bk)
   rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
   stats = (cta.batch, cta.head, own[1])
   lse2, delta = _load_vector(lse_ref.at[stats], _ROW_VECTOR), _load_vector(delta_ref.at[stats], _ROW_VECTOR)
@@ -421,7 +397,7 @@ def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
     _walk(sh, stages, 0, (cta.lo, cta.hi), ranges, functools.partial(step, dq_acc=dq_acc))
     return plgpu.wgmma_accumulator_load(dq_acc)
 
-  dq = pl.run_scoped(run, plgpu.ACC((_WG_ROWS, plan.head_dim), jnp.float32))
+  dq = pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, plan.head_dim), jnp.float32))
   _store_own(plan, [(dq * plan.mask.scale, q_tile, dq_ref.at[own])])
 
 
@@ -429,7 +405,7 @@ def _dq_kernel(*refs, plan: _Plan):
   """refs: q, k, v, do, lse2, delta, (q_ids, k_ids if segmented), dq, _Shared."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-2]
   dq_ref, sh = refs[-2:]
-  bk, rows = plan.blocks.block_k_dq, _CONSUMERS * _WG_ROWS
+  bk, rows = plan.blocks.block_k_dq, mosaic.CONSUMERS * mosaic.WG_ROWS
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
   start = (plan.t_pad // rows - 1 - lax.axis_index("q_blocks")) * rows
   head = lax.axis_index("heads")
@@ -440,8 +416,8 @@ def _dq_kernel(*refs, plan: _Plan):
     keys = (cta.batch, pl.ds((cta.lo + n) * bk, bk), kv_head)
     return k_ref.at[keys], v_ref.at[keys]
 
-  _run_warpgroups(
-      plan, lambda: _produce(sh, plan.blocks.num_stages, cta.hi - cta.lo, source),
+  mosaic.warp_specialized(
+      lambda: _produce(sh, plan.blocks.num_stages, cta.hi - cta.lo, source),
       lambda wg: _dq_consumer(plan, cta, wg, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dq_ref),
                               sh))
 
@@ -456,7 +432,7 @@ def _launch(plan: _Plan, kernel, name: str, out_type, grid: tuple, grid_names: t
   body.__name__ = name  # the kernel's name in profiles
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=[_shared_types(plan, step)], grid=grid, grid_names=grid_names,
-      num_threads=_CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+      num_threads=mosaic.CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*args)
 
 
@@ -469,7 +445,7 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   blocks = block_sizes or BlockSizes.for_shape(head_dim=head_dim)
   blocks.check(head_dim, q_BTHD.dtype.itemsize)
-  cta_rows = _CONSUMERS * _WG_ROWS
+  cta_rows = mosaic.CONSUMERS * mosaic.WG_ROWS
   t_pad = round_up(q_len, math.lcm(cta_rows, blocks.block_q_dkv))
   s_pad = round_up(kv_len, math.lcm(cta_rows, blocks.block_k_dq))
   mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,

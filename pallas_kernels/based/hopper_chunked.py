@@ -72,6 +72,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.based import pallas as portable
 from pallas_kernels.based.reference import BasedState, taylor_scales
 from pallas_kernels.common.dispatch import first_reason, require
+from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 
 _FEATURES = 16  # F: the kernel's only feature dim (Based's)
@@ -83,10 +84,6 @@ _PIECES = 5  # 4 order-2 pieces and the order-0/1 piece
 _ORDER01 = 4  # index of the order-0/1 piece
 _EXPAND_B = _PIECES  # index of E_b among the expansion matrices (E_0..E_4 come first)
 _OWNED = ((0, 1, _ORDER01), (2, 3))  # state pieces of consumer 0 and 1
-_CONSUMERS = 2
-_CONSUMER_REGISTERS = 232
-_PRODUCER_REGISTERS = 40
-_DTYPES = (jnp.bfloat16, jnp.float16)
 _VALUE_DIMS = (64, 128)
 
 
@@ -186,19 +183,19 @@ def _shared_types(plan: _Plan) -> _Shared:
       expand=plgpu.SMEM((_PIECES + 1, _FEATURES, _PIECE), dt, transforms=narrow),
       ones=plgpu.SMEM((_STEP, _Z_COLS), dt, transforms=narrow),
       union=plgpu.RefUnion(plgpu.SMEM((_PIECES, _STEP, _PIECE), dt, transforms=narrow),
-                           (plgpu.SMEM((_CONSUMERS, _PIECE, _BLOCK_D), jnp.float32),
-                            plgpu.SMEM((_CONSUMERS, _PIECE, _Z_COLS), jnp.float32))),
+                           (plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _BLOCK_D), jnp.float32),
+                            plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _Z_COLS), jnp.float32))),
       state=plgpu.SMEM((_PIECES, _PIECE, _BLOCK_D), dt, transforms=wide),
       z=plgpu.SMEM((_PIECES, _PIECE, _Z_COLS), dt, transforms=narrow),
-      out=plgpu.SMEM((_CONSUMERS, _ROWS, _BLOCK_D), dt, transforms=wide),
-      den=plgpu.SMEM((_CONSUMERS, _ROWS), jnp.float32),
+      out=plgpu.SMEM((mosaic.CONSUMERS, _ROWS, _BLOCK_D), dt, transforms=wide),
+      den=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32),
       expand_ready=plgpu.Barrier(num_barriers=1),
       q_ready=plgpu.Barrier(num_barriers=stages),
       k_ready=plgpu.Barrier(num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-      read=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=1),
-      written=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=1))
+      free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
+      read=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=1),
+      written=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=1))
 
 
 class _Cta(NamedTuple):
@@ -250,11 +247,6 @@ def _feature_piece(plan: _Plan, x_ref, p: int, tiled, sh: _Shared):
   return jnp.where(col == _FEATURES, 1.0, plan.c1 * repeated)
 
 
-def _rows(x, shape):
-  """A per-row vector broadcast across the columns of a wgmma tile."""
-  return lax.broadcast_in_dim(x, shape, [0])
-
-
 def _sync(barrier):
   plgpu.barrier_arrive(barrier)
   plgpu.barrier_wait(barrier)
@@ -287,7 +279,7 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
       if plan.has_initial:
         s = plgpu.load(s_in_ref.at[batch, head, p, :, cta.cols], (), layout=wgmma_layout, optimized=False)
         z = plgpu.load(z_in_ref.at[batch, head, p], (), layout=wgmma_layout.reduce(1), optimized=False)
-        z = _rows(z, (_PIECE, _Z_COLS))
+        z = mosaic.rows(z, (_PIECE, _Z_COLS))
         s_acc[...] = s
         z_acc[...] = z
       else:
@@ -347,7 +339,7 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
       # 3. output (and den) through shared memory; the previous step's copies must have read their staging.
       start = n * _STEP + w * _ROWS
       if plan.normalize:
-        y = y * _rows(1.0 / (den + plan.eps), y.shape)
+        y = y * mosaic.rows(1.0 / (den + plan.eps), y.shape)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       sh.out.at[w][...] = y.astype(plan.dtype)
       if plan.normalize:
@@ -412,16 +404,16 @@ def _kernel(q_ref, k_ref, v_ref, expand_ref, s_in_ref, z_in_ref, *refs, plan: _P
   consumer = functools.partial(_consumer, plan, cta, s_in_ref=s_in_ref, z_in_ref=z_in_ref, o_ref=o_ref,
                                den_ref=den_ref, s_out_ref=s_out_ref, z_out_ref=z_out_ref, sh=sh)
 
-  @pl.when(wg == _CONSUMERS)
+  @pl.when(wg == mosaic.CONSUMERS)
   def _():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])
     _producer(plan, cta, q_ref, k_ref, v_ref, sh)
 
-  for w in range(_CONSUMERS):
+  for w in range(mosaic.CONSUMERS):
     @pl.when(wg == w)
     def _():
-      plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
+      plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
       consumer(w=w)
 
 
@@ -449,7 +441,7 @@ def _forward(plan: _Plan, q, k, v, s_in, z_in):
       scratch_types=[_shared_types(plan)],
       grid=(plan.value_blocks, plan.heads, batch),
       grid_names=("value_blocks", "heads", "batch"),
-      num_threads=_CONSUMERS + 1,
+      num_threads=mosaic.CONSUMERS + 1,
       thread_name="wg",
   )(q, k, v, expand, s_in, z_in)
 
@@ -558,7 +550,7 @@ def based_chunked_hopper(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: 
   inputs, no segment ids. Gradients come from the portable backward."""
   batch, _, heads, f = q_BTHF.shape
   d, dtype = v_BTHD.shape[-1], jnp.dtype(q_BTHF.dtype)
-  if segment_ids is not None or f != _FEATURES or d not in _VALUE_DIMS or dtype not in map(jnp.dtype, _DTYPES):
+  if segment_ids is not None or f != _FEATURES or d not in _VALUE_DIMS or not mosaic.is_16bit(dtype):
     raise ValueError(f"the Hopper chunked BASED kernel takes F={_FEATURES}, D in {_VALUE_DIMS}, bfloat16/float16 "
                      f"and no segment ids; got F={f}, D={d}, {dtype}, segment_ids={segment_ids is not None}")
   options = _Options(normalize=bool(normalize), eps=float(eps), chunk=int(chunk),
@@ -568,10 +560,6 @@ def based_chunked_hopper(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: 
   return (y, final) if return_final_state else y
 
 
-def _is_sm90() -> bool:
-  return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
-
-
 def supports(*, backend: str, dtype=None, feature_dim: int | None = None, value_dim: int | None = None,
              chunk: int = 64, has_segment_ids: bool = False, **_) -> str | None:
   """None when the Hopper chunked kernel covers the call, else why not (lengths: any, padded to whole steps;
@@ -579,12 +567,11 @@ def supports(*, backend: str, dtype=None, feature_dim: int | None = None, value_
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
       require(chunk in (16, 32, 64, 128), f"{chunk=} not in (16, 32, 64, 128) (the portable backward's tiles)"),
-      require(dtype is not None and jnp.dtype(dtype) in tuple(map(jnp.dtype, _DTYPES)),
-              f"{dtype=} is not bfloat16 or float16"),
+      require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
       require(feature_dim == _FEATURES, f"{feature_dim=} is not {_FEATURES}"),
       require(value_dim in _VALUE_DIMS, f"{value_dim=} not in {_VALUE_DIMS}"),
       require(not has_segment_ids, "segment ids are not supported (the portable kernel has them)"),
-      require(backend != "gpu" or _is_sm90(), "needs an sm90 (Hopper) GPU"),
+      require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"),
   )
 
 

@@ -52,15 +52,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common.dispatch import first_reason, require
+from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 
 _ROWS = 64  # rows per consumer warpgroup: the wgmma M
-_CONSUMERS = 2
-_CTA_ROWS = _CONSUMERS * _ROWS
-_CONSUMER_REGISTERS = 232  # 2·128·232 + 128·40 <= 65536 registers per SM
-_PRODUCER_REGISTERS = 40
-_SMEM_BYTES = 232_448 - 4096  # opt-in shared memory per block on sm90, less Mosaic's scratch and barriers
-_DTYPES = (jnp.bfloat16, jnp.float16)
+_CTA_ROWS = mosaic.CONSUMERS * _ROWS
 _FEATURE_DIMS = (8, 16, 24, 32)
 _VALUE_DIMS = (64, 128)
 
@@ -74,17 +70,16 @@ class BlockSizes:
   def smem_bytes(self, padded_features: int, value_dim: int) -> int:
     """The largest of the three kernels' shared memory (16-bit tiles, float32 row vectors)."""
     width = padded_features + value_dim
-    own = _CONSUMERS * _ROWS * width * 2  # the consumers' tiles: Q and y or dN, or K and V
+    own = mosaic.CONSUMERS * _ROWS * width * 2  # the consumers' tiles: Q and y or dN, or K and V
     streamed = max(self.block_k * width * 2, self.block_q_dkv * (width * 2 + 8))
-    return own + self.num_stages * streamed + _CONSUMERS * _ROWS * 8
+    return own + self.num_stages * streamed + mosaic.CONSUMERS * _ROWS * 8
 
   def check(self, padded_features: int, value_dim: int) -> None:
     if self.block_k not in (64, 128) or self.block_q_dkv not in (64, 128):
       raise ValueError(f"{self.block_k=} and {self.block_q_dkv=} must be 64 or 128")
     if self.num_stages < 2:
       raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    if (need := self.smem_bytes(padded_features, value_dim)) > _SMEM_BYTES:
-      raise ValueError(f"{self} needs {need} bytes of shared memory with {value_dim=}; the limit is {_SMEM_BYTES}")
+    mosaic.check_smem(self, self.smem_bytes(padded_features, value_dim), f" with {value_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,23 +113,13 @@ class _Plan:
     return plgpu.SMEM((*shape, width), self.dtype, transforms=self.tiles(width))
 
 
-def _rows(x, shape):
-  """A per-row vector broadcast across the columns of a wgmma tile."""
-  return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _cols(x, shape):
-  """A per-column vector broadcast across the rows of a wgmma tile."""
-  return lax.broadcast_in_dim(x, shape, [1])
-
-
 def _visible(shape, row_start, col_start, queries_on_rows: bool, row_ids=None, col_ids=None):
   """The causal (and same-segment) mask of a wgmma tile whose rows are queries (or keys)."""
   rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA) + row_start
   cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA) + col_start
   visible = cols <= rows if queries_on_rows else rows <= cols
   if row_ids is not None:
-    visible = visible & (_rows(row_ids, shape) == _cols(col_ids, shape))
+    visible = visible & (mosaic.rows(row_ids, shape) == mosaic.cols(col_ids, shape))
   return visible
 
 
@@ -175,21 +160,6 @@ def _produce(lo, hi, stages: int, groups):
   lax.fori_loop(jnp.maximum(lo, hi - stages), hi, drain, None)
 
 
-def _warp_specialized(produce, consume):
-  """Runs produce on warpgroup 2 and consume(wg) on warpgroups 0 and 1, with registers moved to the latter."""
-  wg = lax.axis_index("wg")
-
-  @pl.when(wg == _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    produce()
-
-  @pl.when(wg < _CONSUMERS)
-  def _():
-    plgpu.set_max_registers(_CONSUMER_REGISTERS, action="increase")
-    consume(wg)
-
-
 def _causal_blocks(plan: _Plan, q_start, block: int):
   """(full_hi, hi): a CTA with query rows [q_start, q_start + 128) reads key blocks [0, hi); blocks [1, full_hi)
   every row sees whole (block 0 is always masked, so that it can start the loop)."""
@@ -204,7 +174,7 @@ def _launch(plan: _Plan, kernel, name: str, out_type, scratch, grid_name: str, *
   body.__name__ = name  # the kernel's name in profiles
   return plgpu.kernel(
       body, out_type=out_type, scratch_types=[scratch], grid=(plan.heads, plan.cta_blocks, args[0].shape[0]),
-      grid_names=("heads", grid_name, "batch"), num_threads=_CONSUMERS + 1, thread_name="wg",
+      grid_names=("heads", grid_name, "batch"), num_threads=mosaic.CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))(*args)
 
 
@@ -227,12 +197,12 @@ class _FwdShared(NamedTuple):
 def _fwd_shared(plan: _Plan) -> _FwdShared:
   bk, stages, fp, d = plan.blocks.block_k, plan.blocks.num_stages, plan.padded_features, plan.value_dim
   return _FwdShared(
-      q=plan.smem((_CONSUMERS, _ROWS), fp), k=plan.smem((stages, bk), fp), v=plan.smem((stages, bk), d),
-      y=plan.smem((_CONSUMERS, _ROWS), d), den=plgpu.SMEM((_CONSUMERS, _ROWS), jnp.float32),
-      q_ready=plgpu.Barrier(num_barriers=_CONSUMERS), k_ready=plgpu.Barrier(num_barriers=stages),
+      q=plan.smem((mosaic.CONSUMERS, _ROWS), fp), k=plan.smem((stages, bk), fp), v=plan.smem((stages, bk), d),
+      y=plan.smem((mosaic.CONSUMERS, _ROWS), d), den=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32),
+      q_ready=plgpu.Barrier(num_barriers=mosaic.CONSUMERS), k_ready=plgpu.Barrier(num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages),
-      v_free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages))
+      k_free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
 
 
 def _fwd_kernel(*refs, plan: _Plan):
@@ -304,7 +274,7 @@ def _fwd_kernel(*refs, plan: _Plan):
 
     o, den = pl.run_scoped(run, plgpu.ACC((_ROWS, plan.value_dim), jnp.float32))
     if plan.normalize:
-      o = o * _rows(1.0 / (den + plan.eps), o.shape)
+      o = o * mosaic.rows(1.0 / (den + plan.eps), o.shape)
     y_tile = sh.y.at[wg]
     y_tile[...] = o.astype(plan.dtype)
     sh.den.at[wg][...] = den
@@ -313,7 +283,7 @@ def _fwd_kernel(*refs, plan: _Plan):
     plgpu.copy_smem_to_gmem(sh.den.at[wg], den_ref.at[batch, head, pl.ds(row_start, _ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
-  _warp_specialized(produce, consume)
+  mosaic.warp_specialized(produce, consume)
 
 
 def _forward(plan: _Plan, q, k, v, ids):
@@ -385,7 +355,7 @@ def _dkv_kernel(*refs, plan: _Plan):
         x, dp = pl.run_scoped(products, plgpu.ACC((_ROWS, bq), jnp.float32), plgpu.ACC((_ROWS, bq), jnp.float32))
         dd = plgpu.load(sh.dd.at[s], (), layout=plgpu.Layout.WGMMA.reduce(0))
         a = 1.0 + x * (c + (0.5 * c * c) * x)
-        dx = (dp + _cols(dd, dp.shape)) * (c + (c * c) * x)
+        dx = (dp + mosaic.cols(dd, dp.shape)) * (c + (c * c) * x)
         if masked:
           visible = _visible(x.shape, key_start, i * bq, False, k_ids, query_ids(i * bq))
           a, dx = jnp.where(visible, a, 0.0), jnp.where(visible, dx, 0.0)
@@ -411,7 +381,7 @@ def _dkv_kernel(*refs, plan: _Plan):
     plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[keys])
     plgpu.wait_smem_to_gmem(0)
 
-  _warp_specialized(produce, consume)
+  mosaic.warp_specialized(produce, consume)
 
 
 class _DqShared(NamedTuple):
@@ -469,7 +439,7 @@ def _dq_kernel(*refs, plan: _Plan):
           return plgpu.wgmma_accumulator_load(x_acc, wait_n=1), plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
 
         x, dp = pl.run_scoped(products, plgpu.ACC((_ROWS, bk), jnp.float32), plgpu.ACC((_ROWS, bk), jnp.float32))
-        dx = (dp + _rows(dd, dp.shape)) * (c + (c * c) * x)
+        dx = (dp + mosaic.rows(dd, dp.shape)) * (c + (c * c) * x)
         if masked:
           dx = jnp.where(_visible(x.shape, row_start, j * bk, True, q_ids, key_ids(j * bk)), dx, 0.0)
         dx = lax.optimization_barrier(dx.astype(plan.dtype))
@@ -489,7 +459,7 @@ def _dq_kernel(*refs, plan: _Plan):
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
     plgpu.wait_smem_to_gmem(0)
 
-  _warp_specialized(produce, consume)
+  mosaic.warp_specialized(produce, consume)
 
 
 def _backward_kernels(plan: _Plan, q, k, v, ids, dn, dd):
@@ -499,20 +469,20 @@ def _backward_kernels(plan: _Plan, q, k, v, ids, dn, dd):
   segments = () if ids is None else (ids,)
   barriers = lambda n: plgpu.Barrier(num_barriers=n)
   dkv_shared = _DkvShared(
-      k=plan.smem((_CONSUMERS, _ROWS), fp), v=plan.smem((_CONSUMERS, _ROWS), d), q=plan.smem((stages, bq), fp),
+      k=plan.smem((mosaic.CONSUMERS, _ROWS), fp), v=plan.smem((mosaic.CONSUMERS, _ROWS), d), q=plan.smem((stages, bq), fp),
       dn=plan.smem((stages, bq), d), dd=plgpu.SMEM((stages, bq), jnp.float32),
-      k_ready=barriers(_CONSUMERS), v_ready=barriers(_CONSUMERS), q_ready=barriers(stages),
+      k_ready=barriers(mosaic.CONSUMERS), v_ready=barriers(mosaic.CONSUMERS), q_ready=barriers(stages),
       dn_ready=barriers(stages), dd_ready=barriers(stages),
-      free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages))
+      free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
   dk, dv = _launch(plan, functools.partial(_dkv_kernel, plan=plan), "based_parallel_hopper_dkv",
                    (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)), dkv_shared,
                    "k_blocks", q, k, v, dn, dd, *segments)
   dq_shared = _DqShared(
-      q=plan.smem((_CONSUMERS, _ROWS), fp), dn=plan.smem((_CONSUMERS, _ROWS), d),
-      dd=plgpu.SMEM((_CONSUMERS, _ROWS), jnp.float32), k=plan.smem((stages, bk), fp),
-      v=plan.smem((stages, bk), d), q_ready=barriers(_CONSUMERS), dn_ready=barriers(_CONSUMERS),
-      dd_ready=barriers(_CONSUMERS), k_ready=barriers(stages), v_ready=barriers(stages),
-      free=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=stages))
+      q=plan.smem((mosaic.CONSUMERS, _ROWS), fp), dn=plan.smem((mosaic.CONSUMERS, _ROWS), d),
+      dd=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32), k=plan.smem((stages, bk), fp),
+      v=plan.smem((stages, bk), d), q_ready=barriers(mosaic.CONSUMERS), dn_ready=barriers(mosaic.CONSUMERS),
+      dd_ready=barriers(mosaic.CONSUMERS), k_ready=barriers(stages), v_ready=barriers(stages),
+      free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
   dq = _launch(plan, functools.partial(_dq_kernel, plan=plan), "based_parallel_hopper_dq",
                jax.ShapeDtypeStruct(q.shape, q.dtype), dq_shared, "q_blocks", q, k, v, dn, dd, *segments)
   return dq, dk, dv
@@ -557,7 +527,7 @@ def based_parallel_hopper(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps
     raise ValueError("the parallel BASED kernel takes no initial_state and returns no final state")
   batch, length, heads, f = q_BTHF.shape
   d, dtype = v_BTHD.shape[-1], jnp.dtype(q_BTHF.dtype)
-  if dtype not in tuple(map(jnp.dtype, _DTYPES)) or f not in _FEATURE_DIMS or d not in _VALUE_DIMS:
+  if not mosaic.is_16bit(dtype) or f not in _FEATURE_DIMS or d not in _VALUE_DIMS:
     raise ValueError(f"the Hopper BASED kernel takes bfloat16/float16 with feature_dim in {_FEATURE_DIMS} and "
                      f"value_dim in {_VALUE_DIMS}, got {dtype}, {f=}, {d=}")
   fp = 16 if f <= 16 else 32
@@ -577,19 +547,14 @@ def based_parallel_hopper(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps
   return y[:, :length]
 
 
-def _is_sm90() -> bool:
-  return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
-
-
 def supports(*, backend: str, dtype=None, feature_dim: int | None = None, value_dim: int | None = None,
              has_initial_state: bool = False, return_final_state: bool = False, **_) -> str | None:
   """None when the Hopper kernel covers the call (segment ids and unnormalised included), else why not."""
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
       require(not has_initial_state and not return_final_state, "no state in or out (the chunked kernel has it)"),
-      require(dtype is not None and jnp.dtype(dtype) in tuple(map(jnp.dtype, _DTYPES)),
-              f"{dtype=} is not bfloat16 or float16"),
+      require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
       require(feature_dim in _FEATURE_DIMS, f"{feature_dim=} not in {_FEATURE_DIMS}"),
       require(value_dim in _VALUE_DIMS, f"{value_dim=} not in {_VALUE_DIMS}"),
-      require(backend != "gpu" or _is_sm90(), "needs an sm90 (Hopper) GPU"),
+      require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"),
   )

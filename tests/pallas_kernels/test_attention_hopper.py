@@ -17,6 +17,7 @@ import numpy as np
 from pallas_kernels.attention import api, hopper, hopper_backward
 from pallas_kernels.attention import reference as ref
 from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 from tests.pallas_kernels.test_attention_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
@@ -140,13 +141,13 @@ def test_backward_block_sizes_are_checked():
 
 def test_support_check_names_what_it_refuses():
   ok = dict(backend="gpu", head_dim=128, dtype=jnp.bfloat16)
-  with mock.patch.object(hopper, "_is_sm90", lambda: True):
+  with mock.patch.object(mosaic, "is_sm90", lambda: True):
     assert hopper.supports(**ok) is None
     assert hopper.supports(**dict(ok, dtype=jnp.float16, segmented=True, softcapped=True)) is None
     assert "float32" in hopper.supports(**dict(ok, dtype=jnp.float32))
     assert "head_dim=80" in hopper.supports(**dict(ok, head_dim=80))
     assert "backend='cpu'" in hopper.supports(**dict(ok, backend="cpu"))
-  with mock.patch.object(hopper, "_is_sm90", lambda: False):
+  with mock.patch.object(mosaic, "is_sm90", lambda: False):
     assert "sm90" in hopper.supports(**ok)
 
 
@@ -159,11 +160,11 @@ def test_auto_takes_hopper_first_on_gpu_only():
     with pytest.raises(ValueError, match="hopper"):
       api.ATTENTION.select("hopper", **options)
   else:
-    assert api.ATTENTION.select("auto", **options).name == ("hopper" if hopper._is_sm90() else "pallas")
+    assert api.ATTENTION.select("auto", **options).name == ("hopper" if mosaic.is_sm90() else "pallas")
     assert api.ATTENTION.select("auto", **dict(options, dtype=jnp.float32)).name == "pallas"
 
 
-_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper._is_sm90(),
+_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(),
                               reason="needs an sm90 (Hopper) GPU")
 
 # Cases the Hopper kernel covers (16-bit, D 64/128); the sizes cross block and CTA edges.

@@ -18,6 +18,7 @@ import pytest
 from pallas_kernels.based import hopper_chunked, pallas
 from pallas_kernels.based import reference as ref
 from pallas_kernels.based.reference import BasedState
+from pallas_kernels.common import mosaic
 from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
 
@@ -123,7 +124,7 @@ def test_state_packing_round_trips():
 def test_support_check_names_what_it_refuses():
   ok = dict(backend="gpu", dtype=jnp.bfloat16, feature_dim=16, value_dim=64, length=100, chunk=64,
             has_segment_ids=False, normalize=True)
-  with mock.patch.object(hopper_chunked, "_is_sm90", lambda: True):
+  with mock.patch.object(mosaic, "is_sm90", lambda: True):
     assert hopper_chunked.supports(**ok) is None
     assert hopper_chunked.supports(**dict(ok, dtype=jnp.float16, value_dim=128, normalize=False)) is None
     assert "float32" in hopper_chunked.supports(**dict(ok, dtype=jnp.float32))
@@ -132,11 +133,11 @@ def test_support_check_names_what_it_refuses():
     assert "segment ids" in hopper_chunked.supports(**dict(ok, has_segment_ids=True))
     assert "chunk=7" in hopper_chunked.supports(**dict(ok, chunk=7))
     assert "backend='cpu'" in hopper_chunked.supports(**dict(ok, backend="cpu"))
-  with mock.patch.object(hopper_chunked, "_is_sm90", lambda: False):
+  with mock.patch.object(mosaic, "is_sm90", lambda: False):
     assert "sm90" in hopper_chunked.supports(**ok)
 
 
-_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper_chunked._is_sm90(),
+_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(),
                               reason="needs an sm90 (Hopper) GPU")
 
 # Cases the kernel covers (F = 16, D 64/128, 16-bit); lengths cross the 128-token step.

@@ -14,6 +14,7 @@ import pytest
 
 from pallas_kernels.based import hopper_parallel as hopper
 from pallas_kernels.based import reference as ref
+from pallas_kernels.common import mosaic
 from tests.pallas_kernels.test_based_kernel import _inputs
 from tests.tolerances import assert_close, normal
 
@@ -70,7 +71,7 @@ def test_refuses_state_and_unsupported_shapes(rng):
 def test_support_check_names_what_it_refuses():
   ok = dict(backend="gpu", dtype=jnp.bfloat16, feature_dim=16, value_dim=64, length=2048,
             has_initial_state=False, return_final_state=False, has_segment_ids=True, normalize=False, chunk=64)
-  with mock.patch.object(hopper, "_is_sm90", lambda: True):
+  with mock.patch.object(mosaic, "is_sm90", lambda: True):
     assert hopper.supports(**ok) is None
     assert hopper.supports(**dict(ok, dtype=jnp.float16, feature_dim=24, value_dim=128)) is None
     assert "float32" in hopper.supports(**dict(ok, dtype=jnp.float32))
@@ -79,11 +80,11 @@ def test_support_check_names_what_it_refuses():
     assert "state" in hopper.supports(**dict(ok, has_initial_state=True))
     assert "state" in hopper.supports(**dict(ok, return_final_state=True))
     assert "backend='cpu'" in hopper.supports(**dict(ok, backend="cpu"))
-  with mock.patch.object(hopper, "_is_sm90", lambda: False):
+  with mock.patch.object(mosaic, "is_sm90", lambda: False):
     assert "sm90" in hopper.supports(**ok)
 
 
-_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper._is_sm90(),
+_on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(),
                               reason="needs an sm90 (Hopper) GPU")
 
 # Lengths cross block and CTA edges; B=2, H=2 from _inputs unless given.
