@@ -2,9 +2,11 @@
 
 `based_linear_attention` computes y_t = phi(q_t)·S_t / (phi(q_t)·z_t + eps) over a whole sequence (see
 reference.py for the math); `based_decode_step` advances a BasedState by one token. Implementations of the
-sequence op: "reference" (the chunked jnp form, taken by auto), and "quadratic" / "recurrent" (the other jnp
-forms, by name only, so tests reach every form through the api). Kernels join as further Implementations; they
-take the arguments in the signature below, so the signature is complete before any of them exists.
+sequence op, in auto's order: "hopper_parallel" and "pallas_parallel" (the quadratic form tiled like
+FlashAttention: Mosaic GPU on sm90, portable Pallas elsewhere; short stateless calls on GPU), "hopper" (the
+chunked form's Mosaic GPU forward, by name only for now), "pallas" (the portable chunked kernels), "reference"
+(the chunked jnp form), and "quadratic" / "recurrent" (the other jnp forms, by name only, so tests reach every
+form through the api). Every implementation takes the arguments in the signature below.
 
 Letters: B batch, T length, H heads, F feature dim, D value head dim.
 """
