@@ -55,8 +55,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention import hopper_backward
 from pallas_kernels.attention.masking import MaskSpec
-from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common import mosaic
+from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
 _LOG2E = math.log2(math.e)

@@ -42,7 +42,8 @@ Per step, consumer w:
 Sequence pieces (opt-in, BlockSizes.sequence_pieces): with fewer CTAs than SMs (long sequences at small
 batch·heads) the sequence can be cut into G pieces run as separate CTAs, each from the initial state plus the
 states of the pieces before it: a states-only pass (step 4 alone) gives each piece's own state, XLA prefix-sums
-them.
+them. Not yet passed on the H100 (the first GPU run failed on a race, since fixed but not re-run), so it is off by
+default.
 
 Padding: T is padded to whole steps (of every piece) with zeros. A zero key adds nothing but the order-0 count
 (its phi is the constant feature alone, its value zero), and only after the last real token, which no real
@@ -71,8 +72,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.based import pallas as portable
 from pallas_kernels.based.reference import BasedState, taylor_scales
-from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common import mosaic
+from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
 _FEATURES = 16  # F: the kernel's only feature dim (Based's)

@@ -51,8 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common import mosaic
+from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
 _ROWS = 64  # rows per consumer warpgroup: the wgmma M
