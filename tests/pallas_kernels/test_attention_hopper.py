@@ -209,12 +209,14 @@ def test_backward_with_long_steps_and_short_ring(rng, case):
   """128-long pipeline steps in both backward kernels with a 2-deep ring, against the reference's vjp."""
   (q, k, v), options, dtype = _inputs(rng, **CASES[case])
   blocks = hopper_backward.BlockSizes(block_q_dkv=128, block_k_dq=128, num_stages=2)
-  out, lse = hopper.flash_attention(q, k, v, return_lse=True, **options)
+  out, lse = jax.jit(lambda q, k, v: hopper.flash_attention(q, k, v, return_lse=True, **options))(q, k, v)
   d_out, d_lse = normal(rng, out.shape, dtype), normal(rng, lse.shape, jnp.float32)
-  got = hopper_backward.flash_attention_backward(q, k, v, out, lse, d_out, d_lse, block_sizes=blocks, **options)
+  backward = jax.jit(lambda *args: hopper_backward.flash_attention_backward(*args, block_sizes=blocks, **options))
+  got = backward(q, k, v, out, lse, d_out, d_lse)
   upcast = [x.astype(jnp.float32) for x in (q, k, v)]
-  _, vjp = jax.vjp(lambda *qkv: ref.attention(*qkv, return_lse=True, **options), *upcast)
-  want = vjp((d_out.astype(jnp.float32), d_lse))
+  reference_vjp = jax.jit(lambda q, k, v, d_out, d_lse: jax.vjp(
+      lambda *qkv: ref.attention(*qkv, return_lse=True, **options), q, k, v)[1]((d_out, d_lse)))
+  want = reference_vjp(*upcast, d_out.astype(jnp.float32), d_lse)
   for name, g, w in zip(("dq", "dk", "dv"), got, want):
     assert_close(g, w, dtype=dtype, reduction_len=k.shape[1], name=name, scale=4.0)
 
@@ -226,7 +228,7 @@ def test_backward_is_causal(rng):
   (q, k, v), options, _ = _inputs(rng, causal=True, T=520, S=520, H=4, K=2, D=128, dtype=jnp.bfloat16)
   first = 200
   loss = lambda q, k, v: jnp.sum(hopper.flash_attention(q, k, v, causal=True)[:, :first].astype(jnp.float32))
-  dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   assert not bool(jnp.any(dk[:, first:])) and not bool(jnp.any(dv[:, first:])), "later keys got gradients"
   assert not bool(jnp.any(dq[:, first:])), "later queries got gradients"
   assert bool(jnp.all(jnp.isfinite(dq))) and bool(jnp.any(dk[:, :first])), "no gradient reached the first keys"

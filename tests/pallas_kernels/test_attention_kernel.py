@@ -14,6 +14,7 @@ import pytest
 
 from pallas_kernels.attention import api, pallas
 from pallas_kernels.attention import reference as ref
+from pallas_kernels.common import mosaic
 from tests.tolerances import assert_close, normal
 
 KERNELS = ["pallas"]
@@ -39,13 +40,18 @@ def _inputs(rng, *, B=2, T=37, S=37, H=4, K=2, D=64, dtype=jnp.float32, segments
 
 
 def _outputs_and_grads(attention, q, k, v, cotangent_o, cotangent_lse, **options):
-  """(out, lse) and d(<out, c_o> + <lse, c_lse>)/d(q, k, v): the lse cotangent checks that path too."""
+  """(out, lse) and d(<out, c_o> + <lse, c_lse>)/d(q, k, v): the lse cotangent checks that path too. One jitted
+  program: run eagerly, every op and kernel call compiles on its own (tens of seconds per case on the GPU)."""
   def loss(q, k, v):
     out, lse = attention(q, k, v, return_lse=True, **options)
     finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
     return jnp.sum(out.astype(jnp.float32) * cotangent_o) + jnp.sum(finite_lse * cotangent_lse)
-  (out, lse) = attention(q, k, v, return_lse=True, **options)
-  return out, lse, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  @jax.jit
+  def outputs_and_grads(q, k, v):
+    out, lse = attention(q, k, v, return_lse=True, **options)
+    return out, lse, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return outputs_and_grads(q, k, v)
 
 
 def _check_against_reference(rng, kernel_fn, case):
@@ -88,11 +94,15 @@ def test_auto_takes_the_kernel_only_where_it_is_fast():
 
 
 @pytest.mark.gpu
-def test_kernel_memory_is_linear_in_sequence_length():
+@pytest.mark.parametrize("implementation", ["pallas", "hopper"])
+def test_kernel_memory_is_linear_in_sequence_length(implementation):
   """Forward+backward at S=65536 keeps no S×S buffer: the compiled temp memory is far below S² bytes."""
+  if implementation == "hopper" and not mosaic.is_sm90():
+    pytest.skip("the hopper kernels need an sm90 GPU")
   seq, heads, dim = 65536, 4, 64
   shape = jax.ShapeDtypeStruct((1, seq, heads, dim), jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(api.attention(q, k, v, causal=True, implementation="pallas").astype(jnp.float32))
+  loss = lambda q, k, v: jnp.sum(api.attention(q, k, v, causal=True, implementation=implementation)
+                                 .astype(jnp.float32))
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 64 * seq * heads * dim, f"temp memory {temp} bytes is not linear in S={seq}"
