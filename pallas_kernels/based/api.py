@@ -4,9 +4,9 @@
 reference.py for the math); `based_decode_step` advances a BasedState by one token. Implementations of the
 sequence op, in auto's order: "hopper_parallel" and "pallas_parallel" (the quadratic form tiled like
 FlashAttention: Mosaic GPU on sm90, portable Pallas elsewhere; short stateless calls on GPU), "hopper" (the
-chunked form's Mosaic GPU forward, by name only for now), "pallas" (the portable chunked kernels), "reference"
-(the chunked jnp form), and "quadratic" / "recurrent" (the other jnp forms, by name only, so tests reach every
-form through the api). Every implementation takes the arguments in the signature below.
+chunked form's Mosaic GPU forward with the portable backward: 16-bit, F 16, D 64/128 on sm90), "pallas" (the
+portable chunked kernels), "reference" (the chunked jnp form), and "quadratic" / "recurrent" (the other jnp
+forms, by name only, so tests reach every form through the api). Every implementation takes the arguments in the signature below.
 
 Letters: B batch, T length, H heads, F feature dim, D value head dim.
 """
@@ -89,10 +89,10 @@ DISPATCHER = Dispatcher("based", (
     # Auto takes it on GPU (where it was timed) for short stateless calls.
     Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, auto_backends=("gpu",),
                    auto_prefers=_parallel_preferred, per_shard=True),
-    # The chunked form in Mosaic GPU (forward; the portable backward). By name only until its long-run test
-    # (many steps) and its sequence split have passed on the H100; B8 T2048 it ran 0.39 ms against pallas' 0.47.
+    # The chunked form in Mosaic GPU (forward; the portable backward); auto takes it where its CTAs fill a wave
+    # (hopper_chunked.preferred has the H100 timings against the portable kernel).
     Implementation("hopper", hopper_chunked.based_chunked_hopper, supports=hopper_chunked.supports,
-                   backends=("gpu",), in_auto=False, auto_prefers=hopper_chunked.preferred, per_shard=True),
+                   backends=("gpu",), auto_prefers=hopper_chunked.preferred, per_shard=True),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
                    per_shard=True),

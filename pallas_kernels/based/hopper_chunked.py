@@ -39,11 +39,10 @@ Per step, consumer w:
   5. publish  once both consumers finished step 2 (barrier `read`), write its pieces of S and z (16-bit) into
               the shared copies; the barrier `written` orders that before either consumer's next readout.
 
-Sequence pieces (opt-in, BlockSizes.sequence_pieces): with fewer CTAs than SMs (long sequences at small
-batch·heads) the sequence can be cut into G pieces run as separate CTAs, each from the initial state plus the
+Sequence pieces (BlockSizes.sequence_pieces, by shape by default): with fewer CTAs than SMs (long sequences at
+small batch·heads) the sequence is cut into G pieces run as separate CTAs, each from the initial state plus the
 states of the pieces before it: a states-only pass (step 4 alone) gives each piece's own state, XLA prefix-sums
-them. Not yet passed on the H100 (the first GPU run failed on a race, since fixed but not re-run), so it is off by
-default.
+them.
 
 Padding: T is padded to whole steps (of every piece) with zeros. A zero key adds nothing but the order-0 count
 (its phi is the constant feature alone, its value zero), and only after the last real token, which no real
@@ -89,11 +88,10 @@ _VALUE_DIMS = (64, 128)
 
 
 # A CTA walks its sequence in order; with fewer CTAs than SMs (long sequences at small batch·heads) the sequence
-# can be split into pieces of at least MIN_PIECE_STEPS steps, each run by its own CTA from the prefix of the
-# pieces' states (a states-only pass first, prefix-summed in XLA), so that up to _SMS CTAs run side by side.
-# Opt-in (BlockSizes(sequence_pieces=None) picks by shape): on the H100 the split ran B2 T16384 H16 D64 in
-# 0.87 ms (one piece: ~3 ms est.) but its GPU test failed there through a race since fixed (the states-only
-# pass lacked the sync before the final staging), and the fix has not run on a GPU yet.
+# is split into pieces of at least MIN_PIECE_STEPS steps, each run by its own CTA from the prefix of the pieces'
+# states (a states-only pass first, prefix-summed in XLA), so that up to _SMS CTAs run side by side. On the H100
+# (H16 D64 bf16, forward) B2 T16384 took 1.73 ms in one piece and 0.97 ms in the 4 picked by shape, B1 T65536
+# 6.51 ms and 1.78 ms in 8.
 _SMS = 132  # H100 SXM
 _MIN_CTAS = 128  # one wave on the H100's 132 SMs (one CTA per SM: shared memory)
 MIN_PIECE_STEPS = 8
@@ -102,7 +100,7 @@ MIN_PIECE_STEPS = 8
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   num_stages: int = 2  # depth of the q/k/v ring (2 fits the shared-memory budget with phi(k) and the state)
-  sequence_pieces: int | None = 1  # None: by shape (_sequence_pieces)
+  sequence_pieces: int | None = None  # None: by shape (_sequence_pieces)
 
 
 def _sequence_pieces(*, ctas: int, num_steps: int) -> int:
@@ -576,9 +574,11 @@ def supports(*, backend: str, dtype=None, feature_dim: int | None = None, value_
   )
 
 
-def preferred(*, batch: int, heads: int, value_dim: int, **_) -> str | None:
-  """Where auto should take it over the portable kernel (an api `auto_prefers` rule): a full wave of CTAs. On
-  the H100, B8 T2048 H16 D64 (128 CTAs) ran 0.39 ms against 0.47; with fewer CTAs each walks a longer sequence
-  while the portable kernel splits it into pieces (this kernel's split is opt-in until its GPU test passes)."""
+def preferred(*, batch: int, length: int, heads: int, value_dim: int, **_) -> str | None:
+  """Where auto should take it over the portable kernel (an api `auto_prefers` rule): a full wave of CTAs once
+  the sequence is split. On the H100 (H16 D64 bf16, forward) it ran B8 T2048 0.44 ms against the portable
+  kernel's 0.52, B4 T4096 0.54 vs 0.68, B2 T16384 0.97 vs 1.24, B1 T65536 1.78 vs 2.31; forward+backward ties
+  (both take the portable backward)."""
   ctas = batch * heads * (value_dim // _BLOCK_D)
-  return require(ctas >= _MIN_CTAS, f"{ctas=} < {_MIN_CTAS}: the portable kernel splits the sequence, faster")
+  ctas *= _sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
+  return require(ctas >= _MIN_CTAS, f"{ctas=} (after the sequence split) < {_MIN_CTAS}: less than a wave, untimed")

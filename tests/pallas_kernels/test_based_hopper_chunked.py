@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.based import hopper_chunked, pallas
+from pallas_kernels.based import api, hopper_chunked, pallas
 from pallas_kernels.based import reference as ref
 from pallas_kernels.based.reference import BasedState
 from pallas_kernels.common import mosaic
@@ -105,10 +105,24 @@ def test_portable_backward_from_a_given_forward_matches_reference(rng, pieces):
       assert_close(a, b, dtype=jnp.float32, reduction_len=q.shape[1], name=name)
 
 
-def test_auto_preference_wants_a_full_wave():
-  assert hopper_chunked.preferred(batch=8, heads=16, value_dim=64) is None
-  assert hopper_chunked.preferred(batch=4, heads=16, value_dim=128) is None
-  assert "ctas=32" in hopper_chunked.preferred(batch=2, heads=16, value_dim=64)
+def test_auto_preference_wants_a_full_wave_after_the_sequence_split():
+  assert hopper_chunked.preferred(batch=8, length=2048, heads=16, value_dim=64) is None
+  assert hopper_chunked.preferred(batch=4, length=100, heads=16, value_dim=128) is None
+  assert hopper_chunked.preferred(batch=2, length=16384, heads=16, value_dim=64) is None  # 4 pieces
+  assert hopper_chunked.preferred(batch=1, length=65536, heads=16, value_dim=64) is None  # 8 pieces
+  assert "ctas=32" in hopper_chunked.preferred(batch=2, length=1024, heads=16, value_dim=64)  # too short to split
+
+
+def test_auto_takes_it_on_sm90_for_16_bit_calls_with_a_full_wave():
+  options = dict(batch=2, length=16384, heads=16, feature_dim=16, value_dim=64, chunk=64, dtype=jnp.bfloat16,
+                 has_initial_state=True, return_final_state=True, has_segment_ids=False, normalize=True)
+  with mock.patch.object(jax, "default_backend", lambda: "gpu"), mock.patch.object(mosaic, "is_sm90", lambda: True):
+    assert api.DISPATCHER.select("auto", **options).name == "hopper"
+    assert api.DISPATCHER.select("auto", **dict(options, length=1024)).name == "pallas"
+    assert api.DISPATCHER.select("auto", **dict(options, dtype=jnp.float32)).name == "pallas"
+    assert api.DISPATCHER.select("auto", **dict(options, has_segment_ids=True)).name == "pallas"
+  with mock.patch.object(jax, "default_backend", lambda: "gpu"), mock.patch.object(mosaic, "is_sm90", lambda: False):
+    assert api.DISPATCHER.select("auto", **options).name == "pallas"
 
 
 def test_state_packing_round_trips():
@@ -147,8 +161,7 @@ CASES = {
     "short_d128_f16": dict(T=45, D=128, chunk=64, dtype=jnp.float16),
     "many_steps": dict(T=1100, H=3, D=64, chunk=64, dtype=jnp.bfloat16, initial_state=True),
 }
-# Sequence pieces forced (pieces of 2 steps; the last piece of T=600 is padding only). NOT YET PASSED on the H100:
-# these failed before the states-only pass got its sync before the final staging, and have not run since.
+# Sequence pieces forced (pieces of 2 steps; the last piece of T=600 is padding only).
 PIECES_CASES = {
     "pieces_initial_state": dict(T=1000, D=128, chunk=64, dtype=jnp.bfloat16, initial_state=True),
     "pieces_padding_piece_unnormalized": dict(T=600, D=64, chunk=64, dtype=jnp.float16, normalize=False,
@@ -177,7 +190,7 @@ def test_sequence_pieces_match_reference(rng, case):
 @pytest.mark.parametrize("B,T", [(8, 2048), (2, 16384)])
 def test_agrees_with_portable_kernel_at_model_scale(B, T):
   """Outputs and gradients agree with the portable kernel at the benchmark's shapes (many steps per CTA; the
-  portable kernel splits B2 T16384 into sequence pieces, this one by default does not). Timings: benchmarks/."""
+  both split B2 T16384 into sequence pieces by shape). Timings: benchmarks/."""
   rng = np.random.default_rng(0)
   H, F, D = 16, 16, 64
   q, k = (jnp.asarray(rng.normal(size=(B, T, H, F)) * 0.5, jnp.bfloat16) for _ in range(2))
