@@ -6,7 +6,8 @@ sequence op, in auto's order: "hopper_parallel" and "pallas_parallel" (the quadr
 FlashAttention: Mosaic GPU on sm90, portable Pallas elsewhere; short stateless calls on GPU), "hopper" (the
 chunked form's Mosaic GPU forward with the portable backward: 16-bit, F 16, D 64/128 on sm90), "pallas" (the
 portable chunked kernels), "reference" (the chunked jnp form), and "quadratic" / "recurrent" (the other jnp
-forms, by name only, so tests reach every form through the api). Every implementation takes the arguments in the signature below.
+forms, by name only, so tests reach every form through the api). Every implementation takes the arguments in
+the signature below.
 
 Letters: B batch, T length, H heads, F feature dim, D value head dim.
 """

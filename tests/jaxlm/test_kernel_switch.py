@@ -1,6 +1,7 @@
 """Switching a model's ops from the reference to the kernels (by config, no model code change) keeps its outputs:
 the parallel logits, and prefill + step-by-step decode, within kernel tolerance. On CPU the kernels run in
-interpret mode; on the GPU machine the same test runs them through Triton."""
+interpret mode; on the GPU machine the same test runs them through Triton, and on an sm90 GPU the Mosaic GPU kernels
+take the same checks in bfloat16."""
 
 import dataclasses
 
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.models import LM, load_preset
+from pallas_kernels.common import mosaic
 from tests.tolerances import assert_close
 
 KERNELS = {"attention": "pallas", "attention_decode": "pallas", "based": "pallas", "based_decode": "pallas"}
@@ -48,3 +50,26 @@ def test_kernels_by_config_match_reference(name, rng):
   assert_close(kernel_decoded, ref_logits[:, PROMPT - 1:T - 1], dtype=jnp.float32, reduction_len=T * 64,
                name="decode vs parallel")
   assert not np.allclose(np.asarray(ref_logits[:, 0]), np.asarray(ref_logits[:, -1]))  # a real signal
+
+
+# The Mosaic GPU kernels by config: 16-bit compute, heads of 64 values, F = 16 (what they cover).
+HOPPER = {"attention": "hopper", "attention_decode": "pallas", "based": "hopper", "based_decode": "pallas"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(), reason="needs an sm90 (Hopper) GPU")
+def test_hopper_kernels_by_config_match_reference(rng):
+  preset = load_preset("based-tiny")
+  options = dict(preset.mixer_options, based={"num_heads": 4, "feature_dim": 16},
+                 sliding_window={"num_heads": 4, "window": 4})
+  config = dataclasses.replace(preset, d_model=256, dtype="bfloat16", mixer_options=options)
+  model = lambda implementation: LM(dataclasses.replace(config, implementation=implementation),
+                                    rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  tokens_BT = jnp.asarray(rng.integers(0, config.vocab_size, (B, T)), jnp.int32)
+  ref_logits, ref_decoded = _logits_and_decoded(model(REFERENCE), tokens_BT)
+  kernel_logits, kernel_decoded = _logits_and_decoded(model(HOPPER), tokens_BT)
+  tolerance = dict(dtype=jnp.bfloat16, reduction_len=T * 256)
+  assert_close(kernel_logits, ref_logits, **tolerance, name="parallel logits")
+  assert_close(kernel_decoded, ref_decoded, **tolerance, name="decoded logits")
+  assert_close(kernel_decoded, ref_logits[:, PROMPT - 1:T - 1], **tolerance, name="decode vs parallel")
+  assert not np.allclose(np.asarray(ref_logits[:, 0]), np.asarray(ref_logits[:, -1]))
