@@ -82,9 +82,7 @@ class BlockSizes:
     if self.block_q % 64 or self.block_k % 64 or self.block_k > 256:
       raise ValueError(f"{self.block_q=} and {self.block_k=} must be multiples of 64 (wgmma M, swizzle tile), "
                        f"block_k at most 256 (wgmma N)")
-    if self.num_stages < 2:
-      raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    mosaic.check_smem(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
+    mosaic.check_ring(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)

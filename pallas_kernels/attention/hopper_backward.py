@@ -73,9 +73,7 @@ class BlockSizes:
     for step in (self.block_q_dkv, self.block_k_dq):
       if step % 64 or step > 128:
         raise ValueError(f"{self.block_q_dkv=} and {self.block_k_dq=} must be 64 or 128 (swizzle tile, registers)")
-    if self.num_stages < 2:
-      raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    mosaic.check_smem(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
+    mosaic.check_ring(self, self.smem_bytes(head_dim, itemsize), f" with {head_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,9 +79,7 @@ class BlockSizes:
   def check(self, padded_features: int, value_dim: int) -> None:
     if self.block_k not in (64, 128) or self.block_q_dkv not in (64, 128):
       raise ValueError(f"{self.block_k=} and {self.block_q_dkv=} must be 64 or 128")
-    if self.num_stages < 2:
-      raise ValueError(f"{self.num_stages=} must be at least 2 for loads to overlap compute")
-    mosaic.check_smem(self, self.smem_bytes(padded_features, value_dim), f" with {value_dim=}")
+    mosaic.check_ring(self, self.smem_bytes(padded_features, value_dim), f" with {value_dim=}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,13 @@ def is_sm90() -> bool:
   return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
 
 
-def check_smem(what, need: int, detail: str = "") -> None:
-  """Raises ValueError when `what` (block sizes) needs more shared memory than a block may use."""
+def check_ring(blocks, need: int, detail: str = "") -> None:
+  """Raises ValueError when `blocks` (block sizes with a `num_stages`-deep shared-memory ring) cannot overlap loads
+  with compute or need more shared memory than a block may use."""
+  if blocks.num_stages < 2:
+    raise ValueError(f"{blocks.num_stages=} must be at least 2 for loads to overlap compute")
   if need > SMEM_USABLE:
-    raise ValueError(f"{what} needs {need} bytes of shared memory{detail}; the limit is {SMEM_BYTES}")
+    raise ValueError(f"{blocks} needs {need} bytes of shared memory{detail}; the limit is {SMEM_BYTES}")
 
 
 def cdiv(x, d: int):
