@@ -103,6 +103,12 @@ class BlockSizes:
   sequence_pieces: int | None = None  # None: by shape (_sequence_pieces)
 
 
+def _pieces_by_shape(*, batch: int, length: int, heads: int, value_dim: int) -> tuple[int, int]:
+  """(CTAs of the unsplit call, the sequence pieces _sequence_pieces picks for it)."""
+  ctas = batch * heads * (value_dim // _BLOCK_D)
+  return ctas, _sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
+
+
 def _sequence_pieces(*, ctas: int, num_steps: int) -> int:
   """The most pieces (a power of two) that keep the CTAs within one wave and each piece MIN_PIECE_STEPS long."""
   pieces = 1
@@ -482,8 +488,8 @@ def _hopper_forward(options: _Options, q_BTHF, k_BTHF, v_BTHD, state: BasedState
   batch, seq_len, heads, _ = q_BTHF.shape
   d = v_BTHD.shape[-1]
   value_blocks = d // _BLOCK_D
-  pieces = options.block_sizes.sequence_pieces or _sequence_pieces(
-      ctas=batch * heads * value_blocks, num_steps=-(-seq_len // _STEP))
+  pieces = options.block_sizes.sequence_pieces or _pieces_by_shape(
+      batch=batch, length=seq_len, heads=heads, value_dim=d)[1]
   t_pad = round_up(seq_len, pieces * _STEP)
   piece_len = t_pad // pieces
 
@@ -579,6 +585,6 @@ def preferred(*, batch: int, length: int, heads: int, value_dim: int, **_) -> st
   the sequence is split. On the H100 (H16 D64 bf16, forward) it ran B8 T2048 0.44 ms against the portable
   kernel's 0.52, B4 T4096 0.54 vs 0.68, B2 T16384 0.97 vs 1.24, B1 T65536 1.78 vs 2.31; forward+backward ties
   (both take the portable backward)."""
-  ctas = batch * heads * (value_dim // _BLOCK_D)
-  ctas *= _sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
+  ctas, pieces = _pieces_by_shape(batch=batch, length=length, heads=heads, value_dim=value_dim)
+  ctas *= pieces
   return require(ctas >= _MIN_CTAS, f"{ctas=} (after the sequence split) < {_MIN_CTAS}: less than a wave, untimed")

@@ -45,13 +45,10 @@ def _outputs_and_grads(attention, q, k, v, cotangent_o, cotangent_lse, **options
   def loss(q, k, v):
     out, lse = attention(q, k, v, return_lse=True, **options)
     finite_lse = jnp.where(jnp.isinf(lse), 0.0, lse)
-    return jnp.sum(out.astype(jnp.float32) * cotangent_o) + jnp.sum(finite_lse * cotangent_lse)
+    return jnp.sum(out.astype(jnp.float32) * cotangent_o) + jnp.sum(finite_lse * cotangent_lse), (out, lse)
 
-  @jax.jit
-  def outputs_and_grads(q, k, v):
-    out, lse = attention(q, k, v, return_lse=True, **options)
-    return out, lse, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  return outputs_and_grads(q, k, v)
+  grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, lse, grads
 
 
 def _check_against_reference(rng, kernel_fn, case):

@@ -189,8 +189,8 @@ def test_sequence_pieces_match_reference(rng, case):
 @_on_sm90
 @pytest.mark.parametrize("B,T", [(8, 2048), (2, 16384)])
 def test_agrees_with_portable_kernel_at_model_scale(B, T):
-  """Outputs and gradients agree with the portable kernel at the benchmark's shapes (many steps per CTA; the
-  both split B2 T16384 into sequence pieces by shape). Timings: benchmarks/."""
+  """Outputs and gradients agree with the portable kernel at the benchmark's shapes (many steps per CTA;
+  both kernels split B2 T16384 into sequence pieces by shape). Timings: benchmarks/."""
   rng = np.random.default_rng(0)
   H, F, D = 16, 16, 64
   q, k = (jnp.asarray(rng.normal(size=(B, T, H, F)) * 0.5, jnp.bfloat16) for _ in range(2))

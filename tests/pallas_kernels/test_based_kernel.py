@@ -49,14 +49,10 @@ def _loss_and_grads(based, q, k, v, state, cotangent_y, cotangent_state, **optio
   def loss(q, k, v, state):
     y, final = based(q, k, v, initial_state=state, return_final_state=True, **options)
     return (jnp.sum(y.astype(jnp.float32) * cotangent_y)
-            + sum(jnp.sum(a * c) for a, c in zip(final, cotangent_state)))
+            + sum(jnp.sum(a * c) for a, c in zip(final, cotangent_state))), (y, final)
   argnums = (0, 1, 2, 3) if state is not None else (0, 1, 2)
-
-  @jax.jit
-  def loss_and_grads(q, k, v, state):
-    y, final = based(q, k, v, initial_state=state, return_final_state=True, **options)
-    return y, final, jax.grad(loss, argnums=argnums)(q, k, v, state)
-  return loss_and_grads(q, k, v, state)
+  grads, (y, final) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, state)
+  return y, final, grads
 
 
 def _check_against_reference(rng, kernel, case):
