@@ -1,7 +1,8 @@
 """AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask.
 
-Decay applies to matrices only: norms' scales, biases (1-D parameters) and SSM parameters (`SSMParam`, whose
-values are decay rates and step sizes of a state-space system, not weights) are excluded.
+Decay applies to matrices only: norms' scales, biases (1-D parameters) and SSM parameters
+(`jaxlm.layers.ssm_param.SSMParam`, whose values are decay rates and step sizes of a state-space system, not
+weights) are excluded.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import jax
 import optax
 from flax import nnx
 
+from jaxlm.layers.ssm_param import SSMParam
 from train.config import OptimConfig
 
 _NO_DECAY_NAMES = ("norm", "bias", "scale")
@@ -23,15 +25,11 @@ def lr_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.min_lr_ratio)
 
 
-def _is_ssm_param(variable: nnx.Variable) -> bool:
-  return any(cls.__name__ == "SSMParam" for cls in type(variable).__mro__)
-
-
 def decay_mask(abstract_params: nnx.State) -> dict:
   """True where weight decay applies, as a pure dict shaped like the parameters."""
   def decays(path, variable) -> bool:
     names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
-    if _is_ssm_param(variable) or len(variable.shape) < 2:
+    if isinstance(variable, SSMParam) or len(variable.shape) < 2:
       return False
     return not any(tag in name for name in names for tag in _NO_DECAY_NAMES)
   mask = jax.tree.map_with_path(decays, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -13,7 +13,8 @@ Letters: B batch, T length, D model width (the SSMs act per channel: H3's head d
 (the long_conv op, FFT); decoding steps them as recurrences. The decode cache is the two SSM states: the last N
 values of k (newest first) and the complex S4D state [B, D, M], so its size does not grow with the sequence.
 
-SSM parameters (taps, step sizes, poles, B, C) are `SSMParam`s, float32 whatever the compute dtype.
+SSM parameters (taps, step sizes, poles, B, C) are `SSMParam`s (jaxlm/layers/ssm_param.py): float32 whatever the
+compute dtype, and free of weight decay.
 """
 
 from __future__ import annotations
@@ -26,33 +27,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.base_conv import tokens_before
+from jaxlm.layers.mixer import segment_ids_unsupported
+from jaxlm.layers.ssm_param import ssm_param
 from pallas_kernels.common import validation
 from pallas_kernels.long_conv import S4DParams, long_conv, s4d_inv_init, s4d_kernel, s4d_lin_init, shift_ssm_kernel
 from pallas_kernels.long_conv.ssm import DISCRETIZATIONS, diagonal_ssm_step, s4d_discretize, shift_ssm_step
 
 S4D_INITS = {"lin": s4d_lin_init, "inv": s4d_inv_init}
-
-
-class SSMParam(nnx.Param):
-  """A parameter that generates a sequence filter (an SSM's step size, poles, B, C, shift taps; Hyena's implicit
-  filter MLP) rather than a weight applied to activations.
-
-  Kept in float32 whatever the compute dtype (a bf16 pole |Ā| close to 1 loses the decay it encodes), and
-  excluded from weight decay: train/optimizer.py's mask skips every variable whose type is this class (matched
-  by name), because shrinking these values changes the filter's time scale, not its size.
-  """
-
-
-def ssm_param(value: jax.Array, axes: tuple[str | None, ...]) -> SSMParam:
-  """An SSMParam (float32) holding `value`, annotated with logical axis names."""
-  return SSMParam(nnx.with_partitioning(lambda: jnp.asarray(value, jnp.float32), axes)())
-
-
-def segment_ids_unsupported(mixer: str, segment_ids: jax.Array | None) -> None:
-  """Long convolutions cannot keep packed documents apart (short of O(T²) work), so they refuse them."""
-  if segment_ids is not None:
-    raise NotImplementedError(f"{mixer}: segment_ids (packed documents) are not supported; the long "
-                              f"convolution would mix neighbouring documents")
 
 
 @dataclasses.dataclass(frozen=True)

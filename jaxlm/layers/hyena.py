@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.base_conv import check_short_kernel, conv_init, tokens_before
-from jaxlm.layers.h3 import segment_ids_unsupported, ssm_param
+from jaxlm.layers.mixer import segment_ids_unsupported
+from jaxlm.layers.ssm_param import ssm_param
 from pallas_kernels.common import validation
 from pallas_kernels.long_conv import HyenaFilterParams, hyena_filter, hyena_filter_init, long_conv
 from pallas_kernels.long_conv.ssm import shift_ssm_step

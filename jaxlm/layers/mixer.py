@@ -35,3 +35,10 @@ class Mixer(Protocol):
 
   def decode(self, x_BD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     ...
+
+
+def segment_ids_unsupported(mixer: str, segment_ids: jax.Array | None) -> None:
+  """Raises for mixers that cannot keep packed documents apart (long convolutions, short of O(T²) work)."""
+  if segment_ids is not None:
+    raise NotImplementedError(f"{mixer}: segment_ids (packed documents) are not supported; the long "
+                              f"convolution would mix neighbouring documents")

@@ -12,8 +12,9 @@ from flax import nnx
 
 from jaxlm.layers.base_conv import BaseConv, BaseConvConfig
 from jaxlm.layers.based import Based, BasedConfig
-from jaxlm.layers.h3 import H3, H3Config, SSMParam
+from jaxlm.layers.h3 import H3, H3Config
 from jaxlm.layers.hyena import Hyena, HyenaConfig
+from jaxlm.layers.ssm_param import SSMParam
 from tests.tolerances import assert_close, normal
 
 B, T, D = 2, 12, 16

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxlm.layers.ssm_param import SSMParam
 from train.config import OptimConfig
 from train.optimizer import decay_mask, lr_schedule
 from train.step import IGNORE, make_train_step
@@ -67,10 +68,6 @@ def test_non_finite_step_is_skipped_and_counted(rng):
   good, metrics = step(after, _batch(rng, 4, 2))
   assert bool(metrics["finite"]) and int(good["skipped"]) == 1
   assert not np.array_equal(good["params"]["out"], after["params"]["out"])
-
-
-class SSMParam(nnx.Param):
-  pass
 
 
 class _Model(nnx.Module):
