@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.linear import build_linear
 from pallas_kernels.common import validation
 from pallas_kernels.short_conv import short_conv, short_conv_step
 from pallas_kernels.short_conv.api import WIDTHS
@@ -91,9 +92,8 @@ class BaseConv(nnx.Module):
                                                                                    param_dtype))
     self.conv_WI = nnx.Param(partitioned(conv_init(w), ("conv", "mlp"))(rngs.params(), (w, i), param_dtype))
     self.conv_bias_I = nnx.Param(partitioned(conv_init(w), ("mlp",))(rngs.params(), (i,), param_dtype))
-    self.out_proj = nnx.Linear(i, e, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               kernel_init=partitioned(nnx.initializers.lecun_normal(), ("mlp", "embed")),
-                               bias_init=partitioned(nnx.initializers.zeros, ("embed",)))
+    self.out_proj = build_linear(i, e, axes=("mlp", "embed"), use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
 
   def _halves(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """a, g [..., I]: the conv input and the gate."""

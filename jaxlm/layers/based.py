@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.linear import build_linear
 from pallas_kernels.based import BasedState, based_decode_step, based_linear_attention
 from pallas_kernels.based.api import MAX_FEATURE_DIM
 from pallas_kernels.common import validation
@@ -74,17 +75,11 @@ class Based(nnx.Module):
     self.config = config
     self.dtype = dtype
     e, h, f = config.d_model, config.num_heads, config.feature_dim
-    init = nnx.initializers.lecun_normal()
-
-    def linear(out_features: int, axes: tuple[str, str]) -> nnx.Linear:
-      return nnx.Linear(e, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=nnx.with_partitioning(init, axes), rngs=rngs)
-
-    self.q_proj = linear(h * f, ("embed", "heads"))
-    self.k_proj = linear(h * f, ("embed", "heads"))
-    self.v_proj = linear(e, ("embed", "heads"))
-    self.out_proj = nnx.Linear(e, e, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                               kernel_init=nnx.with_partitioning(init, ("heads", "embed")), rngs=rngs)
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = build_linear(e, h * f, axes=("embed", "heads"), **kw)
+    self.k_proj = build_linear(e, h * f, axes=("embed", "heads"), **kw)
+    self.v_proj = build_linear(e, e, axes=("embed", "heads"), **kw)
+    self.out_proj = build_linear(e, e, axes=("heads", "embed"), **kw)
     if config.norm == "rms":
       self.norm_scale_HD = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("heads", "head_dim"))(
           rngs.params(), (h, config.head_dim), param_dtype))

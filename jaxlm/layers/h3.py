@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.base_conv import tokens_before
+from jaxlm.layers.linear import build_linear
 from jaxlm.layers.mixer import segment_ids_unsupported
 from jaxlm.layers.ssm_param import ssm_param
 from pallas_kernels.common import validation
@@ -71,14 +72,9 @@ class H3(nnx.Module):
     self.dtype = dtype
     d, n = config.d_model, config.state_dim
     partitioned = nnx.with_partitioning
-
-    def linear(axes: tuple[str, str]) -> nnx.Linear:
-      return nnx.Linear(d, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                        kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
-                        bias_init=partitioned(nnx.initializers.zeros, axes[1:]))
-
-    self.q_proj, self.k_proj, self.v_proj = (linear(("embed", "mlp")) for _ in range(3))
-    self.out_proj = linear(("mlp", "embed"))
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj = (build_linear(d, d, axes=("embed", "mlp"), **kw) for _ in range(3))
+    self.out_proj = build_linear(d, d, axes=("mlp", "embed"), **kw)
     # The H3 code draws the taps from a standard normal; the 1/√N keeps k̃ near the variance of k.
     self.shift_taps_ND = ssm_param(jax.random.normal(rngs.params(), (n, d)) / jnp.sqrt(n), ("ssm_state", "mlp"))
     s4d = S4D_INITS[config.init](rngs.params(), d, n // 2, config.dt_min, config.dt_max)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.base_conv import check_short_kernel, conv_init, tokens_before
+from jaxlm.layers.linear import build_linear
 from jaxlm.layers.mixer import segment_ids_unsupported
 from jaxlm.layers.ssm_param import ssm_param
 from pallas_kernels.common import validation
@@ -78,14 +79,9 @@ class Hyena(nnx.Module):
     self.dtype = dtype
     e, n, w = config.d_model, config.order, config.short_kernel
     partitioned = nnx.with_partitioning
-
-    def linear(d_in: int, d_out: int, axes: tuple[str, str]) -> nnx.Linear:
-      return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                        kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
-                        bias_init=partitioned(nnx.initializers.zeros, axes[1:]))
-
-    self.in_proj = linear(e, (n + 1) * e, ("embed", "mlp"))
-    self.out_proj = linear(e, e, ("mlp", "embed"))
+    kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.in_proj = build_linear(e, (n + 1) * e, axes=("embed", "mlp"), **kw)
+    self.out_proj = build_linear(e, e, axes=("mlp", "embed"), **kw)
     self.short_conv_WC = nnx.Param(partitioned(conv_init(w), ("conv", "mlp"))(rngs.params(), (w, (n + 1) * e),
                                                                               param_dtype))
     self.short_conv_bias_C = nnx.Param(partitioned(conv_init(w), ("mlp",))(rngs.params(), ((n + 1) * e,),

@@ -1,7 +1,8 @@
-"""Linear maps shared by attention and MLPs: dense (nnx.Linear) or Monarch (Dao et al. 2022), and the lookup of
-an op's `implementation=` setting.
+"""The linear maps of every layer (mixers' projections, MLPs): dense (nnx.Linear) or Monarch (Dao et al. 2022),
+built by `build_linear`, and the lookup of an op's `implementation=` setting.
 
-A Monarch layer replaces W [N, M] by two block-diagonal factors with a fixed permutation between them
+A dense kernel starts fan-in truncated normal (flax's lecun_normal), its bias at zero. A Monarch layer replaces
+the dense [in, out] matrix by two block-diagonal factors with a fixed permutation between them
 (pallas_kernels/monarch/reference.py): with nblocks = 4 it holds about 1/4 to 1/2 of the dense parameters.
 """
 
