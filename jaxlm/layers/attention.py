@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.layers.linear import LINEARS, Implementation, build_linear, op_implementation
+from jaxlm.layers.linear import LINEARS, build_linear
 from jaxlm.layers.rotary import apply_rotary, check_rotary_dim, default_positions
 from pallas_kernels.attention import api as attention_api
+from pallas_kernels.common import validation
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
+  d_model: int  # E: the model width (the input and output of the layer)
   num_heads: int = 8  # query heads
   num_kv_heads: int | None = None  # key/value heads: None = num_heads (MHA), 1 = MQA, else GQA
   head_dim: int | None = None  # None: d_model // num_heads
@@ -38,28 +40,23 @@ class AttentionConfig:
   projection: str = "dense"  # q/k/v/out maps: "dense" or "monarch"
   nblocks: int = 4  # Monarch blocks when projection = "monarch"
   softcap: float | None = None  # logits -> softcap·tanh(logits/softcap)
+  implementation: str = "auto"  # the attention op
+  decode_implementation: str = "auto"  # the attention_decode op
+  monarch_implementation: str = "auto"  # the monarch op (projection = "monarch")
 
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  def resolved_head_dim(self, d_model: int) -> int:
-    return d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-  def resolved_rotary_dim(self, d_model: int) -> int:
-    return self.resolved_head_dim(d_model) if self.rotary_dim is None else self.rotary_dim
-
-  def validate(self, d_model: int) -> None:
-    """Raises ValueError naming the field when this config cannot build a layer of width d_model."""
+  def __post_init__(self):
+    """Raises ValueError naming the field when this config cannot build a layer."""
+    validation.check_positive("d_model", self.d_model)
     if not isinstance(self.num_heads, int) or self.num_heads < 1:
       raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer")
-    if self.head_dim is None and d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model} (or set head_dim)")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)")
     if self.head_dim is not None and self.head_dim < 1:
       raise ValueError(f"head_dim={self.head_dim!r} must be positive")
     if self.kv_heads() < 1 or self.num_heads % self.kv_heads():
       raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be positive and divide num_heads={self.num_heads}")
     try:
-      check_rotary_dim(self.resolved_rotary_dim(d_model), self.resolved_head_dim(d_model))
+      check_rotary_dim(self.resolved_rotary_dim(), self.resolved_head_dim())
     except ValueError as e:
       raise ValueError(f"rotary_dim: {e}") from None
     if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
@@ -67,12 +64,20 @@ class AttentionConfig:
     if self.projection not in LINEARS:
       raise ValueError(f"projection={self.projection!r} not in {LINEARS}")
     if self.projection == "monarch":
-      widths = (d_model, self.num_heads * self.resolved_head_dim(d_model),
-                self.kv_heads() * self.resolved_head_dim(d_model))
+      widths = (self.d_model, self.num_heads * self.resolved_head_dim(), self.kv_heads() * self.resolved_head_dim())
       if self.nblocks < 1 or any(w % self.nblocks for w in widths):
         raise ValueError(f"nblocks={self.nblocks} must divide the projection widths {widths}")
     if self.softcap is not None and self.softcap <= 0:
       raise ValueError(f"softcap={self.softcap!r} must be positive")
+
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def resolved_head_dim(self) -> int:
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  def resolved_rotary_dim(self) -> int:
+    return self.resolved_head_dim() if self.rotary_dim is None else self.rotary_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +85,10 @@ class SlidingWindowConfig(AttentionConfig):
   """Attention over the last `window` keys (BASED: 64 in the paper, 128 in the released checkpoints)."""
   window: int | None = 128
 
-  def validate(self, d_model: int) -> None:
+  def __post_init__(self):
     if self.window is None:
       raise ValueError("window must be set (an integer >= 1) for sliding-window attention")
-    super().validate(d_model)
+    super().__post_init__()
 
 
 class KVCache(NamedTuple):
@@ -95,23 +100,20 @@ class KVCache(NamedTuple):
 class Attention(nnx.Module):
   """Causal (optionally sliding-window) attention implementing the Mixer interface (jaxlm/layers/mixer.py)."""
 
-  def __init__(self, d_model: int, config: AttentionConfig = AttentionConfig(), *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, implementation: Implementation = "auto", rngs: nnx.Rngs):
-    config.validate(d_model)
+  def __init__(self, config: AttentionConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
     self.config = config
     self.num_heads, self.num_kv_heads = config.num_heads, config.kv_heads()
-    self.head_dim = config.resolved_head_dim(d_model)
-    self.rotary_dim = config.resolved_rotary_dim(d_model)
+    self.head_dim = config.resolved_head_dim()
+    self.rotary_dim = config.resolved_rotary_dim()
     self.dtype = dtype
-    self.implementation = op_implementation(implementation, "attention")
-    self.decode_implementation = op_implementation(implementation, "attention_decode")
     kw = dict(kind=config.projection, use_bias=config.use_bias, nblocks=config.nblocks, dtype=dtype,
-              param_dtype=param_dtype, implementation=implementation, rngs=rngs)
-    q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    self.q_proj = build_linear(d_model, q_width, axes=("embed", "heads"), **kw)
-    self.k_proj = build_linear(d_model, kv_width, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = build_linear(d_model, kv_width, axes=("embed", "kv_heads"), **kw)
-    self.out_proj = build_linear(q_width, d_model, axes=("heads", "embed"), **kw)
+              param_dtype=param_dtype, implementation=config.monarch_implementation, rngs=rngs)
+    e, q_width, kv_width = config.d_model, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    self.q_proj = build_linear(e, q_width, axes=("embed", "heads"), **kw)
+    self.k_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), **kw)
+    self.out_proj = build_linear(q_width, e, axes=("heads", "embed"), **kw)
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     """q [..., H, D], k and v [..., K, D] for x [..., D_model] at integer positions [...], RoPE applied."""
@@ -130,7 +132,7 @@ class Attention(nnx.Module):
     B, T, _ = x_BTD.shape
     q, k, v = self._qkv(x_BTD, default_positions(B, T, segment_ids))
     o = attention_api.attention(q, k, v, causal=True, window=self.config.window, segment_ids=segment_ids,
-                                softcap=self.config.softcap, implementation=self.implementation)
+                                softcap=self.config.softcap, implementation=self.config.implementation)
     return self._out(o)
 
   def cache_slots(self, max_length: int) -> int:
@@ -150,7 +152,7 @@ class Attention(nnx.Module):
       raise ValueError(f"prompt length {T} exceeds the cache's max_length {S}")
     q, k, v = self._qkv(x_BTD, default_positions(B, T))
     o = attention_api.attention(q, k, v, causal=True, window=self.config.window, softcap=self.config.softcap,
-                                implementation=self.implementation)
+                                implementation=self.config.implementation)
     lengths_B = lengths_B.astype(jnp.int32)
     slot_S = jnp.arange(S, dtype=jnp.int32)
     last_BS = lengths_B[:, None] - 1 - slot_S  # how far the newest token lies past slot s
@@ -171,5 +173,5 @@ class Attention(nnx.Module):
     # Every stored key lies inside the window (S <= window), so no window mask is needed on the ring.
     o = attention_api.attention_decode(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                                        jnp.minimum(lengths, S), softcap=self.config.softcap,
-                                       implementation=self.decode_implementation)
+                                       implementation=self.config.decode_implementation)
     return self._out(o), KVCache(k_cache, v_cache, lengths)

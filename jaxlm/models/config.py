@@ -186,7 +186,7 @@ class ModelConfig:
       config = self._mixer_configs[name]
       if isinstance(config, MIXERS["attention"].config_cls):
         span = seq_len if config.window is None else min(seq_len, config.window)
-        flops += 12.0 * span * config.num_heads * config.resolved_head_dim(self.d_model)
+        flops += 12.0 * span * config.num_heads * config.resolved_head_dim()
     return flops
 
   @classmethod

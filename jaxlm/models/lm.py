@@ -28,7 +28,7 @@ from jaxlm.layers.mlp import build_mlp
 from jaxlm.layers.norms import build_norm
 from jaxlm.layers.rotary import default_positions
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.registry import build_mixer
+from jaxlm.models.registry import MIXERS
 from pallas_kernels.common.sharding import current_mesh
 
 
@@ -44,8 +44,8 @@ class Block(nnx.Module):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     norm = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.mixer_norm = build_norm(config.norm, config.d_model, **norm)
-    self.mixer = build_mixer(mixer, config.mixer_configs()[mixer], config.d_model, dtype=dtype,
-                             param_dtype=param_dtype, implementation=config.implementation, rngs=rngs)
+    self.mixer = MIXERS[mixer].module_cls(config.mixer_configs()[mixer], dtype=dtype, param_dtype=param_dtype,
+                                          rngs=rngs)
     self.mlp_norm = build_norm(config.norm, config.d_model, **norm) if config.mlp != "none" else None
     self.mlp = build_mlp(config.mlp, config.d_model, config.hidden, use_bias=config.mlp_bias,
                          nblocks=config.mlp_nblocks, dtype=dtype, param_dtype=param_dtype,

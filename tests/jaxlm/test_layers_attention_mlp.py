@@ -27,15 +27,15 @@ def rngs(seed: int = 0) -> nnx.Rngs:
 
 def make_attention(config: AttentionConfig, **kw) -> Attention:
   with nnx.use_eager_sharding(False):  # logical axis names without a mesh: annotate, do not place
-    return Attention(D, config, rngs=rngs(), **kw)
+    return Attention(config, rngs=rngs(), **kw)
 
 
 ATTENTION = {
-    "mha": AttentionConfig(num_heads=4),
-    "gqa_partial_rope": AttentionConfig(num_heads=4, num_kv_heads=2, rotary_dim=4),
-    "mqa_window3_ring": SlidingWindowConfig(num_heads=4, num_kv_heads=1, window=3),
-    "window_longer_than_cache": SlidingWindowConfig(num_heads=2, window=64),
-    "monarch_bias_no_rope": AttentionConfig(num_heads=4, projection="monarch", use_bias=True, rotary_dim=0),
+    "mha": AttentionConfig(D, num_heads=4),
+    "gqa_partial_rope": AttentionConfig(D, num_heads=4, num_kv_heads=2, rotary_dim=4),
+    "mqa_window3_ring": SlidingWindowConfig(D, num_heads=4, num_kv_heads=1, window=3),
+    "window_longer_than_cache": SlidingWindowConfig(D, num_heads=2, window=64),
+    "monarch_bias_no_rope": AttentionConfig(D, num_heads=4, projection="monarch", use_bias=True, rotary_dim=0),
 }
 
 
@@ -62,26 +62,26 @@ def test_attention_decode_equals_parallel(name, rng):
 
 
 def test_sliding_window_cache_is_window_sized():
-  layer = make_attention(SlidingWindowConfig(num_heads=4, window=3))
+  layer = make_attention(SlidingWindowConfig(D, num_heads=4, window=3))
   assert layer.init_cache(B, 1000, jnp.float32).k_BSKD.shape == (B, 3, 4, D // 4)
-  assert make_attention(AttentionConfig(num_heads=4)).init_cache(B, 7, jnp.float32).k_BSKD.shape[1] == 7
+  assert make_attention(AttentionConfig(D, num_heads=4)).init_cache(B, 7, jnp.float32).k_BSKD.shape[1] == 7
 
 
 def test_attention_window_limits_what_is_seen(rng):
   """With window w, output t does not change when inputs before t - w + 1 change; without it, it does."""
   x = normal(rng, (1, T, D))
   x2 = x.at[:, 0].set(normal(rng, (D,)))
-  windowed = jax.jit(make_attention(SlidingWindowConfig(num_heads=4, window=3)))
+  windowed = jax.jit(make_attention(SlidingWindowConfig(D, num_heads=4, window=3)))
   y, y2 = windowed(x), windowed(x2)
   np.testing.assert_array_equal(np.asarray(y[:, 3:]), np.asarray(y2[:, 3:]))
   assert not np.allclose(y[:, 2], y2[:, 2])
-  full = jax.jit(make_attention(AttentionConfig(num_heads=4)))
+  full = jax.jit(make_attention(AttentionConfig(D, num_heads=4)))
   assert not np.allclose(full(x)[:, -1], full(x2)[:, -1])
 
 
 def test_packed_documents_equal_separate_runs(rng):
   """A row packing two documents gives each the output it gets alone (positions restart at each document)."""
-  layer = make_attention(AttentionConfig(num_heads=4, num_kv_heads=2))
+  layer = make_attention(AttentionConfig(D, num_heads=4, num_kv_heads=2))
   x = normal(rng, (1, T, D))
   split = 4
   segment_ids = jnp.asarray([[0] * split + [1] * (T - split)])
@@ -116,9 +116,9 @@ def test_segment_positions_restart_per_document():
     (dict(num_heads=4, projection="dense", softcap=-1.0), "softcap")])
 def test_attention_config_errors_name_the_field(bad, field):
   with pytest.raises(ValueError, match=field):
-    AttentionConfig(**bad).validate(D)
+    AttentionConfig(D, **bad)
   with pytest.raises(ValueError, match="window"):
-    SlidingWindowConfig(num_heads=4, window=None).validate(D)
+    SlidingWindowConfig(D, num_heads=4, window=None)
 
 
 def test_monarch_linear_equals_its_dense_matrix(rng):
