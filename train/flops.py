@@ -1,12 +1,7 @@
-"""Model FLOPs per token and device peaks, for MFU = achieved model FLOP/s / (devices x peak).
+"""Device peaks and MFU = achieved model FLOP/s / (devices x peak).
 
-Training FLOPs per token (forward + backward = 3 x forward, Kaplan et al. / PaLM appendix B):
-  6·N                    every parameter used in a matmul (N excludes lookup-only tables: the input embedding
-                         when the head is untied, learned positions)
-  + 12·T_ctx·d_attn      per softmax-attention layer (QKᵀ and AV, d_attn = heads x head_dim, T_ctx = keys seen)
-  + 12·F_eff·d_v         per linear-attention layer (state update and readout, F_eff = expanded feature width)
-The model may report the sequence-mixer terms itself (`flops_per_token` on the LM); otherwise 6·N is used.
-Remat recomputation is not counted, as MFU conventionally does not.
+The model's training FLOPs per token (6·N plus attention's sequence terms) are counted in one place,
+jaxlm/models/flops.py, and reach the loop through `ModelSpec.flops_per_token` (train/models.py).
 """
 
 from __future__ import annotations

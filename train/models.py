@@ -8,6 +8,7 @@ itself), and its training FLOPs per token for MFU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ def build_model(config: TrainConfig) -> ModelSpec:
   """The jaxlm LM that `config.model` describes; `compute_dtype` and `remat` fill the model's dtype and
   per-layer remat policy unless the model section sets them itself."""
   from jaxlm.models.config import ModelConfig
+  from jaxlm.models.flops import flops_per_token
   from jaxlm.models.lm import LM
 
   if not config.model:
@@ -42,4 +44,4 @@ def build_model(config: TrainConfig) -> ModelSpec:
     raise ConfigError(f"model.{e}" if str(e).split(":")[0] in model_dict else f"model: {e}") from None
   seed = config.seed
   return ModelSpec(model_fn=lambda: LM(model_config, rngs=nnx.Rngs(seed)), vocab_size=model_config.vocab_size,
-                   flops_fn=model_config.flops_per_token)
+                   flops_fn=functools.partial(flops_per_token, model_config))

@@ -175,20 +175,6 @@ class ModelConfig:
         groups.append((name, 1))
     return groups
 
-  def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token: 6·(matmul params) plus attention's 12·T·H·D per layer (PaLM's estimate, over
-    the window for sliding-window layers); the sequence terms of convolutions and linear attention are left out."""
-    from jaxlm.models.lm import count_params  # lm imports this module
-    lookups = (0 if self.tie_embeddings else self.vocab_size) + (
-        self.max_length if self.position_embedding == "learned" else 0)
-    flops = 6.0 * (count_params(self) - lookups * self.d_model)  # embedding lookups are not matmuls
-    for name in self.mixers:
-      config = self._mixer_configs[name]
-      if isinstance(config, MIXERS["attention"].config_cls):
-        span = seq_len if config.window is None else min(seq_len, config.window)
-        flops += 12.0 * span * config.num_heads * config.resolved_head_dim()
-    return flops
-
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
     """A config from a plain mapping (parsed YAML); unknown keys raise ValueError naming the key."""
