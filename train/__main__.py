@@ -1,4 +1,8 @@
-"""`python -m train --config configs/<name>.yaml [key=value ...]`: train with dotted overrides."""
+"""`python -m train --config configs/<name>.yaml [key=value ...]`: train with dotted overrides.
+
+Exit codes: 0 done (or early-stopped), 2 a bad setting or an unusable checkpoint (one line, before any
+compilation where it can be found early), 1 a run that cannot go on (e.g. every step non-finite), 128 + N
+stopped by signal N after saving a checkpoint."""
 
 from __future__ import annotations
 
@@ -16,11 +20,23 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     config = load_config(args.config, args.overrides)
-    from train.run import train  # jax is imported only once the config is known to be valid
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  # jax is imported only once the config is known to be valid
+  from train.checkpoint import CheckpointError
+  from train.run import TrainingError, train
+  try:
     summary = train(config)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  except CheckpointError as e:
+    print(f"checkpoint error: {e}", file=sys.stderr)
+    return 2
+  except TrainingError as e:
+    print(f"training stopped: {e}", file=sys.stderr)
+    return 1
   if summary.get("interrupted"):
     return 128 + int(getattr(signal, summary["signal"]))
   return 0

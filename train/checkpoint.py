@@ -57,10 +57,12 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for a damaged folder
       older = [s for s in available if s < step]
+      # The first line of orbax's error is the fact; the rest is a TensorStore spec hundreds of lines long.
+      reason = (str(e).strip().splitlines() or [""])[0][:300]
       raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). Nothing was "
-          f"deleted; older checkpoints: {older}. Resume from one with checkpoint.resume_step=N, or move the "
-          f"damaged folder away.") from e
+          f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {reason}). "
+          f"Nothing was deleted; older checkpoints: {older}. Resume from one with checkpoint.resume_step=N, move "
+          f"the damaged folder away, or start a new run (another name or run_dir).") from None
     return step, restored["state"], dict(restored["data"])
 
   def wait(self) -> None:

@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-
-# Model presets (jaxlm's configs/models/*.yaml), nameable as `model: transformer-360m`.
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+from jaxlm.paths import PRESETS_DIR  # model presets, nameable as `model: transformer-360m`
 
 
 class ConfigError(ValueError):
@@ -116,6 +114,9 @@ class TrainConfig:
   eval_batch_size: int = 0  # 0 = batch_size
   eval_batches: int = 0  # cap on eval batches (text); 0 = the whole eval split
   early_stop_accuracy: float = 0.0  # stop once eval accuracy >= this (Zoology uses 0.99); 0 = never
+  # Stop with an error after this many consecutive steps with a non-finite loss or gradient (each is skipped:
+  # parameters untouched); checked whenever metrics are fetched (every log.every steps). 0 = never stop.
+  max_nonfinite_steps: int = 10
 
   def resolved_run_dir(self) -> str:
     return self.run_dir or os.path.join("runs", self.name)
@@ -171,13 +172,48 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 CHOICES = {"data.kind": ("mqar", "text", "synthetic"), "log.progress": ("auto", "bar", "plain", "none")}
 
 
-def check_choices(config: TrainConfig) -> None:
+# Numeric keys and their allowed closed range [low, high] (None: unbounded); `*` is every item of a list. The
+# mesh sizes (-1 allowed) are checked with the device count in train/mesh.py.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "batch_size": (1, None), "micro_batches": (1, None), "steps": (0, None), "epochs": (0, None),
+    "eval_every": (0, None), "eval_batch_size": (0, None), "eval_batches": (0, None),
+    "early_stop_accuracy": (0.0, 1.0), "max_nonfinite_steps": (0, None),
+    "optim.lr": (0.0, None), "optim.b1": (0.0, 1.0), "optim.b2": (0.0, 1.0), "optim.eps": (0.0, None),
+    "optim.weight_decay": (0.0, None), "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
+    "optim.clip_norm": (0.0, None),
+    "data.mqar.vocab_size": (2, None), "data.mqar.power_a": (0.0, None),
+    "data.mqar.train.*.seq_len": (2, None), "data.mqar.train.*.num_kv_pairs": (1, None),
+    "data.mqar.train.*.num_examples": (1, None), "data.mqar.test.*.seq_len": (2, None),
+    "data.mqar.test.*.num_kv_pairs": (1, None), "data.mqar.test.*.num_examples": (1, None),
+    "data.text.seq_len": (1, None), "data.synthetic_seq_len": (1, None),
+    "checkpoint.every": (0, None), "checkpoint.keep": (1, None), "checkpoint.resume_step": (-1, None),
+    "log.every": (1, None), "log.peak_tflops": (0.0, None), "mesh.devices": (0, None),
+}
+
+
+def _values(config: Any, key: str, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted key, value) pairs of `key` in `config`, a `*` part standing for every item of a tuple."""
+  head, _, rest = key.partition(".")
+  if head == "*":
+    items = [(f"{prefix}[{i}]", item) for i, item in enumerate(config)]
+  else:
+    items = [(f"{prefix}.{head}" if prefix else head, getattr(config, head))]
+  if not rest:
+    return items
+  return [pair for name, item in items for pair in _values(item, rest, name)]
+
+
+def check_values(config: TrainConfig) -> None:
+  """Choices and numeric ranges; ConfigError naming the first bad key and its value."""
   for key, allowed in CHOICES.items():
-    value = config
-    for part in key.split("."):
-      value = getattr(value, part)
-    if value not in allowed:
-      raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    for name, value in _values(config, key):
+      if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {allowed}")
+  for key, (low, high) in RANGES.items():
+    for name, value in _values(config, key):
+      if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name}: must be {bounds}, got {value}")
 
 
 def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
@@ -287,7 +323,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     if override.split("=", 1)[0].strip() == "model":
       _inline_model(data, path)
   config = from_dict(TrainConfig, data)
-  check_choices(config)
+  check_values(config)
   return config
 
 

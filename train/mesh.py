@@ -18,10 +18,10 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels.common.sharding import BATCH_AXES, dividing_axes
 from train.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical axis name -> mesh axes (None: replicated). Activation names are included for models that constrain them.
 RULES: tuple[tuple[str, Any], ...] = (
@@ -92,18 +92,12 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], me
   if not names:
     return P()
   table = dict(rules)
-  used: set[str] = set()
+  used: tuple[str, ...] = ()
   spec = []
   for name, dim in zip(names, shape):
-    keep = []
-    size = 1
-    for axis in _as_tuple(table.get(name) if name is not None else None):
-      if axis in used or mesh.shape[axis] == 1 or dim % (size * mesh.shape[axis]):
-        continue
-      keep.append(axis)
-      size *= mesh.shape[axis]
-    used.update(keep)
-    spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    keep = dividing_axes(mesh, [dim], _as_tuple(table.get(name) if name is not None else None), taken=used)
+    used += keep
+    spec.append(None if not keep else keep[0] if len(keep) == 1 else keep)
   return P(*spec)
 
 

@@ -42,11 +42,14 @@ def heads_spec(batch_axes: str | tuple[str, ...] | None, head_axis: str | None) 
   return P(batch_axes, None, head_axis, None)
 
 
-def _split_axes(mesh, sizes: list[int], candidates: tuple[str, ...]) -> tuple[str, ...]:
-  """The candidate mesh axes (in order) whose sizes multiply to a divisor of every size in `sizes`."""
+def dividing_axes(mesh, sizes: list[int], candidates: tuple[str, ...], taken: tuple[str, ...] = ()
+                  ) -> tuple[str, ...]:
+  """The candidate mesh axes, in order, that split every size in `sizes`: an axis is dropped when it is absent,
+  of size 1, already `taken`, or when its size times the axes chosen before it does not divide every size (the
+  one rule for kernels' shard_map specs here and for parameters' shardings in train/mesh.py)."""
   chosen: list[str] = []
   for axis in candidates:
-    if axis in mesh.axis_names and mesh.shape[axis] > 1:
+    if axis in mesh.axis_names and axis not in taken and mesh.shape[axis] > 1:
       product = math.prod(mesh.shape[a] for a in (*chosen, axis))
       if all(size % product == 0 for size in sizes):
         chosen.append(axis)
@@ -92,8 +95,8 @@ def run_per_shard(fn: Callable[..., Any], arrays: Mapping[str, Any], layouts: Ma
     for leaf, layout in zip(jax.tree.leaves(value), jax.tree.leaves(leaf_layouts[name])):
       batch_sizes += [size for letter, size in zip(layout, leaf.shape) if letter == "B"]
       head_sizes += [size for letter, size in zip(layout, leaf.shape) if letter in _HEAD_LETTERS]
-  batch_axes = _split_axes(mesh, batch_sizes, BATCH_AXES)
-  head_axes = _split_axes(mesh, head_sizes, (HEAD_AXIS,))
+  batch_axes = dividing_axes(mesh, batch_sizes, BATCH_AXES)
+  head_axes = dividing_axes(mesh, head_sizes, (HEAD_AXIS,))
   to_spec = lambda layout: _spec(layout, batch_axes, head_axes)
   in_specs = {name: jax.tree.map(to_spec, leaf_layouts[name]) for name in arrays}
   return per_shard(call, mesh=mesh, in_specs=(in_specs,), out_specs=jax.tree.map(to_spec, out_layouts))(

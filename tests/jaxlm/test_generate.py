@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from jaxlm.checkpoint import load_params, save_params
-import jaxlm.generate as generate_cli
-from jaxlm.generate import generate, main, pad_prompts
+import jaxlm.generate.benchmark as generate_benchmark
+from jaxlm.generate import generate, pad_prompts
+from jaxlm.generate.cli import main
 from jaxlm.models import LM, load_preset
 from jaxlm.sampling import SamplingConfig, sample, top_p_mask
 
@@ -124,7 +125,8 @@ def test_cli_generates_from_a_tiny_config():
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
-  assert len(lines) == 2 and lines[0].startswith("Hello") and lines[1].startswith("ab"), proc.stdout
+  assert len(lines) == 4 and lines[0] == "[sample 1/2: 5 new tokens]", proc.stdout
+  assert lines[1].startswith("Hello") and lines[2] == "[sample 2/2: 5 new tokens]" and lines[3].startswith("ab")
   assert "random init" in proc.stderr
 
 
@@ -138,9 +140,9 @@ def test_cli_benchmark_reports_prefill_and_decode(capsys):
 def test_cli_batch_max_is_the_largest_batch_that_fits(monkeypatch, capsys):
   """--batch max doubles from 64 while the compiled programs fit: fake device memory, real memory analysis."""
   model = LM(load_preset("transformer-tiny"), rngs=nnx.Rngs(0))
-  need = {b: generate_cli.peak_bytes(model, batch=b, prompt_len=8, new_tokens=4) for b in (64, 128)}
+  need = {b: generate_benchmark.peak_bytes(model, batch=b, prompt_len=8, new_tokens=4) for b in (64, 128)}
   assert need[128] > need[64] > 0
-  monkeypatch.setattr(generate_cli, "device_bytes", lambda: (need[64] + need[128]) // 2)
+  monkeypatch.setattr(generate_benchmark, "device_bytes", lambda: (need[64] + need[128]) // 2)
   main(["--config", "transformer-tiny", "--benchmark", "--batch", "1", "max", "--prompt-len", "8", "--new-tokens",
         "4", "--repeats", "1"])
   out = capsys.readouterr().out

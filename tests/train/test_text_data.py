@@ -52,7 +52,10 @@ def test_cli(tmp_path, rng):
                            "--output", str(tmp_path / "cli"), "--tokenizer", "byte"],
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
-  assert json.loads(result.stdout.splitlines()[-1])["vocab_size"] == 256
+  assert "13 file(s) taken:" in result.stdout and "skipped" not in result.stdout, result.stdout
+  assert "tokenizer byte (vocabulary 256), tokens stored as uint16" in result.stdout
+  with open(tmp_path / "cli" / "meta.json") as f:
+    assert json.load(f)["vocab_size"] == 256
 
 
 def test_packing_segments_and_labels(rng, tmp_path):
@@ -99,3 +102,76 @@ def test_train_on_prepared_text_reports_perplexity(rng, tmp_path):
       "log.progress=none", "checkpoint.enabled=false", "eval_batches=2"]))
   assert summary["step"] == 3 and np.isfinite(summary["loss"])
   assert 1.0 < summary["eval/text/perplexity"] < 1000 and "eval/text/accuracy" in summary
+
+
+def _messy_folder(tmp_path, rng):
+  """A folder as users have them: UTF-8 text, a latin-1 file, an extensionless file and an empty file."""
+  folder = tmp_path / "messy"
+  folder.mkdir()
+  good = " ".join(rng.choice(WORDS[:7], size=40))
+  (folder / "good.txt").write_text(good, encoding="utf-8")
+  prefix = "plain ascii then "
+  (folder / "latin1.txt").write_bytes((prefix + "caf\xe9 cr\xe8me").encode("latin-1"))
+  (folder / "README").write_text("no extension", encoding="utf-8")
+  (folder / "empty.md").write_text("", encoding="utf-8")
+  return folder, good, len(prefix) + 3  # the byte offset of é in latin1.txt
+
+
+def _prepare_cli(*args):
+  return subprocess.run([sys.executable, "-m", "train.prepare_data", *map(str, args)], capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_prepare_strict_names_the_file_and_byte_offset(tmp_path, rng):
+  folder, _, offset = _messy_folder(tmp_path, rng)
+  result = _prepare_cli("--input", folder, "--output", tmp_path / "out")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert f"latin1.txt: byte {offset} (0xe9) is not UTF-8" in result.stderr, result.stderr
+  assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("errors", ["replace", "skip"])
+def test_prepare_replace_or_skip_and_the_summary(tmp_path, rng, errors):
+  folder, good, _ = _messy_folder(tmp_path, rng)
+  result = _prepare_cli("--input", folder, "--output", tmp_path / "out", "--errors", errors, "--eval-fraction", 0)
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert f"{folder / 'README'}: extension not in .txt .md .jsonl" in out and f"{folder / 'empty.md'}: empty" in out
+  tok = load_prepared_tokenizer(str(tmp_path / "out"))
+  data = TokenFile(str(tmp_path / "out"), "train")
+  docs = sorted(tok.decode(data.document(i)) for i in range(data.num_docs))
+  if errors == "skip":
+    assert docs == [good] and f"{folder / 'latin1.txt'}: not UTF-8 (--errors skip)" in out
+    assert "1 file(s) taken:" in out and "3 file(s) skipped:" in out
+  else:
+    assert docs == sorted([good, "plain ascii then caf\ufffd cr\ufffdme"])
+    assert "2 file(s) taken:" in out and "2 file(s) skipped:" in out
+  assert "train: " in out and "eval: 0 document(s), 0 tokens" in out and "stored as uint16" in out
+
+
+def test_prepare_extensions_option_takes_other_files(tmp_path, rng):
+  folder, _, _ = _messy_folder(tmp_path, rng)
+  meta = prepare([str(folder)], str(tmp_path / "out"), "byte", eval_fraction=0.0, errors="skip",
+                 extensions=["txt", ""])
+  assert sorted(meta["documents_per_file"]) == [str(folder / "README"), str(folder / "good.txt")]  # "": no suffix
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval-fraction", "2"], "--eval-fraction: 2.0 is not in [0, 1)"),
+    (["--eval-fraction", "-0.1"], "--eval-fraction: -0.1 is not in [0, 1)"),
+    (["--extensions", ".rst"], "no files with extensions .rst"),
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "'/nonexistent/tokenizer.json': no such file"),
+])
+def test_prepare_refuses_bad_options_in_one_line(tmp_path, rng, args, message):
+  folder, _, _ = _messy_folder(tmp_path, rng)
+  result = _prepare_cli("--input", folder, "--output", tmp_path / "out", "--errors", "skip", *args)
+  assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+      result.stderr)
+
+
+def test_prepare_refuses_empty_input(tmp_path):
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "empty.txt").write_text("")
+  result = _prepare_cli("--input", tmp_path / "in", "--output", tmp_path / "out")
+  assert result.returncode == 2 and "no text in 1 file(s)" in result.stderr, result.stderr

@@ -61,6 +61,37 @@ def _synthetic_rows(vocab_size: int, seq_len: int, seed: int):
   return read
 
 
+def _text_data(config: TrainConfig, vocab_size: int) -> Data:
+  """Packed rows of a prepared directory; ConfigError when its tokens do not fit the model's vocabulary, the
+  train split cannot fill a batch, or an eval split exists but is too short for one row."""
+  d = config.data
+  if not d.text.path:
+    raise ConfigError("data.text.path: required for data.kind=text (a python -m train.prepare_data output)")
+  try:
+    train_file, eval_file = TokenFile(d.text.path, "train"), TokenFile(d.text.path, "eval")
+  except FileNotFoundError as e:
+    raise ConfigError(f"data.text.path: {e}") from None
+  for split, data in (("train", train_file), ("eval", eval_file)):
+    largest = data.max_token()
+    if largest >= vocab_size:
+      raise ConfigError(f"data.text.path: {d.text.path} holds token id {largest} in its {split} split (tokenizer "
+                        f"vocabulary {data.vocab_size}), but the model's vocab_size is {vocab_size}")
+  train_rows, eval_rows = PackedRows(train_file, d.text.seq_len), PackedRows(eval_file, d.text.seq_len)
+  if train_rows.num_rows < config.batch_size:
+    raise ConfigError(f"data.text.seq_len: the train split of {d.text.path} ({len(train_file.tokens):,} tokens) "
+                      f"holds {train_rows.num_rows} rows of {d.text.seq_len} tokens, fewer than batch_size "
+                      f"{config.batch_size}")
+  evals = []
+  if eval_file.num_tokens:  # an empty eval split (--eval-fraction 0) means: no eval
+    if not eval_rows.num_rows:
+      raise ConfigError(f"data.text.seq_len: the eval split of {d.text.path} has {eval_file.num_tokens} tokens, "
+                        f"fewer than one row of {d.text.seq_len} + 1: prepare it with a larger --eval-fraction or "
+                        f"train with a shorter data.text.seq_len")
+    evals.append(EvalSet("text", eval_rows.num_rows, eval_rows.read))
+  return Data(RowLoader(train_rows.num_rows, train_rows.read, config.batch_size, d.seed), evals,
+              train_file.vocab_size, d.text.seq_len)
+
+
 def build_data(config: TrainConfig, vocab_size: int) -> Data:
   """Loaders for `config.data`; `vocab_size` is the model's (tokens must fit in it)."""
   d = config.data
@@ -76,15 +107,7 @@ def build_data(config: TrainConfig, vocab_size: int) -> Data:
         evals=[EvalSet("test", len(test.inputs), _rows_of(dict(inputs=test.inputs, labels=test.labels)), groups)],
         vocab_size=d.mqar.vocab_size, seq_len=train.inputs.shape[1])
   if d.kind == "text":
-    if not d.text.path:
-      raise ConfigError("data.text.path: required for data.kind=text (a python -m train.prepare_data output)")
-    train_file, eval_file = TokenFile(d.text.path, "train"), TokenFile(d.text.path, "eval")
-    if train_file.vocab_size > vocab_size:
-      raise ConfigError(f"data.text.path: tokenizer vocab {train_file.vocab_size} exceeds model vocab {vocab_size}")
-    train_rows, eval_rows = PackedRows(train_file, d.text.seq_len), PackedRows(eval_file, d.text.seq_len)
-    evals = [EvalSet("text", eval_rows.num_rows, eval_rows.read)] if eval_rows.num_rows else []
-    return Data(RowLoader(train_rows.num_rows, train_rows.read, config.batch_size, d.seed), evals,
-                train_file.vocab_size, d.text.seq_len)
+    return _text_data(config, vocab_size)
   if d.kind == "synthetic":
     read = _synthetic_rows(vocab_size, d.synthetic_seq_len, d.seed)
     return Data(RowLoader(2**62, read, config.batch_size, d.seed, shuffle=False), [], vocab_size,

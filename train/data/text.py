@@ -15,62 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import numpy as np
 
+from jaxlm.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from train.step import IGNORE
 
 
-class ByteTokenizer:
-  """UTF-8 bytes as tokens (vocab 256): nothing to train, nothing unknown."""
-  vocab_size = 256
-  spec = "byte"
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-  """A `tokenizers` tokenizer (tokenizer.json), e.g. the byte-level BPE that prepare_data trains."""
-
-  def __init__(self, tokenizer: Any, spec: str):
-    self.tokenizer, self.spec = tokenizer, spec
-    self.vocab_size = tokenizer.get_vocab_size()
-
-  def encode(self, text: str) -> list[int]:
-    return self.tokenizer.encode(text).ids
-
-  def decode(self, ids) -> str:
-    return self.tokenizer.decode([int(i) for i in ids])
-
-
-def train_bpe(texts, vocab_size: int) -> HFTokenizer:
-  """A byte-level BPE trained locally on `texts` (an iterable of strings); round-trips any text exactly."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                special_tokens=[], show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
-  return HFTokenizer(tok, f"bpe:{vocab_size}")
-
-
-def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-  """`byte` or a path to a tokenizer.json (`bpe:<vocab>` is trained by prepare_data, not loaded)."""
-  if spec == "byte":
-    return ByteTokenizer()
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"tokenizer {spec!r}: expected 'byte', 'bpe:<vocab>' or a tokenizer.json path")
-  from tokenizers import Tokenizer
-  return HFTokenizer(Tokenizer.from_file(spec), spec)
-
-
-def load_prepared_tokenizer(directory: str) -> ByteTokenizer | HFTokenizer:
+def load_prepared_tokenizer(directory: str) -> Tokenizer:
   """The tokenizer a prepared directory was made with."""
   meta = read_meta(directory)
   if meta["tokenizer"] == "byte":
@@ -102,13 +54,24 @@ class TokenFile:
   def num_docs(self) -> int:
     return len(self.doc_starts) - 1
 
+  @property
+  def num_tokens(self) -> int:
+    return int(self.doc_starts[-1])  # the .bin holds one dummy token when a split is empty
+
+  def max_token(self) -> int:
+    """The largest token id (-1 when empty), read in slices so that a large file never sits in memory whole."""
+    chunk, largest = 1 << 24, -1
+    for start in range(0, self.num_tokens, chunk):
+      largest = max(largest, int(self.tokens[start:min(start + chunk, self.num_tokens)].max()))
+    return largest
+
 
 class PackedRows:
   """Fixed-length rows over a `TokenFile`; `read(rows)` returns inputs, labels and segment_ids [n, T] int32."""
 
   def __init__(self, data: TokenFile, seq_len: int):
     self.data, self.seq_len = data, seq_len
-    self.num_rows = max((len(data.tokens) - 1) // seq_len, 0)
+    self.num_rows = max((data.num_tokens - 1) // seq_len, 0)
 
   def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     t = self.seq_len
