@@ -1,6 +1,6 @@
 """Multi-head softmax attention with GQA/MQA, RoPE, causal or sliding-window masking, and its decode cache.
 
-  q, k, v = x W_q, x W_k, x W_v   (H query heads, K kv heads; query head h reads kv head h // (H/K))
+  q, k, v = x W_q, x W_k, x W_v   (x [E]; q [H, D], k and v [K, D]; query head h reads kv head h // (H/K))
   o_t = Σ_{s ≤ t, t - s < window} softmax_s(rope(q_t)·rope(k_s)/√D) v_s,   y = o W_o
 
 Decode cache: a ring buffer of S slots per row. Position p lives in slot p mod S, so the slots hold the last
@@ -9,7 +9,8 @@ keys carry their rotary phase from when they were written, so `attention_decode`
 the parallel form. S = max_length for full attention (no wrap before max_length) and S = min(window, max_length)
 for sliding-window layers, whose memory is then independent of the sequence length.
 
-Letters: B batch, T length, S cache slots, D model width (x) or head dim (q, k, v), H query heads, K kv heads.
+Letters: B batch, T query length, S key length (cache slots), E model width, H query heads, K kv heads,
+D head dim.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Attention(nnx.Module):
     self.out_proj = build_linear(q_width, e, axes=("heads", "embed"), **kw)
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
-    """q [..., H, D], k and v [..., K, D] for x [..., D_model] at integer positions [...], RoPE applied."""
+    """q [..., H, D], k and v [..., K, D] for x [..., E] at integer positions [...], RoPE applied."""
     x = x.astype(self.dtype)
     lead = x.shape[:-1]
     q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
@@ -128,9 +129,9 @@ class Attention(nnx.Module):
   def _out(self, o: jax.Array) -> jax.Array:
     return self.out_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
 
-  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    B, T, _ = x_BTD.shape
-    q, k, v = self._qkv(x_BTD, default_positions(B, T, segment_ids))
+  def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    B, T, _ = x_BTE.shape
+    q, k, v = self._qkv(x_BTE, default_positions(B, T, segment_ids))
     o = attention_api.attention(q, k, v, causal=True, window=self.config.window, segment_ids=segment_ids,
                                 softcap=self.config.softcap, implementation=self.config.implementation)
     return self._out(o)
@@ -144,13 +145,13 @@ class Attention(nnx.Module):
     dtype = dtype or self.dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
-  def prefill(self, x_BTD: jax.Array, cache: KVCache, lengths_B: jax.Array) -> tuple[jax.Array, KVCache]:
+  def prefill(self, x_BTE: jax.Array, cache: KVCache, lengths_B: jax.Array) -> tuple[jax.Array, KVCache]:
     """The parallel form over a right-padded prompt; slot s gets the latest position p < lengths with p ≡ s."""
-    B, T, _ = x_BTD.shape
+    B, T, _ = x_BTE.shape
     S = cache.k_BSKD.shape[1]
     if self.config.window is None and T > S:
       raise ValueError(f"prompt length {T} exceeds the cache's max_length {S}")
-    q, k, v = self._qkv(x_BTD, default_positions(B, T))
+    q, k, v = self._qkv(x_BTE, default_positions(B, T))
     o = attention_api.attention(q, k, v, causal=True, window=self.config.window, softcap=self.config.softcap,
                                 implementation=self.config.implementation)
     lengths_B = lengths_B.astype(jnp.int32)
@@ -162,11 +163,11 @@ class Attention(nnx.Module):
     v_cache = take(v, pos_BS).astype(cache.v_BSKD.dtype)
     return self._out(o), KVCache(k_cache, v_cache, lengths_B)
 
-  def decode(self, x_BD: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def decode(self, x_BE: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token per row at position lengths[b]: write its key into slot lengths mod S, attend over the ring."""
     S = cache.k_BSKD.shape[1]
-    q, k, v = self._qkv(x_BD, cache.lengths_B)
-    rows, slot = jnp.arange(x_BD.shape[0]), cache.lengths_B % S
+    q, k, v = self._qkv(x_BE, cache.lengths_B)
+    rows, slot = jnp.arange(x_BE.shape[0]), cache.lengths_B % S
     k_cache = cache.k_BSKD.at[rows, slot].set(k.astype(cache.k_BSKD.dtype))
     v_cache = cache.v_BSKD.at[rows, slot].set(v.astype(cache.v_BSKD.dtype))
     lengths = cache.lengths_B + 1

@@ -1,6 +1,6 @@
 """BaseConv: a gated short convolution (the Zoology paper's BaseConv, in the form this project's issue defines).
 
-Letters: B batch, T length, E model width (d_model), I inner width (expand·E), W conv kernel size.
+Letters: B batch, T length, E model width (d_model), I inner width (expand·E), W short-conv taps.
 
   [a_t, g_t] = W_in x_t + b_in                    (one projection E → 2I, split in halves)
   c_t = Σ_{l<W} w[W-1-l] ⊙ a_{t-l} + b_conv      (depthwise causal conv, the short_conv op)
@@ -26,11 +26,12 @@ from pallas_kernels.short_conv import short_conv, short_conv_step
 from pallas_kernels.short_conv.api import WIDTHS
 
 
-def tokens_before(x_BTD: jax.Array, lengths_B: jax.Array, count: int) -> jax.Array:
-  """[B, count, D]: x[b, lengths[b] - count + c] at c (oldest first), zeros where that index is negative."""
-  index_BC = lengths_B[:, None] - count + jnp.arange(count)[None, :]
-  taken_BCD = jnp.take_along_axis(x_BTD, jnp.clip(index_BC, 0, x_BTD.shape[1] - 1)[..., None], axis=1)
-  return jnp.where((index_BC >= 0)[..., None], taken_BCD, jnp.zeros((), x_BTD.dtype))
+def tokens_before(x: jax.Array, lengths_B: jax.Array, count: int) -> jax.Array:
+  """[B, count, channels] from x [B, T, channels]: x[b, lengths[b] - count + c] at c (oldest first), zeros where
+  that index is negative."""
+  index = lengths_B[:, None] - count + jnp.arange(count)[None, :]  # [B, count]
+  taken = jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[..., None], axis=1)
+  return jnp.where((index >= 0)[..., None], taken, jnp.zeros((), x.dtype))
 
 
 def conv_init(kernel_size: int):
@@ -44,19 +45,19 @@ def check_short_kernel(name: str, width: int) -> None:
     raise ValueError(f"{name} must be one of {WIDTHS} (the short_conv op's widths), got {width!r}")
 
 
-def without_cross_segment_taps(y_BTD: jax.Array, x_BTD: jax.Array, w_WD: jax.Array,
+def without_cross_segment_taps(y_BTI: jax.Array, x_BTI: jax.Array, w_WI: jax.Array,
                                segment_ids_BT: jax.Array) -> jax.Array:
   """y = short_conv(x, w) minus the taps that reach into an earlier document: y[t] -= w[W-1-l]·x[t-l] for each
   lag l < W whose token t-l lies in another segment (only the first W-1 tokens of a document have any)."""
-  validation.check_segment_ids("segment_ids", segment_ids_BT, *x_BTD.shape[:2])
-  width, length = w_WD.shape[0], x_BTD.shape[1]
-  dtype = jnp.promote_types(y_BTD.dtype, jnp.float32)
-  y = y_BTD.astype(dtype)
+  validation.check_segment_ids("segment_ids", segment_ids_BT, *x_BTI.shape[:2])
+  width, length = w_WI.shape[0], x_BTI.shape[1]
+  dtype = jnp.promote_types(y_BTI.dtype, jnp.float32)
+  y = y_BTI.astype(dtype)
   for lag in range(1, min(width, length)):
-    past_BTD = jnp.pad(x_BTD, ((0, 0), (lag, 0), (0, 0)))[:, :length].astype(dtype)
+    past_BTI = jnp.pad(x_BTI, ((0, 0), (lag, 0), (0, 0)))[:, :length].astype(dtype)
     cross_BT = jnp.pad(segment_ids_BT[:, lag:] != segment_ids_BT[:, :-lag], ((0, 0), (lag, 0)))
-    y = y - jnp.where(cross_BT[..., None], w_WD[width - 1 - lag].astype(dtype) * past_BTD, 0)
-  return y.astype(y_BTD.dtype)
+    y = y - jnp.where(cross_BT[..., None], w_WI[width - 1 - lag].astype(dtype) * past_BTI, 0)
+  return y.astype(y_BTI.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Token embedding, learned absolute positions (GPT-2), and the LM head, tied or not.
 
-  h_t = E[token_t] (+ P[position_t])        logits_t = h_t Eᵀ (tied) or h_t W (untied)
+  h_t = W_emb[token_t] (+ W_pos[position_t])        logits_t = h_t W_embᵀ (tied) or h_t W_head (untied)
 
 Logits are float32 whatever the compute dtype: the softmax over a 50k vocabulary in bf16 loses the tail.
-Letters: B batch, T length, D model width, V vocabulary, L max positions.
+Letters: B batch, T length, E model width, V vocabulary; max_position rows of learned positions.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flax import nnx
 
 
 class Embedding(nnx.Module):
-  """E [V, D]; `attend` is the tied LM head."""
+  """W_emb [V, E]; `attend` is the tied LM head."""
 
   def __init__(self, vocab_size: int, dim: int, *, init_std: float = 0.02, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -27,13 +27,14 @@ class Embedding(nnx.Module):
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
-  def attend(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,vd->...v", x_BTD.astype(self.dtype), self.embedding[...].astype(self.dtype),
+  def attend(self, x_BTE: jax.Array) -> jax.Array:
+    return jnp.einsum("...e,ve->...v", x_BTE.astype(self.dtype), self.embedding[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
 
 class PositionEmbedding(nnx.Module):
-  """P [L, D], added to the token embedding at absolute positions (GPT-2); no use beyond L positions."""
+  """W_pos [max_position, E], added to the token embedding at absolute positions (GPT-2); no use beyond
+  max_position positions."""
 
   def __init__(self, max_position: int, dim: int, *, init_std: float = 0.02, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -46,7 +47,7 @@ class PositionEmbedding(nnx.Module):
 
 
 class LMHead(nnx.Module):
-  """W [D, V] for untied embeddings."""
+  """W_head [E, V] for untied embeddings."""
 
   def __init__(self, dim: int, vocab_size: int, *, init_std: float = 0.02, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
@@ -54,6 +55,6 @@ class LMHead(nnx.Module):
     init = nnx.with_partitioning(nnx.initializers.normal(init_std), ("embed", "vocab"))
     self.kernel = nnx.Param(init(rngs.params(), (dim, vocab_size), param_dtype))
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum("...d,dv->...v", x_BTD.astype(self.dtype), self.kernel[...].astype(self.dtype),
+  def __call__(self, x_BTE: jax.Array) -> jax.Array:
+    return jnp.einsum("...e,ev->...v", x_BTE.astype(self.dtype), self.kernel[...].astype(self.dtype),
                       preferred_element_type=jnp.float32)

@@ -1,7 +1,7 @@
 """H3 (Fu et al. 2023, "Hungry Hungry Hippos: Towards Language Modeling with State Space Models") as a mixer.
 
-Letters: B batch, T length, D model width (the SSMs act per channel: H3's head dim 1), N state size
-(shift-SSM taps), M = N/2 complex S4D modes.
+Letters: B batch, T length, E model width (the SSMs act per channel: H3's head dim 1), N state size
+(shift-SSM taps), M = N/2 complex S4D modes, L filter length (the impulse responses, L = T).
 
   q, k, v = W_q x + b_q, W_k x + b_k, W_v x + b_v
   k̃ = SSM_shift(k) + D_k ⊙ k          shift SSM: a causal conv with N learned taps per channel
@@ -9,12 +9,15 @@ Letters: B batch, T length, D model width (the SSMs act per channel: H3's head d
   y = q ⊙ (SSM_diag(u) + D ⊙ u)        diagonal S4D SSM, real state N per channel (M complex modes)
   out = W_o y + b_o
 
-(eq. 3 of the paper with head dim 1). Training runs both SSMs as long convolutions of their impulse responses
-(the long_conv op, FFT); decoding steps them as recurrences. The decode cache is the two SSM states: the last N
-values of k (newest first) and the complex S4D state [B, D, M], so its size does not grow with the sequence.
+(eq. 3 of the paper with head dim 1; the skips D_k and D are its symbols, not shape letters). Training runs both
+SSMs as long convolutions of their impulse responses (the long_conv op, FFT); decoding steps them as recurrences.
+The decode cache is the two SSM states: the last N values of k (newest first) and the complex S4D state
+[B, E, M], so its size does not grow with the sequence.
 
 SSM parameters (taps, step sizes, poles, B, C) are `SSMParam`s (jaxlm/layers/ssm_param.py): float32 whatever the
-compute dtype, and free of weight decay.
+compute dtype, and free of weight decay. The parameters keep the names checkpoints store them under, written in
+pallas_kernels/long_conv's letters (D a channel, E here; N in S4D's fields its complex modes, M here):
+shift_taps_ND [N, E], shift_skip_D and skip_D [E], log_dt_D [E], and log_neg_real_DN … C_im_DN [E, M].
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class H3Config:
 
 
 class H3Cache(NamedTuple):
-  shift_BND: jax.Array  # the last N values of k, newest first (compute dtype)
-  ssm_BDM: jax.Array  # the S4D state x_t, complex64
+  shift_BNE: jax.Array  # the last N values of k, newest first (compute dtype)
+  ssm_BEM: jax.Array  # the S4D state x_t, complex64
 
 
 class H3(nnx.Module):
@@ -70,20 +73,20 @@ class H3(nnx.Module):
   def __init__(self, config: H3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.config = config
     self.dtype = dtype
-    d, n = config.d_model, config.state_dim
+    e, n = config.d_model, config.state_dim
     partitioned = nnx.with_partitioning
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj, self.k_proj, self.v_proj = (build_linear(d, d, axes=("embed", "mlp"), **kw) for _ in range(3))
-    self.out_proj = build_linear(d, d, axes=("mlp", "embed"), **kw)
+    self.q_proj, self.k_proj, self.v_proj = (build_linear(e, e, axes=("embed", "mlp"), **kw) for _ in range(3))
+    self.out_proj = build_linear(e, e, axes=("mlp", "embed"), **kw)
     # The H3 code draws the taps from a standard normal; the 1/√N keeps k̃ near the variance of k.
-    self.shift_taps_ND = ssm_param(jax.random.normal(rngs.params(), (n, d)) / jnp.sqrt(n), ("ssm_state", "mlp"))
-    s4d = S4D_INITS[config.init](rngs.params(), d, n // 2, config.dt_min, config.dt_max)
+    self.shift_taps_ND = ssm_param(jax.random.normal(rngs.params(), (n, e)) / jnp.sqrt(n), ("ssm_state", "mlp"))
+    s4d = S4D_INITS[config.init](rngs.params(), e, n // 2, config.dt_min, config.dt_max)
     for name, value in s4d._asdict().items():
       axes = ("mlp",) if value.ndim == 1 else ("mlp", "ssm_state")
       setattr(self, name, ssm_param(value, axes))
     normal = nnx.initializers.normal(1.0)
-    self.shift_skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (d,), param_dtype))
-    self.skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (d,), param_dtype))
+    self.shift_skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (e,), param_dtype))
+    self.skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (e,), param_dtype))
 
   def _s4d(self) -> S4DParams:
     return S4DParams(*(getattr(self, name)[...] for name in S4DParams._fields))
@@ -95,53 +98,53 @@ class H3(nnx.Module):
   def _skips(self) -> tuple[jax.Array, jax.Array]:
     return self.shift_skip_D[...].astype(self.dtype), self.skip_D[...].astype(self.dtype)
 
-  def _forward(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(out, k, u) over [B, T, D]: the output and the two SSM inputs."""
-    length = x_BTD.shape[1]
+  def _forward(self, x_BTE: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(out, k, u) over [B, T, E]: the output and the two SSM inputs."""
+    length = x_BTE.shape[1]
     impl = self.config.implementation
-    shift_skip_D, skip_D = self._skips()
-    q, k, v = self._qkv(x_BTD)
-    shift_LD = shift_ssm_kernel(self.shift_taps_ND[...], length)
-    u = long_conv(k, shift_LD, skip=shift_skip_D, implementation=impl) * v
-    diag_LD = s4d_kernel(self._s4d(), length, self.config.discretization)
-    y = q * long_conv(u, diag_LD, skip=skip_D, implementation=impl)
+    shift_skip_E, skip_E = self._skips()
+    q, k, v = self._qkv(x_BTE)
+    shift_LE = shift_ssm_kernel(self.shift_taps_ND[...], length)
+    u = long_conv(k, shift_LE, skip=shift_skip_E, implementation=impl) * v
+    diag_LE = s4d_kernel(self._s4d(), length, self.config.discretization)
+    y = q * long_conv(u, diag_LE, skip=skip_E, implementation=impl)
     return self.out_proj(y), k, u
 
-  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     segment_ids_unsupported("H3", segment_ids)
-    return self._forward(x_BTD)[0]
+    return self._forward(x_BTE)[0]
 
   def init_cache(self, batch: int, max_length: int, dtype=None) -> H3Cache:
     """Zero SSM states; their size does not depend on max_length."""
     del max_length
-    d, n = self.config.d_model, self.config.state_dim
-    return H3Cache(jnp.zeros((batch, n, d), dtype or self.dtype), jnp.zeros((batch, d, n // 2), jnp.complex64))
+    e, n = self.config.d_model, self.config.state_dim
+    return H3Cache(jnp.zeros((batch, n, e), dtype or self.dtype), jnp.zeros((batch, e, n // 2), jnp.complex64))
 
-  def prefill(self, x_BTD: jax.Array, cache: H3Cache, lengths_B: jax.Array) -> tuple[jax.Array, H3Cache]:
+  def prefill(self, x_BTE: jax.Array, cache: H3Cache, lengths_B: jax.Array) -> tuple[jax.Array, H3Cache]:
     """The parallel form over right-padded prompts, and both SSM states after exactly lengths[b] tokens.
 
     The S4D state is x = Σ_{j<len} Ā^j B̄ u[len-1-j]: a Vandermonde product over the prompt read backwards
     from each row's end, so the padding never enters it.
     """
-    batch, length = x_BTD.shape[:2]
+    batch, length = x_BTE.shape[:2]
     validation.check_lengths("lengths_B", lengths_B, batch, length)
-    y_BTD, k_BTD, u_BTD = self._forward(x_BTD)
-    shift_BND = tokens_before(k_BTD, lengths_B, self.config.state_dim)[:, ::-1]
-    A_bar_DM, B_bar_DM, _ = s4d_discretize(self._s4d(), self.config.discretization)
-    reversed_BTD = tokens_before(u_BTD, lengths_B, length)[:, ::-1].astype(jnp.float32)
+    y_BTE, k_BTE, u_BTE = self._forward(x_BTE)
+    shift_BNE = tokens_before(k_BTE, lengths_B, self.config.state_dim)[:, ::-1]
+    A_bar_EM, B_bar_EM, _ = s4d_discretize(self._s4d(), self.config.discretization)
+    reversed_BTE = tokens_before(u_BTE, lengths_B, length)[:, ::-1].astype(jnp.float32)
     # Integer powers Ā^j = exp(j·log Ā) hold on any branch of the complex log.
-    powers_TDM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * jnp.log(A_bar_DM)[None])
-    ssm_BDM = B_bar_DM * jnp.einsum("btd,tdm->bdm", reversed_BTD.astype(powers_TDM.dtype), powers_TDM,
+    powers_TEM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * jnp.log(A_bar_EM)[None])
+    ssm_BEM = B_bar_EM * jnp.einsum("bte,tem->bem", reversed_BTE.astype(powers_TEM.dtype), powers_TEM,
                                     precision=jax.lax.Precision.HIGHEST)
-    return y_BTD, H3Cache(shift_BND.astype(cache.shift_BND.dtype), ssm_BDM.astype(cache.ssm_BDM.dtype))
+    return y_BTE, H3Cache(shift_BNE.astype(cache.shift_BNE.dtype), ssm_BEM.astype(cache.ssm_BEM.dtype))
 
-  def decode(self, x_BD: jax.Array, cache: H3Cache) -> tuple[jax.Array, H3Cache]:
+  def decode(self, x_BE: jax.Array, cache: H3Cache) -> tuple[jax.Array, H3Cache]:
     """One token per row: one step of the shift SSM, then of the S4D recurrence."""
-    shift_skip_D, skip_D = self._skips()
-    q, k, v = self._qkv(x_BD)
-    k_shift, shift_BND = shift_ssm_step(cache.shift_BND, k.astype(cache.shift_BND.dtype), self.shift_taps_ND[...])
-    u = (k_shift.astype(self.dtype) + shift_skip_D * k) * v
-    A_bar_DM, B_bar_DM, C_DM = s4d_discretize(self._s4d(), self.config.discretization)
-    y_ssm, ssm_BDM = diagonal_ssm_step(cache.ssm_BDM, u, A_bar_DM, B_bar_DM, C_DM)
-    y = q * (y_ssm + skip_D * u)
-    return self.out_proj(y), H3Cache(shift_BND, ssm_BDM)
+    shift_skip_E, skip_E = self._skips()
+    q, k, v = self._qkv(x_BE)
+    k_shift, shift_BNE = shift_ssm_step(cache.shift_BNE, k.astype(cache.shift_BNE.dtype), self.shift_taps_ND[...])
+    u = (k_shift.astype(self.dtype) + shift_skip_E * k) * v
+    A_bar_EM, B_bar_EM, C_EM = s4d_discretize(self._s4d(), self.config.discretization)
+    y_ssm, ssm_BEM = diagonal_ssm_step(cache.ssm_BEM, u, A_bar_EM, B_bar_EM, C_EM)
+    y = q * (y_ssm + skip_E * u)
+    return self.out_proj(y), H3Cache(shift_BNE, ssm_BEM)

@@ -1,7 +1,7 @@
 """The Hyena operator (Poli et al. 2023, "Hyena Hierarchy: Towards Larger Convolutional Language Models") as a
 mixer, of order N >= 2, following the HyenaOperator of the paper's code.
 
-Letters: B batch, T length, E model width (d_model), C = (N+1)·E projected channels, O = N-1 long filters,
+Letters: B batch, T length, E model width (d_model), P = (N+1)·E projected channels, O = N-1 long filters,
 L filter length (max_length), S cache length, W short-conv taps.
 
   z = ShortConv(W_in x + b_in)                    E → (N+1)·E, then a depthwise causal conv (W = 3)
@@ -19,6 +19,9 @@ Decoding: Hyena has no recurrence of fixed size. The cache keeps every past long
 and a decode step computes the conv at the new position as the dot product Σ_j h_o[j]·u_o[t-j] over that history
 (the shift-SSM step with the filter as its taps): O(T·E) per token, O(T²·E) per generated sequence, and a cache
 of O·S·E values per row.
+
+The parameters keep the names checkpoints store them under: short_conv_WC [W, P] and short_conv_bias_C [P]
+(C here is P, not a chunk), and the filter MLP's filter_* in pallas_kernels/long_conv/hyena.py's letters.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class HyenaConfig:
 
 
 class HyenaCache(NamedTuple):
-  conv_BWC: jax.Array  # short-conv state: the last W-1 projections, oldest first
+  conv_BWP: jax.Array  # short-conv state: the last W-1 projections, oldest first
   history_OBSE: jax.Array  # past long-conv inputs u_o, newest first (slot j holds u_o[t-j])
 
 
@@ -109,13 +112,13 @@ class Hyena(nnx.Module):
     return gates, v
 
   def _forward(self, x_BTE: jax.Array) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
-    """(out [B, T, E], the projection before the short conv [B, T, C], the long-conv inputs u_o [B, T, E])."""
+    """(out [B, T, E], the projection before the short conv [B, T, P], the long-conv inputs u_o [B, T, E])."""
     c = self.config
     length = x_BTE.shape[1]
     if length > c.max_length:
       raise ValueError(f"sequence length {length} exceeds max_length={c.max_length} (the filters' length)")
-    p_BTC = self.in_proj(x_BTE.astype(self.dtype))
-    gates, v = self._split(short_conv(p_BTC, *self._short_conv_params(),
+    p_BTP = self.in_proj(x_BTE.astype(self.dtype))
+    gates, v = self._split(short_conv(p_BTP, *self._short_conv_params(),
                                       implementation=c.short_conv_implementation))
     filters_TOE = self._filters(length)
     bias_OE = self.filter_bias_OE[...].astype(self.dtype)
@@ -123,7 +126,7 @@ class Hyena(nnx.Module):
     for o, gate in enumerate(reversed(gates[1:])):
       inputs.append(gate * v)
       v = long_conv(inputs[-1], filters_TOE[:, o], skip=bias_OE[o], implementation=c.implementation)
-    return self.out_proj(gates[0] * v), p_BTC, inputs
+    return self.out_proj(gates[0] * v), p_BTP, inputs
 
   def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     segment_ids_unsupported("Hyena", segment_ids)
@@ -146,17 +149,17 @@ class Hyena(nnx.Module):
     if length > cache_length:
       raise ValueError(f"prompt length {length} exceeds the cache's max_length={cache_length}")
     validation.check_lengths("lengths_B", lengths_B, batch, length)
-    y_BTE, p_BTC, inputs = self._forward(x_BTE)
-    conv_BWC = tokens_before(p_BTC, lengths_B, self.config.short_kernel - 1)
+    y_BTE, p_BTP, inputs = self._forward(x_BTE)
+    conv_BWP = tokens_before(p_BTP, lengths_B, self.config.short_kernel - 1)
     history_OBSE = jnp.stack([tokens_before(u_BTE, lengths_B, cache_length)[:, ::-1] for u_BTE in inputs])
-    return y_BTE, HyenaCache(conv_BWC.astype(cache.conv_BWC.dtype), history_OBSE.astype(cache.history_OBSE.dtype))
+    return y_BTE, HyenaCache(conv_BWP.astype(cache.conv_BWP.dtype), history_OBSE.astype(cache.history_OBSE.dtype))
 
   def decode(self, x_BE: jax.Array, cache: HyenaCache) -> tuple[jax.Array, HyenaCache]:
     """One token per row: short-conv step, then each long conv as a dot product over the stored history."""
-    p_BC = self.in_proj(x_BE.astype(self.dtype))
-    z_BC, conv_BWC = short_conv_step(p_BC.astype(cache.conv_BWC.dtype), cache.conv_BWC, *self._short_conv_params(),
+    p_BP = self.in_proj(x_BE.astype(self.dtype))
+    z_BP, conv_BWP = short_conv_step(p_BP.astype(cache.conv_BWP.dtype), cache.conv_BWP, *self._short_conv_params(),
                                      implementation=self.config.short_conv_implementation)
-    gates, v = self._split(z_BC.astype(self.dtype))
+    gates, v = self._split(z_BP.astype(self.dtype))
     filters_SOE = self._filters(cache.history_OBSE.shape[2])
     bias_OE = self.filter_bias_OE[...].astype(self.dtype)
     history = []
@@ -166,4 +169,4 @@ class Hyena(nnx.Module):
                                             filters_SOE[:, o])
       history.append(history_BSE)
       v = conv_BE.astype(self.dtype) + bias_OE[o] * u_BE
-    return self.out_proj(gates[0] * v), HyenaCache(conv_BWC, jnp.stack(history))
+    return self.out_proj(gates[0] * v), HyenaCache(conv_BWP, jnp.stack(history))

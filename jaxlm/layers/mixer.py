@@ -1,15 +1,21 @@
 """The interface every sequence mixer implements, so the LM stacks them from a config and generation drives
 them without knowing which is which.
 
-Letters: B batch, T length, D model width.
+Letters: B batch, T length, E model width.
+
+Every mixer is built one way, `Mixer(config, *, dtype, param_dtype, rngs)`. Its config is a frozen dataclass
+holding all the layer needs: the model width `d_model`, the mixer's own options, and one `implementation` field
+per op it calls (`implementation` for its main op, `decode_implementation`, `<op>_implementation` for others);
+it validates itself in `__post_init__`, raising ValueError naming the field. jaxlm/models/registry.py imports each
+mixer and names the op behind each implementation field, so a model config can fill them.
 
 A mixer has three entry points that must compute the same function:
-- `__call__(x_BTD, *, segment_ids=None)`: the parallel (training) form.
+- `__call__(x_BTE, *, segment_ids=None)`: the parallel (training) form.
 - `init_cache(batch, max_length, dtype)`: an empty decode cache (a pytree of arrays: KV cache, recurrent state,
   conv state, ...); its size is what generation memory costs for this mixer.
-- `prefill(x_BTD, cache, lengths_B) -> (y_BTD, cache)`: the parallel form over a (right-padded) prompt that also
+- `prefill(x_BTE, cache, lengths_B) -> (y_BTE, cache)`: the parallel form over a (right-padded) prompt that also
   fills the cache so that decoding continues after `lengths[b]` tokens of row b.
-- `decode(x_BD, cache) -> (y_BD, cache)`: one new token per row.
+- `decode(x_BE, cache) -> (y_BE, cache)`: one new token per row.
 Decode-equals-parallel tests check `prefill` + repeated `decode` against `__call__` on the full sequence.
 """
 
@@ -24,16 +30,16 @@ Cache = Any  # a pytree of jax arrays
 
 class Mixer(Protocol):
 
-  def __call__(self, x_BTD: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     ...
 
   def init_cache(self, batch: int, max_length: int, dtype: Any) -> Cache:
     ...
 
-  def prefill(self, x_BTD: jax.Array, cache: Cache, lengths_B: jax.Array) -> tuple[jax.Array, Cache]:
+  def prefill(self, x_BTE: jax.Array, cache: Cache, lengths_B: jax.Array) -> tuple[jax.Array, Cache]:
     ...
 
-  def decode(self, x_BD: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  def decode(self, x_BE: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     ...
 
 

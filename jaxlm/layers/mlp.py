@@ -4,7 +4,7 @@
   GELU    (GPT-2):               W_2 gelu(W_1 x + b_1) + b_2
   Monarch (Dao et al. 2022):     the GELU MLP with both maps Monarch matrices (nblocks blocks each)
 
-Letters: B batch, T length, D model width, F hidden width.
+Letters: B batch, T length, E model width, I hidden width.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MLPS = ("swiglu", "gelu", "monarch", "none")
 
 
 def default_hidden(kind: str, d_model: int) -> int:
-  """4·D for GELU MLPs; 8/3·D rounded up to a multiple of 128 for SwiGLU (equal parameters, as in Llama)."""
+  """4·E for GELU MLPs; 8/3·E rounded up to a multiple of 128 for SwiGLU (equal parameters, as in Llama)."""
   if kind == "swiglu":
     return -(-(8 * d_model // 3) // 128) * 128
   return 4 * d_model
@@ -37,8 +37,8 @@ class SwiGLU(nnx.Module):
     self.down = build_linear(hidden, d_model, axes=("mlp", "embed"), **kw)
     self.dtype = dtype
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x = x_BTD.astype(self.dtype)
+  def __call__(self, x_BTE: jax.Array) -> jax.Array:
+    x = x_BTE.astype(self.dtype)
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
@@ -54,8 +54,8 @@ class GeluMLP(nnx.Module):
     self.fc2 = build_linear(hidden, d_model, axes=("mlp", "embed"), **kw)
     self.dtype = dtype
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x_BTD.astype(self.dtype)), approximate=True))
+  def __call__(self, x_BTE: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x_BTE.astype(self.dtype)), approximate=True))
 
 
 def build_mlp(kind: str, d_model: int, hidden: int | None = None, *, use_bias: bool = False, nblocks: int = 4,

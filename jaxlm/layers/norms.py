@@ -3,7 +3,7 @@
   RMSNorm(x)   = x / sqrt(mean(x²) + eps) · scale
   LayerNorm(x) = (x - mean(x)) / sqrt(var(x) + eps) · scale + bias
 
-Letters: B batch, T length, D model width.
+Letters: B batch, T length, E model width.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
     self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(None, (dim,), param_dtype))
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTE: jax.Array) -> jax.Array:
     # The mean of squares of a bf16 residual loses bits in bf16; reduce in float32 and cast once on the way out.
-    x = x_BTD.astype(jnp.float32)
+    x = x_BTE.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
@@ -41,8 +41,8 @@ class LayerNorm(nnx.Module):
     self.bias = (nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(None, (dim,), param_dtype))
                  if use_bias else None)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x = x_BTD.astype(jnp.float32)
+  def __call__(self, x_BTE: jax.Array) -> jax.Array:
+    x = x_BTE.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)

@@ -1,8 +1,8 @@
 """The decoder LM: token embedding, a stack of pre-norm blocks (mixer, then MLP), final norm, LM head.
 
-  h_0 = E[tokens] (+ P[positions])
+  h_0 = W_emb[tokens] (+ W_pos[positions])
   h_{l+1} = h_l + Mixer_l(Norm(h_l)),   h_{l+1} += MLP_l(Norm(h_{l+1}))
-  logits = Norm(h_L) Eᵀ (tied) or Norm(h_L) W   (float32)
+  logits = Norm(h_last) W_embᵀ (tied) or Norm(h_last) W_head   (float32)
 
 The residual stream is float32; mixers and MLPs compute in the config's dtype. Runs of identical consecutive
 layers are built stacked (`nnx.vmap`, a leading "layers" axis on every parameter) and run with `jax.lax.scan`
@@ -10,7 +10,11 @@ over the split state, so compile time grows with the number of runs, not of laye
 layer and unrolls the layers, so each step updates the caches in place; `LMCache.lengths_B` counts the tokens
 seen per row.
 
-Letters: B batch, T length, D model width, V vocabulary.
+Each layer's mixer is built as `Mixer(config, *, dtype, param_dtype, rngs)` from the class that
+jaxlm/models/registry.py's MIXERS names (imported there directly) and the config `ModelConfig.mixer_configs()`
+made for it.
+
+Letters: B batch, T length, E model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -56,18 +60,18 @@ class Block(nnx.Module):
       return x
     return x + checkpoint_name(self.mlp(self.mlp_norm(x)), "mlp_out").astype(x.dtype)
 
-  def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BTE: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     kwargs = {} if segment_ids is None else dict(segment_ids=segment_ids)
-    y = checkpoint_name(self.mixer(self.mixer_norm(x_BTD), **kwargs), "mixer_out")
-    return self._mlp(x_BTD + y.astype(x_BTD.dtype))
+    y = checkpoint_name(self.mixer(self.mixer_norm(x_BTE), **kwargs), "mixer_out")
+    return self._mlp(x_BTE + y.astype(x_BTE.dtype))
 
-  def prefill(self, x_BTD: jax.Array, cache: Any, lengths_B: jax.Array) -> tuple[jax.Array, Any]:
-    y, cache = self.mixer.prefill(self.mixer_norm(x_BTD), cache, lengths_B)
-    return self._mlp(x_BTD + y.astype(x_BTD.dtype)), cache
+  def prefill(self, x_BTE: jax.Array, cache: Any, lengths_B: jax.Array) -> tuple[jax.Array, Any]:
+    y, cache = self.mixer.prefill(self.mixer_norm(x_BTE), cache, lengths_B)
+    return self._mlp(x_BTE + y.astype(x_BTE.dtype)), cache
 
-  def decode(self, x_BD: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    y, cache = self.mixer.decode(self.mixer_norm(x_BD), cache)
-    return self._mlp(x_BD + y.astype(x_BD.dtype)), cache
+  def decode(self, x_BE: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    y, cache = self.mixer.decode(self.mixer_norm(x_BE), cache)
+    return self._mlp(x_BE + y.astype(x_BE.dtype)), cache
 
 
 def remat_policy(name: str) -> Any:
@@ -114,8 +118,8 @@ class LayerStack(nnx.Module):
       outs.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] is not None else None
 
-  def __call__(self, x_BTD: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    return self._run(lambda block, x, _: (block(x, segment_ids), None), x_BTD, None)[0]
+  def __call__(self, x_BTE: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    return self._run(lambda block, x, _: (block(x, segment_ids), None), x_BTE, None)[0]
 
   def init_cache(self, batch: int, max_length: int, dtype: Any) -> tuple[Any, ...]:
     """One cache per layer, not stacked: in the generation loop each decode step then updates a layer's cache in
@@ -125,19 +129,19 @@ class LayerStack(nnx.Module):
     first = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))  # caches do not depend on the weights
     return tuple(first.mixer.init_cache(batch, max_length, dtype) for _ in range(self.num_layers))
 
-  def prefill(self, x_BTD: jax.Array, caches: tuple[Any, ...], lengths_B: jax.Array) -> tuple[jax.Array, Any]:
+  def prefill(self, x_BTE: jax.Array, caches: tuple[Any, ...], lengths_B: jax.Array) -> tuple[jax.Array, Any]:
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *caches)
-    x, stacked = self._run(lambda block, x, c: block.prefill(x, c, lengths_B), x_BTD, stacked)
+    x, stacked = self._run(lambda block, x, c: block.prefill(x, c, lengths_B), x_BTE, stacked)
     return x, tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(self.num_layers))
 
-  def decode(self, x_BD: jax.Array, caches: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
+  def decode(self, x_BE: jax.Array, caches: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
     """The layers unrolled (the weights' static slices are loop-invariant: XLA hoists them out of the loop)."""
     graphdef, state = nnx.split(self.blocks)
     updated = []
     for i, cache in enumerate(caches):
-      x_BD, cache = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)).decode(x_BD, cache)
+      x_BE, cache = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)).decode(x_BE, cache)
       updated.append(cache)
-    return x_BD, tuple(updated)
+    return x_BE, tuple(updated)
 
 
 class LM(nnx.Module):
@@ -198,8 +202,8 @@ class LM(nnx.Module):
     for stack, layer_cache in zip(self.stacks, cache.layers):
       x, layer_cache = stack.prefill(x, layer_cache, lengths_B)
       layers.append(layer_cache)
-    last_BD = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
-    return self._logits(last_BD), LMCache(tuple(layers), lengths_B)
+    last_BE = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return self._logits(last_BE), LMCache(tuple(layers), lengths_B)
 
   def decode(self, tokens_B: jax.Array, cache: LMCache) -> tuple[jax.Array, LMCache]:
     """One token per row at position lengths[b]: (logits [B, V] float32, the advanced cache)."""
