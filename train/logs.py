@@ -85,6 +85,8 @@ class RunLog:
     parts = [f"step {step}/{self.total_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
     if "accuracy" in metrics:
       parts.append(f"acc {metrics['accuracy']:.3f}")
+    if metrics.get("skipped"):
+      parts.append(f"skipped {int(metrics['skipped'])}")
     if "tokens_per_s" in metrics:
       parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
     if metrics.get("mfu") is not None:

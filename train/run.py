@@ -156,15 +156,16 @@ def _build(config: TrainConfig, model: ModelSpec | None) -> _Run:
   return _Run(config, config.resolved_run_dir(), mesh, spec, data, total_steps, optimizer, schedule, state, setup)
 
 
-def _resume(run: _Run) -> None:
-  """Step 2: the state and data position of the run directory's checkpoint (the latest, or resume_step)."""
+def _resume(run: _Run) -> str | None:
+  """Step 2: the state and data position of the run directory's checkpoint (the latest, or resume_step); returns
+  the line to log."""
   config, checkpointer = run.config, run.checkpointer
   if not (checkpointer and config.checkpoint.resume):
-    return
+    return None
   want = None if config.checkpoint.resume_step < 0 else config.checkpoint.resume_step
   restored = checkpointer.restore(abstract_state(run.setup, run.state), want)
   if not restored:
-    return
+    return None
   run.step, run.state, data_state = restored
   run.finished = bool(data_state.get("finished"))
   if data_state.get("step") != run.step:
@@ -174,7 +175,7 @@ def _resume(run: _Run) -> None:
     raise ConfigError(f"steps: the run in {run.run_dir} already finished (step {run.step} of {planned}; its "
                       f"learning-rate schedule ended); a finished run is not extended to {run.total_steps} steps. "
                       f"Start a new run (another name or run_dir)")
-  run.log.print(f"resumed from step {run.step} ({checkpointer.directory})")
+  return f"resumed from step {run.step} ({checkpointer.directory})"
 
 
 def _compile(run: _Run):
@@ -350,12 +351,14 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None,
                                  total_steps=run.total_steps, interrupted=False)
   with contextlib.ExitStack() as cleanup:
     os.makedirs(run.run_dir, exist_ok=True)
-    run.log = RunLog(config.log, run.run_dir, run.total_steps)
-    cleanup.callback(run.log.close)
     if config.checkpoint.enabled:
       run.checkpointer = Checkpointer(config.checkpoint, run.run_dir)
       cleanup.callback(run.checkpointer.close)  # also when a restore fails: its background threads must stop
-    _resume(run)
+    resumed = _resume(run)  # before the log opens its files: a refused resume leaves the run directory as it was
+    run.log = RunLog(config.log, run.run_dir, run.total_steps)
+    cleanup.callback(run.log.close)
+    if resumed:
+      run.log.print(resumed)
     if jax.process_index() == 0:
       run_dir_lib.record_run(config, run.run_dir, model is None)
     run.log.print(f"{config.name}: {run.setup.num_params:,} parameters, mesh {dict(run.mesh.shape)}, "
@@ -363,6 +366,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int], None] | None = None,
     if run.finished:
       run.log.print(f"the run in {run.run_dir} already ended at step {run.step}; evaluating its final state")
       run.total_steps = run.step
+    summary["setup_s"] = time.perf_counter() - wall_start
     compiled, eval_fn = _compile(run)
     try:
       evals = _loop(run, compiled, eval_fn, on_step, summary)

@@ -44,8 +44,8 @@ def changed_keys(old: TrainConfig, new: TrainConfig) -> list[str]:
   a = {k: v for k, v in to_dict(old).items() if k not in RESUME_MAY_CHANGE}
   b = {k: v for k, v in to_dict(new).items() if k not in RESUME_MAY_CHANGE}
   a, b = _flat(a), _flat(b)
-  return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
+  keys = sorted(set(a) | set(b), key=lambda k: (k.count("."), k))  # the broadest settings first
+  return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def _has_checkpoints(run_dir: str) -> bool:

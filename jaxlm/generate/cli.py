@@ -113,13 +113,13 @@ def resolve_tokenizer(requested: str | None, source: Source) -> Tokenizer:
     path = os.path.join(source.run_dir, "tokenizer.json")
     run_spec = path if os.path.isfile(path) else "byte"
   spec = requested or run_spec or "byte"
-  if requested and run_spec and not _same_tokenizer(requested, run_spec):
-    raise UsageError(f"--tokenizer {requested}: the run in {source.run_dir} was trained with {run_spec}; "
-                     f"sampling with another tokenizer decodes garbage (leave --tokenizer out to use the run's)")
   try:
     tokenizer = load_tokenizer(spec)
   except (FileNotFoundError, ValueError) as e:
     raise UsageError(f"--tokenizer: {e}") from None
+  if requested and run_spec and not _same_tokenizer(requested, run_spec):
+    raise UsageError(f"--tokenizer {requested}: the run in {source.run_dir} was trained with {run_spec}; "
+                     f"sampling with another tokenizer decodes garbage (leave --tokenizer out to use the run's)")
   if tokenizer.vocab_size > source.config.vocab_size:
     raise UsageError(f"tokenizer {spec} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                      f"{source.config.vocab_size}")
@@ -166,8 +166,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _generate(args: argparse.Namespace) -> None:
   source = resolve_source(args)
   config = dataclasses.replace(source.config, dtype=args.dtype) if args.dtype else source.config
-  tokenizer = None if args.benchmark else resolve_tokenizer(args.tokenizer, dataclasses.replace(source,
-                                                                                                config=config))
   model = init_model(config, args.seed)
   if source.checkpoint:
     from jaxlm.checkpoint import load_params
@@ -183,6 +181,7 @@ def _generate(args: argparse.Namespace) -> None:
     from jaxlm.generate import benchmark
     benchmark.run_benchmarks(model, args)
     return
+  tokenizer = resolve_tokenizer(args.tokenizer, dataclasses.replace(source, config=config))
   stop = args.stop if args.stop is not None else ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
   prompts = [tokenizer.encode(text) for text in args.prompt]
   if any(not p for p in prompts):
