@@ -18,7 +18,7 @@ from train.config import ConfigError
 from train.sweep import load_sweep
 from train.sweep.plot import pareto_frontier, plot_sweep
 from train.sweep.results import RESULTS, read_results
-from train.sweep.runner import run_sweep
+from train.sweep.runner import parse_shard, run_sweep, select
 
 SMOKE = "configs/zoology/smoke.yaml"
 
@@ -157,6 +157,30 @@ def test_bad_sweep_file_names_the_key(tmp_path, path, value, key):
   with pytest.raises(ConfigError) as info:
     load_sweep(_write(tmp_path, data), budget="tiny" if path[0] == "budgets" else None)
   assert str(info.value).startswith(key), str(info.value)
+
+
+def test_shipped_sweeps_expand():
+  zoology, based = load_sweep("configs/zoology/figure2_zoology.yaml"), load_sweep("configs/zoology/figure2_based.yaml")
+  assert len(zoology.runs) == 4 * 5 * 4 * 4 and len(based.runs) == (2 + 9 + 8 + 3 + 3) * 4
+  reduced = load_sweep("configs/zoology/figure2_based.yaml", budget="reduced")
+  assert len(reduced.runs) == 25 * 3 and reduced.out_dir == os.path.join("runs", "figure2_based-reduced")
+  by_name = {r.name: r for r in based.runs}
+  # BaseConv (3 taps x 64) then BASED (d=64, F=16: 273 features, plus the normaliser), at the longest test length
+  assert by_name["based-d64-f16-lr1.0e-03"].state_size == 3 * 64 + 64 * 273 + 273
+  assert by_name["h3-d128-n32-lr1.0e-03"].config.model["mixer_options"]["h3"]["state_dim"] == 32
+  assert {r.state_len for r in based.runs} == {1024}
+
+
+def test_only_and_shard_select_runs():
+  runs = load_sweep(SMOKE, overrides=()).runs
+  assert [r.arch for r in select(runs, "^att")] == ["attention"]
+  assert [r.arch for r in select(runs, None, (1, 2))] == ["attention"]
+  assert select(runs, "based", (1, 2)) == []
+  for bad in ("2/2", "x", "1/0"):
+    with pytest.raises(ConfigError, match="^--shard: "):
+      parse_shard(bad)
+  with pytest.raises(ConfigError, match="^--only: "):
+    select(runs, "(")
 
 
 def test_cli_reports_a_bad_sweep_in_one_line(tmp_path):

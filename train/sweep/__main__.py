@@ -14,6 +14,8 @@ def _run(argv: list[str]) -> int:
   parser.add_argument("--config", required=True, help="a sweep file (configs/zoology/*.yaml)")
   parser.add_argument("--budget", help="a reduced schedule named in the sweep file's budgets: section")
   parser.add_argument("--only", help="run only the runs whose name matches this regular expression")
+  parser.add_argument("--shard", default="0/1", metavar="I/N",
+                      help="run every N-th selected run from the I-th: N processes share the sweep (one GPU or N)")
   parser.add_argument("--dry-run", action="store_true", help="validate and list the runs; train nothing")
   parser.add_argument("--out", help="output directory (default runs/<name>, runs/<name>-<budget> with --budget)")
   parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
@@ -21,10 +23,11 @@ def _run(argv: list[str]) -> int:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a dotted training-config override for every run (repeatable)")
   args = parser.parse_args(argv)
-  from train.sweep.runner import run_sweep
+  from train.sweep.runner import parse_shard, run_sweep
   from train.sweep.spec import load_sweep
+  shard = parse_shard(args.shard)
   sweep = load_sweep(args.config, budget=args.budget, out_dir=args.out, overrides=args.set)
-  return run_sweep(sweep, only=args.only, dry_run=args.dry_run, time_limit=args.time_limit)
+  return run_sweep(sweep, only=args.only, shard=shard, dry_run=args.dry_run, time_limit=args.time_limit)
 
 
 def _plot(argv: list[str]) -> int:

@@ -41,9 +41,13 @@ def _best(lines: list[dict[str, Any]], key) -> dict[Any, dict[str, Any]]:
   return out
 
 
+def _max_len(settings: list[str]) -> int:
+  """The longest sequence among MQAR setting names (`L64_kv4`)."""
+  return max((int(name[1:].split("_")[0]) for name in settings if name.startswith("L")), default=0)
+
+
 def _seq_len(line: dict[str, Any]) -> int:
-  lengths = [int(s[1:].split("_")[0]) for s in line.get("train_settings", []) if s.startswith("L")]
-  return max(lengths, default=0)
+  return _max_len(line.get("train_settings", []))
 
 
 def _panels(lines: list[dict[str, Any]]) -> list[str]:
@@ -56,11 +60,12 @@ def _panels(lines: list[dict[str, Any]]) -> list[str]:
 
 def _title(data: str, lines: list[dict[str, Any]]) -> str:
   line = next(l for l in lines if l["data"] == data)
-  settings = line.get("train_settings", [])
-  if len(settings) == 1:
-    length, pairs = settings[0][1:].split("_kv")
-    return f"L={length}, {pairs} pairs" + (f" ({data})" if data and data != settings[0] else "")
-  return data or "all runs"
+  train, test = line.get("train_settings", []), line.get("test_settings", [])
+  if len(train) == 1:
+    length, pairs = train[0][1:].split("_kv")
+    return f"L={length}, {pairs} pairs" + (f" ({data})" if data and data != train[0] else "")
+  mixture = f"{len(train)} train settings up to L={_max_len(train)}, test up to L={_max_len(test)}"
+  return f"{data}: {mixture}" if data else mixture
 
 
 def load(out_dir: str, metric: str = "final") -> list[dict[str, Any]]:

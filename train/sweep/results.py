@@ -42,11 +42,15 @@ def read_results(out_dir: str) -> list[dict[str, Any]]:
 
 
 def append_result(out_dir: str, line: dict[str, Any]) -> None:
+  """Appends one line with a single write to a file opened O_APPEND, so that shards of a sweep running at once
+  (--shard) never interleave their lines."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, RESULTS), "a") as f:
-    f.write(json.dumps(line) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  fd = os.open(os.path.join(out_dir, RESULTS), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    os.write(fd, (json.dumps(line) + "\n").encode())
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,19 +19,32 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from train.config import load_config, to_dict
+from train.config import ConfigError, load_config, to_dict
 from train.sweep import results as results_lib
 from train.sweep.spec import Run, Sweep
 
 EXIT_TIME_LIMIT = 3  # stopped at --time-limit with runs left: run the same command again to go on
 
 
-def select(runs: tuple[Run, ...], only: str | None) -> list[Run]:
-  """The runs whose name matches the regular expression `only` (all runs for None)."""
-  if not only:
-    return list(runs)
-  pattern = re.compile(only)
-  return [run for run in runs if pattern.search(run.name)]
+def select(runs: tuple[Run, ...], only: str | None, shard: tuple[int, int] = (0, 1)) -> list[Run]:
+  """The runs whose name matches the regular expression `only` (all for None), then every n-th of them from the
+  i-th for shard (i, n): n processes, on one GPU or several, share a sweep without sharing a run."""
+  if only:
+    try:
+      pattern = re.compile(only)
+    except re.error as e:
+      raise ConfigError(f"--only: {only!r} is not a regular expression ({e})") from None
+    runs = tuple(run for run in runs if pattern.search(run.name))
+  index, count = shard
+  return list(runs[index::count])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  """'i/n' -> (i, n), 0 <= i < n."""
+  match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+  if not match or not int(match[1]) < int(match[2]):
+    raise ConfigError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+  return int(match[1]), int(match[2])
 
 
 def planned_steps(run: Run) -> int:
@@ -54,8 +67,9 @@ def _training_error() -> type[BaseException] | tuple:
   return getattr(run_lib, "TrainingError", ())
 
 
-def run_sweep(sweep: Sweep, *, only: str | None = None, dry_run: bool = False, time_limit: float = 0.0,
-              on_step: Callable[[str, int], None] | None = None, stream: TextIO = sys.stdout) -> int:
+def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
+              time_limit: float = 0.0, on_step: Callable[[str, int], None] | None = None,
+              stream: TextIO = sys.stdout) -> int:
   """Runs the sweep's selected runs; returns the exit status (0: all finished, 128+n: signal n, 3: time limit).
 
   `on_step(run name, step)` is called after every training step (tests use it to interrupt a run).
@@ -64,9 +78,9 @@ def run_sweep(sweep: Sweep, *, only: str | None = None, dry_run: bool = False, t
     stream.write(line + "\n")
     stream.flush()
 
-  runs = select(sweep.runs, only)
+  runs = select(sweep.runs, only, shard)
   if not runs:
-    say(f"{sweep.name}: no run matches {only!r}")
+    say(f"{sweep.name}: no run matches {only!r}" + (f" in shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""))
     return 0
   finished = {line["name"]: line for line in results_lib.read_results(sweep.out_dir)}
   say(f"{sweep.name}: {len(runs)} runs ({sum(r.name in finished for r in runs)} finished) -> {sweep.out_dir}")

@@ -8,7 +8,7 @@
   architectures:                        # named architectures: fixed settings and their own option grid
     attention:
       set: {model.num_layers: 2, model.mixers: attention}
-      grid: {model.d_model: [64, 128]}  # every combination of the listed values
+      grid: {model.d_model: [64, 128]}  # every combination of the listed values (or a list of points)
       lr: [1.0e-3]                      # optional: this architecture's own learning rates
   lr: {logspace: [-4, -2, 4]}           # optim.lr axis: a list, or numpy.logspace(start, stop, num)
   seeds: [0]                            # optional: `seed` axis
@@ -121,7 +121,13 @@ def _overrides(mapping: Any, where: str) -> list[tuple[str, str]]:
 
 
 def _grid(grid: Any, where: str) -> list[dict[str, Any]]:
-  """Every combination of the grid's values, in file order (the last key varies fastest)."""
+  """The grid's points: every combination of a mapping's values, in file order (the last key varies fastest),
+  or a list of points as given (for options tied to each other, e.g. H3's state_dim = d_model / 4)."""
+  if isinstance(grid, list):
+    for i, point in enumerate(_values(grid, where)):
+      if not _check_mapping(point, f"{where}[{i}]"):
+        raise ConfigError(f"{where}[{i}]: empty grid point")
+    return [dict(point) for point in grid]
   _check_mapping(grid, where)
   points: list[dict[str, Any]] = [{}]
   for key, values in grid.items():
@@ -154,16 +160,22 @@ def _resolve(base: str, tagged: list[tuple[str, str]], run_name: str) -> TrainCo
     raise ConfigError(f"{origin or run_name}: {e}" if origin else f"{run_name}: {e}") from None
 
 
-def _state(config: TrainConfig, tagged: list[tuple[str, str]], run_name: str) -> tuple[int, int]:
-  """(state size, length) of the run's model at its longest test sequence (Zoology's convention)."""
+def _state(config: TrainConfig, tagged: list[tuple[str, str]], run_name: str, cache: dict) -> tuple[int, int]:
+  """(state size, length) of the run's model at its longest test sequence (Zoology's convention); building the
+  ModelConfig is also where the model section is validated. `cache` holds models already seen (runs that differ
+  only in learning rate or seed share one)."""
   from jaxlm.models.config import ModelConfig
   from jaxlm.models.state_size import model_state_size
 
+  model_dict = {"dtype": config.compute_dtype, "remat": config.remat, **config.model}
+  length = max((s.seq_len for s in config.data.mqar.test), default=0) if config.data.kind == "mqar" else 0
+  key = (json.dumps(model_dict, sort_keys=True, default=str), length)
+  if key in cache:
+    return cache[key]
   try:
-    model = ModelConfig.from_dict({"dtype": config.compute_dtype, "remat": config.remat, **config.model})
-    length = max((s.seq_len for s in config.data.mqar.test), default=0) if config.data.kind == "mqar" else 0
-    length = length or model.max_length
-    return model_state_size(model, length), length
+    model = ModelConfig.from_dict(model_dict)
+    cache[key] = model_state_size(model, length or model.max_length), length or model.max_length
+    return cache[key]
   except (TypeError, ValueError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -208,11 +220,10 @@ def _apply_budget(data: dict[str, Any], budget: str) -> dict[str, Any]:
     if name not in archs:
       raise ConfigError(f"{where}.architectures.{name}: no such architecture (known: {', '.join(archs)})")
     changes = _check_mapping(changes or {}, f"{where}.architectures.{name}", BUDGET_ARCH_KEYS)
-    if "grid" in changes:
-      grid = dict(_check_mapping(archs[name].get("grid", {}), f"architectures.{name}.grid"))
-      for key, values in _check_mapping(changes["grid"], f"{where}.architectures.{name}.grid").items():
-        grid[key] = _values(values, f"{where}.architectures.{name}.grid.{key}")
-      archs[name]["grid"] = grid
+    if "grid" in changes:  # a mapping updates a mapping grid key by key; otherwise it replaces the grid
+      old, new = archs[name].get("grid", {}), changes["grid"]
+      _grid(new, f"{where}.architectures.{name}.grid")
+      archs[name]["grid"] = {**old, **new} if isinstance(old, dict) and isinstance(new, dict) else new
     if "lr" in changes:
       archs[name]["lr"] = _learning_rates(changes["lr"], f"{where}.architectures.{name}.lr")
   data["architectures"] = archs
@@ -253,6 +264,7 @@ def load_sweep(path: str, *, budget: str | None = None, out_dir: str | None = No
   extra = [("--set", o) for o in overrides]
 
   runs: list[Run] = []
+  models: dict = {}
   for arch_name, arch in archs.items():
     where = f"architectures.{arch_name}"
     arch = _check_mapping(arch or {}, where, ARCH_KEYS)
@@ -275,7 +287,7 @@ def load_sweep(path: str, *, budget: str | None = None, out_dir: str | None = No
             tagged += extra + [("name", f"name={json.dumps(run_name)}"),
                                ("--out", f"run_dir={json.dumps(os.path.join(out_dir, run_name))}")]
             config = _resolve(base, tagged, run_name)
-            state, length = _state(config, tagged, run_name)
+            state, length = _state(config, tagged, run_name, models)
             runs.append(Run(run_name, arch_name, data_name, options, lr, seed, config, state, length))
   seen: set[str] = set()
   for run in runs:
