@@ -28,6 +28,7 @@ from jaxlm.tokenizer import load_tokenizer, train_bpe
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl")
 ERRORS = ("strict", "replace", "skip")
+SHOWN_SKIPPED = 10  # skipped files listed per reason (a source tree has many build files)
 
 
 class PrepareError(ValueError):
@@ -177,7 +178,11 @@ def summary(meta: dict, output: str) -> str:
   lines += [f"  {path}: {n} document(s)" for path, n in meta["documents_per_file"].items()]
   if meta["skipped"]:
     lines.append(f"{len(meta['skipped'])} file(s) skipped:")
-    lines += [f"  {path}: {why}" for path, why in meta["skipped"]]
+    for reason in dict.fromkeys(why for _, why in meta["skipped"]):  # each reason once, in order of appearance
+      paths = [path for path, why in meta["skipped"] if why == reason]
+      lines += [f"  {path}: {reason}" for path in paths[:SHOWN_SKIPPED]]
+      if len(paths) > SHOWN_SKIPPED:
+        lines.append(f"  ... and {len(paths) - SHOWN_SKIPPED} more: {reason}")
   for split, info in meta["splits"].items():
     lines.append(f"{split}: {info['docs']} document(s), {info['tokens']:,} tokens")
   lines.append(f"tokenizer {meta['tokenizer']} (vocabulary {meta['vocab_size']}), tokens stored as {meta['dtype']} "
