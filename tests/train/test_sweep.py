@@ -171,11 +171,16 @@ def test_shipped_sweeps_expand():
   assert {r.state_len for r in based.runs} == {1024}
 
 
-def test_only_and_shard_select_runs():
+def test_only_and_shard_select_runs(tmp_path):
   runs = load_sweep(SMOKE, overrides=()).runs
   assert [r.arch for r in select(runs, "^att")] == ["attention"]
-  assert [r.arch for r in select(runs, None, (1, 2))] == ["attention"]
-  assert select(runs, "based", (1, 2)) == []
+  data = _smoke()
+  data["architectures"]["based"]["grid"]["model.d_model"] = [16, 32, 48, 64]
+  data["lr"] = [1e-3, 2e-3, 3e-3, 4e-3]
+  runs = load_sweep(_write(tmp_path, data)).runs
+  shards = [select(runs, None, (i, 4)) for i in range(4)]
+  assert sorted(r.name for shard in shards for r in shard) == sorted(r.name for r in runs)  # a partition
+  assert all(len({r.lr for r in shard}) > 1 for shard in shards)  # not one learning rate per shard
   for bad in ("2/2", "x", "1/0"):
     with pytest.raises(ConfigError, match="^--shard: "):
       parse_shard(bad)

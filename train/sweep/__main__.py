@@ -15,7 +15,7 @@ def _run(argv: list[str]) -> int:
   parser.add_argument("--budget", help="a reduced schedule named in the sweep file's budgets: section")
   parser.add_argument("--only", help="run only the runs whose name matches this regular expression")
   parser.add_argument("--shard", default="0/1", metavar="I/N",
-                      help="run every N-th selected run from the I-th: N processes share the sweep (one GPU or N)")
+                      help="run shard I of N (runs assigned by a hash of their name): N processes share the sweep")
   parser.add_argument("--dry-run", action="store_true", help="validate and list the runs; train nothing")
   parser.add_argument("--out", help="output directory (default runs/<name>, runs/<name>-<budget> with --budget)")
   parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",

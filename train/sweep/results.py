@@ -112,7 +112,7 @@ def accuracy_fields(summary: dict[str, Any], run_dir: str) -> dict[str, Any]:
   history = _accuracies([r for r in _lines(os.path.join(run_dir, "metrics.jsonl")) if "step" in r])
   final = _accuracies([summary])
   fields: dict[str, Any] = {"accuracy": None, "best_accuracy": None, "best_step": None, "per_setting": {}}
-  for metric in sorted(set(history) | set(final)):
+  for metric in dict.fromkeys([*final, *history]):  # the eval's order: the test settings' order
     points = history.get(metric, []) + [(summary.get("step", -1), v) for _, v in final.get(metric, [])]
     step, best = max(points, key=lambda p: (p[1], -p[0]))
     last = final[metric][0][1] if metric in final else None

@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import TextIO
 
@@ -27,8 +28,9 @@ EXIT_TIME_LIMIT = 3  # stopped at --time-limit with runs left: run the same comm
 
 
 def select(runs: tuple[Run, ...], only: str | None, shard: tuple[int, int] = (0, 1)) -> list[Run]:
-  """The runs whose name matches the regular expression `only` (all for None), then every n-th of them from the
-  i-th for shard (i, n): n processes, on one GPU or several, share a sweep without sharing a run."""
+  """The runs whose name matches the regular expression `only` (all for None), then those of shard (i, n): n
+  processes, on one GPU or several, share a sweep without sharing a run. A run's shard is a hash of its name, not
+  its position, so that a shard does not get every run of one learning rate (and so all the slow ones)."""
   if only:
     try:
       pattern = re.compile(only)
@@ -36,7 +38,7 @@ def select(runs: tuple[Run, ...], only: str | None, shard: tuple[int, int] = (0,
       raise ConfigError(f"--only: {only!r} is not a regular expression ({e})") from None
     runs = tuple(run for run in runs if pattern.search(run.name))
   index, count = shard
-  return list(runs[index::count])
+  return [run for run in runs if count == 1 or zlib.crc32(run.name.encode()) % count == index]
 
 
 def parse_shard(text: str) -> tuple[int, int]:

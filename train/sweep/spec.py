@@ -45,6 +45,7 @@ BUDGET_ARCH_KEYS = ("grid", "lr")
 LABELS = {"d_model": "d", "feature_dim": "f", "window": "w", "state_dim": "n", "num_layers": "l",
           "kernel_size": "k", "num_heads": "h"}
 _NAME = re.compile(r"[A-Za-z0-9_.]+")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +281,9 @@ def load_sweep(path: str, *, budget: str | None = None, out_dir: str | None = No
             parts += [] if lr is None else [f"lr{lr:.1e}"]
             parts += [] if seed is None else [f"s{seed}"]
             run_name = "-".join(p for p in parts if p)
+            if not _RUN_NAME.fullmatch(run_name):
+              raise ConfigError(f"{where}.grid: run name {run_name!r} would hold other characters than letters, "
+                                f"digits and _.-+ (grid values named in runs must be numbers or short names)")
             tagged = common + data_tagged + arch_set
             tagged += [(f"{where}.grid.{k}", f"{k}={json.dumps(v)}") for k, v in options.items()]
             tagged += [] if lr is None else [(f"{where}.lr" if "lr" in arch else "lr", f"optim.lr={lr!r}")]
