@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 
 from jaxlm.models.config import ModelConfig, load_model_config
-
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "models")
+from jaxlm.paths import PRESETS_DIR
 
 
 def preset_names() -> list[str]:
