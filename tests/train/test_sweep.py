@@ -214,6 +214,8 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
   assert [line["name"] for line in read_results(out)] == [based]
   summary = json.load(open(os.path.join(out, attention, "summary.json")))
   assert summary["interrupted"] and summary["step"] == 5
+  assert os.listdir(os.path.join(out, attention, "checkpoints")) and not os.path.exists(
+      os.path.join(out, based, "checkpoints"))  # the stopped run keeps its checkpoint, the finished one not
 
   steps = []
   log = io.StringIO()
@@ -221,6 +223,7 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
                    stream=log) == 0
   assert f"{based}: finished, skipped" in log.getvalue()
   assert steps == [(attention, s) for s in range(6, 25)]  # resumed after step 5, the finished run not rerun
+  assert not os.path.exists(os.path.join(out, attention, "checkpoints"))  # deleted once its line was written
   lines = read_results(out)
   raw = open(os.path.join(out, RESULTS)).read().splitlines()
   assert [line["name"] for line in lines] == [based, attention] and len(raw) == 2

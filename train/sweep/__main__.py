@@ -20,6 +20,8 @@ def _run(argv: list[str]) -> int:
   parser.add_argument("--out", help="output directory (default runs/<name>, runs/<name>-<budget> with --budget)")
   parser.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                       help="stop (saving the current run's checkpoint) after this long; exit status 3")
+  parser.add_argument("--keep-checkpoints", action="store_true",
+                      help="keep finished runs' checkpoints (default: deleted once their result line is written)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a dotted training-config override for every run (repeatable)")
   args = parser.parse_args(argv)
@@ -27,7 +29,8 @@ def _run(argv: list[str]) -> int:
   from train.sweep.spec import load_sweep
   shard = parse_shard(args.shard)
   sweep = load_sweep(args.config, budget=args.budget, out_dir=args.out, overrides=args.set)
-  return run_sweep(sweep, only=args.only, shard=shard, dry_run=args.dry_run, time_limit=args.time_limit)
+  return run_sweep(sweep, only=args.only, shard=shard, dry_run=args.dry_run, time_limit=args.time_limit,
+                   keep_checkpoints=args.keep_checkpoints)
 
 
 def _plot(argv: list[str]) -> int:

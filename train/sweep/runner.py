@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -70,11 +71,13 @@ def _training_error() -> type[BaseException] | tuple:
 
 
 def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
-              time_limit: float = 0.0, on_step: Callable[[str, int], None] | None = None,
-              stream: TextIO = sys.stdout) -> int:
+              time_limit: float = 0.0, keep_checkpoints: bool = False,
+              on_step: Callable[[str, int], None] | None = None, stream: TextIO = sys.stdout) -> int:
   """Runs the sweep's selected runs; returns the exit status (0: all finished, 128+n: signal n, 3: time limit).
 
-  `on_step(run name, step)` is called after every training step (tests use it to interrupt a run).
+  A finished run's checkpoints are deleted once its line is written, unless `keep_checkpoints`: hundreds of runs
+  would otherwise keep gigabytes that no result needs. `on_step(run name, step)` is called after every training
+  step (tests use it to interrupt a run).
   """
   def say(line: str) -> None:
     stream.write(line + "\n")
@@ -143,6 +146,8 @@ def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] =
     line = results_lib.result_line(run, summary, wall)
     results_lib.append_result(sweep.out_dir, line)
     finished[run.name] = line
+    if not keep_checkpoints:
+      shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     acc = line["accuracy"] if line["accuracy"] is not None else float("nan")
     best = line["best_accuracy"] if line["best_accuracy"] is not None else float("nan")
     say(f"{head}: accuracy {acc:.4f} (best {best:.4f}) after {line['steps']} steps, "
