@@ -246,14 +246,38 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
   with pytest.raises(ConfigError, match=r"^based-L32_kv4-d16-lr3\.0e-03: finished .*\(steps: 24 -> 8\)"):
     run_sweep(load_sweep(SMOKE, out_dir=out, budget="tiny"), stream=io.StringIO())
 
-  md = str(tmp_path / "figures" / "smoke.md")
+  figures = str(tmp_path / "figures")
   try:
-    paths = plot_sweep(out, dest=str(tmp_path / "figures"))
-  except ImportError:
-    pytest.skip("matplotlib is not installed (the plots extra); the table was checked only up to here")
-  finally:
-    table = open(md).read()
-    assert "| based | 453 |" in table and "attention" in table
+    paths = plot_sweep(out, dest=figures)
+  except ImportError:  # no matplotlib (the plots extra): the table is written first; test_plot_pngs is skipped
+    paths = []
+  table = open(os.path.join(figures, "smoke.md")).read()
+  assert "| based | 453 |" in table and "| attention | 1,024 |" in table
   for path in paths[1:]:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_pngs(tmp_path):
+  """Both figures from a results file of two lengths, three architectures, two widths and two rates."""
+  pytest.importorskip("matplotlib")
+  lines = []
+  for length in (64, 256):
+    for arch, state in (("attention", 2 * length), ("based", 300), ("h3", 40)):
+      for d_model in (16, 32):
+        for lr, acc in ((1e-3, 0.2), (1e-2, 0.9 if arch != "h3" else 0.1)):
+          lines.append(dict(name=f"{arch}-L{length}-d{d_model}-lr{lr:.1e}", arch=arch, data=f"L{length}_kv4",
+                            options={"model.d_model": d_model}, lr=lr, d_model=d_model,
+                            train_settings=[f"L{length}_kv4"], test_settings=[f"L{length}_kv4"],
+                            state_size=state * d_model, state_len=length, accuracy=acc, best_accuracy=acc))
+  out = tmp_path / "fake"
+  out.mkdir()
+  (out / RESULTS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+  paths = plot_sweep(str(out))
+  assert [os.path.basename(p) for p in paths] == ["fake.md", "fake_width.png", "fake_state.png"]
+  for path in paths[1:]:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  table = open(paths[0]).read()
+  assert "| h3 | 640 | 0.200 | 16 | lr=1.0e-03 | yes |" in table  # the best rate; smallest state: on the frontier
+  assert "| based | 4,800 | 0.900 | 16 | lr=1.0e-02 | yes |" in table and "| based | 9,600 | 0.900 |" in table
