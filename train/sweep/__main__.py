@@ -23,7 +23,8 @@ def _run(argv: list[str]) -> int:
   parser.add_argument("--keep-checkpoints", action="store_true",
                       help="keep finished runs' checkpoints (default: deleted once their result line is written)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="a dotted training-config override for every run (repeatable)")
+                      help="a dotted training-config override for every run, applied last (repeatable; run names "
+                           "do not change)")
   args = parser.parse_args(argv)
   from train.sweep.runner import parse_shard, run_sweep
   from train.sweep.spec import load_sweep

@@ -148,10 +148,8 @@ def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] =
     finished[run.name] = line
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    acc = line["accuracy"] if line["accuracy"] is not None else float("nan")
-    best = line["best_accuracy"] if line["best_accuracy"] is not None else float("nan")
-    say(f"{head}: accuracy {acc:.4f} (best {best:.4f}) after {line['steps']} steps, "
-        f"{line['wall_s'] or 0:.0f}s")
+    acc, best = (f"{v:.4f}" if v is not None else "none" for v in (line["accuracy"], line["best_accuracy"]))
+    say(f"{head}: accuracy {acc} (best {best}) after {line['steps']} steps, {line['wall_s'] or 0:.0f}s")
   done = sum(r.name in finished for r in runs)
   say(f"{sweep.name}: {done}/{len(runs)} runs finished" + ("" if dry_run else f" -> {sweep.out_dir}/results.jsonl"))
   return 0
