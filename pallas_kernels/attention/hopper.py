@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -54,12 +53,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.attention import hopper_backward
-from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
-from pallas_kernels.common.layout import round_up
+from pallas_kernels.common.layout import cdiv, round_up
 
-_LOG2E = math.log2(math.e)
 _HEAD_DIMS = (64, 128)
 
 
@@ -68,11 +66,14 @@ class BlockSizes:
   block_q: int = 64  # query rows per consumer warpgroup (the wgmma M); a CTA holds 2·block_q
   block_k: int = 128  # keys per pipeline stage
   num_stages: int = 2  # depth of the K/V shared-memory ring
+  # The backward kernels' knobs (hopper_backward.py), so that one BlockSizes tunes the op both ways.
+  backward: hopper_backward.BlockSizes = dataclasses.field(default_factory=hopper_backward.BlockSizes)
 
   @classmethod
   def for_shape(cls, *, head_dim: int) -> "BlockSizes":
     """D=64 tiles are half the bytes, so a third stage fits and hides more TMA latency."""
-    return cls(num_stages=3 if head_dim <= 64 else 2)
+    return cls(num_stages=3 if head_dim <= 64 else 2, backward=hopper_backward.BlockSizes.for_shape(
+        head_dim=head_dim))
 
   def smem_bytes(self, head_dim: int, itemsize: int) -> int:
     tiles = mosaic.CONSUMERS * self.block_q + 2 * self.num_stages * self.block_k
@@ -102,10 +103,6 @@ class _Plan:
   def rows(self) -> int:
     return mosaic.CONSUMERS * self.blocks.block_q
 
-  @property
-  def exp2_scale(self) -> float:
-    return self.mask.scale * _LOG2E
-
 
 def _key_blocks(plan: _Plan, q_start):
   """(lo, full_lo, full_hi, hi): the CTA reads key blocks [lo, hi) and blocks [full_lo, full_hi) need no mask.
@@ -119,7 +116,7 @@ def _key_blocks(plan: _Plan, q_start):
   p_first = mask.q_offset + q_start  # position of the CTA's first row
   full_lo = lo + 1
   if mask.window is not None:  # every row sees k >= p_last - window + 1
-    full_lo = jnp.maximum(full_lo, mosaic.cdiv(jnp.maximum(p_first + rows - mask.window, 0), bk))
+    full_lo = jnp.maximum(full_lo, cdiv(jnp.maximum(p_first + rows - mask.window, 0), bk))
   full_hi = jnp.int32(mask.kv_len // bk)  # blocks without key padding
   if mask.right is not None:  # every row sees k <= p_first + right
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
@@ -142,7 +139,7 @@ def _scores(plan: _Plan, s, row_start, k_start, masked: bool, q_ids=None, k_ids=
   k_pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + k_start
   visible = mask.visible(q_pos, k_pos)
   if q_ids is not None:
-    visible = visible & (mosaic.rows(q_ids, s.shape) == lax.broadcast_in_dim(k_ids, s.shape, [1]))
+    visible = visible & (mosaic.rows(q_ids, s.shape) == mosaic.cols(k_ids, s.shape))
   return jnp.where(visible, s, -jnp.inf)
 
 
@@ -175,7 +172,7 @@ class _Shared(NamedTuple):
 
 def _shared_types(plan: _Plan) -> _Shared:
   bq, bk, stages, d = plan.blocks.block_q, plan.blocks.block_k, plan.blocks.num_stages, plan.head_dim
-  tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  tiles = mosaic.swizzled(128)
   return _Shared(
       q=plgpu.SMEM((mosaic.CONSUMERS, bq, d), plan.dtype, transforms=tiles),
       k=plgpu.SMEM((stages, bk, d), plan.dtype, transforms=tiles),
@@ -207,25 +204,12 @@ class _Cta(NamedTuple):
 
 
 def _producer(plan: _Plan, cta: _Cta, k_ref, v_ref, sh: _Shared):
-  """Loads K_j, V_j for j in [lo, hi) into the ring, each slot once both consumers have freed it."""
-  bk, stages, slot = plan.blocks.block_k, cta.stages, cta.slot
+  """Streams K_j and V_j for j in [lo, hi) through the ring; K's slot frees before V's, so each has its barrier."""
+  bk = plan.blocks.block_k
   kv_head = lax.div(cta.head, plan.heads // plan.kv_heads)  # GQA: read the shared head in place
-
-  def load(j, carry):
-    rows = (cta.batch, pl.ds(j * bk, bk), kv_head)
-    for ref, smem, ready, free in ((k_ref, sh.k, sh.k_ready, sh.k_free), (v_ref, sh.v, sh.v_ready, sh.v_free)):
-      pl.when(j - cta.lo >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot(j)]))
-      plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot(j)], ready.at[slot(j)])
-    return carry
-
-  lax.fori_loop(cta.lo, cta.hi, load, None)
-
-  def drain(j, carry):  # await the last releases too: every phase of a barrier is observed
-    plgpu.barrier_wait(sh.k_free.at[slot(j)])
-    plgpu.barrier_wait(sh.v_free.at[slot(j)])
-    return carry
-
-  lax.fori_loop(jnp.maximum(cta.lo, cta.hi - stages), cta.hi, drain, None)
+  keys = lambda ref: lambda j: ref.at[cta.batch, pl.ds(j * bk, bk), kv_head]
+  mosaic.produce_ring(cta.lo, cta.hi, cta.stages, [(sh.k_free, [mosaic.Stream(keys(k_ref), sh.k, sh.k_ready)]),
+                                                  (sh.v_free, [mosaic.Stream(keys(v_ref), sh.v, sh.v_ready)])])
 
 
 def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _Shared):
@@ -299,13 +283,13 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
     s = _scores(plan, scores(lo, o_acc, None), row_start, lo * bk, True, q_ids, k_ids)
     m0 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l0 = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    p, m, l, _ = _softmax_step(s, plan.exp2_scale, m0, l0, masked=True)
+    p, m, l, _ = _softmax_step(s, plan.mask.exp2_scale, m0, l0, masked=True)
 
     def step(j, carry, *, masked: bool):
       m, l, p_prev = carry
       k_ids = key_ids(j) if masked else None
       s = _scores(plan, scores(j, o_acc, p_prev), row_start, j * bk, masked, q_ids, k_ids)
-      p, m, l, alpha = _softmax_step(s, plan.exp2_scale, m, l, masked)
+      p, m, l, alpha = _softmax_step(s, plan.mask.exp2_scale, m, l, masked)
       o = finish_pv(o_acc, j - 1)
       return m, l, store_o(o_acc, o * mosaic.rows(alpha, o.shape), p)
 
@@ -323,7 +307,7 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
   empty = l == 0.0  # rows that see no key: out 0, lse -inf
   l_safe = jnp.where(empty, 1.0, l)
   q_tile[...] = (o * mosaic.rows(1.0 / l_safe, o.shape)).astype(plan.dtype)  # Q is dead: stage O in its tile
-  sh.lse.at[wg][...] = jnp.where(empty, -jnp.inf, m / _LOG2E + jnp.log(l_safe))
+  sh.lse.at[wg][...] = jnp.where(empty, -jnp.inf, m / LOG2E + jnp.log(l_safe))
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(row_start, bq), head])
   plgpu.copy_smem_to_gmem(sh.lse.at[wg], lse_ref.at[batch, head, pl.ds(row_start, bq)])
@@ -346,22 +330,12 @@ def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
   """(o [B, T_pad, H, D], lse [B, H, T_pad]) from padded q [B, T_pad, H, D], k, v [B, S_pad, K, D] and segment
   ids [B, T_pad], [B, S_pad] (or None)."""
   batch, t_pad = q.shape[:2]
-
-  def flash_attention_hopper_fwd(*refs):  # the kernel's name in profiles
-    _kernel(*refs, plan=plan)
-
   segments = () if q_ids is None else (q_ids, k_ids)
-  return plgpu.kernel(
-      flash_attention_hopper_fwd,
+  return mosaic.launch(
+      functools.partial(_kernel, plan=plan), q, k, v, *segments, name="flash_attention_hopper_fwd",
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, plan.heads, t_pad), jnp.float32)),
-      scratch_types=[_shared_types(plan)],
-      grid=(plan.heads, plan.q_blocks, batch),
-      grid_names=("heads", "q_blocks", "batch"),
-      num_threads=mosaic.CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(q, k, v, *segments)
+      scratch=_shared_types(plan), grid=dict(heads=plan.heads, q_blocks=plan.q_blocks, batch=batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +346,7 @@ class _Options:
   window_right: int | None
   scale: float | None
   softcap: float | None
-  block_sizes: BlockSizes | None
+  block_sizes: BlockSizes
 
   def mask_args(self) -> dict:
     return dict(causal=self.causal, window=self.window, window_right=self.window_right, scale=self.scale,
@@ -383,11 +357,9 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
   """(out [B, T, H, D], lse [B, H, T]): pads T to whole CTAs and S to whole key blocks, runs the kernel, unpads."""
   batch, q_len, heads, head_dim = q_BTHD.shape
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
-  blocks = options.block_sizes or BlockSizes.for_shape(head_dim=head_dim)
+  blocks = options.block_sizes
   blocks.check(head_dim, q_BTHD.dtype.itemsize)
-  mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if options.scale is None else options.scale,
-                  causal=options.causal, window=options.window, window_right=options.window_right,
-                  softcap=options.softcap, q_offset=kv_len - q_len, q_len=q_len, kv_len=kv_len)
+  mask = MaskSpec.for_call(q_len=q_len, kv_len=kv_len, head_dim=head_dim, **options.mask_args())
   rows = mosaic.CONSUMERS * blocks.block_q
   t_pad, s_pad = round_up(q_len, rows), round_up(kv_len, blocks.block_k)
   plan = _Plan(mask=mask, blocks=blocks, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -413,7 +385,8 @@ def _attention_fwd(options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
 def _attention_bwd(options, residuals, cotangents):
   q, k, v, ids_BT, ids_BS, o, lse = residuals
   dq, dk, dv = hopper_backward.flash_attention_backward(q, k, v, o, lse, *cotangents, segment_ids=ids_BT,
-                                                        kv_segment_ids=ids_BS, **options.mask_args())
+                                                        kv_segment_ids=ids_BS, **options.mask_args(),
+                                                        block_sizes=options.block_sizes.backward)
   return dq, dk, dv, None, None
 
 
@@ -424,7 +397,7 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                     kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
                     block_sizes: BlockSizes | None = None):
   """FlashAttention forward on sm90 with reference.py's semantics (api.py validates the rest of the inputs);
-  gradients come from the Hopper backward kernels (hopper_backward.py)."""
+  gradients come from the Hopper backward kernels (hopper_backward.py), tuned by block_sizes.backward."""
   dtype, head_dim = jnp.dtype(q_BTHD.dtype), q_BTHD.shape[-1]
   if not mosaic.is_16bit(dtype) or head_dim not in _HEAD_DIMS:
     raise ValueError(f"the Hopper kernel takes bfloat16/float16 inputs with head dim in {_HEAD_DIMS}, got "
@@ -433,7 +406,8 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
     kv_segment_ids = segment_ids
   options = _Options(causal=bool(causal), window=window, window_right=window_right,
                      scale=None if scale is None else float(scale),
-                     softcap=None if softcap is None else float(softcap), block_sizes=block_sizes)
+                     softcap=None if softcap is None else float(softcap),
+                     block_sizes=block_sizes or BlockSizes.for_shape(head_dim=head_dim))
   o, lse = _attention(options, q_BTHD, k_BSKD, v_BSKD, segment_ids, kv_segment_ids)
   return (o, lse) if return_lse else o
 

@@ -45,11 +45,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common import mosaic
-from pallas_kernels.common.layout import round_up
-
-_LOG2E = math.log2(math.e)
+from pallas_kernels.common.layout import cdiv, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +91,6 @@ class _Plan:
   def group(self) -> int:
     return self.heads // self.kv_heads
 
-  @property
-  def exp2_scale(self) -> float:
-    return self.mask.scale * _LOG2E
-
 
 def _probabilities(plan: _Plan, s, lse2, visible):
   """(P, tanh or None) of one tile from raw scores s = q·k and the base-2 lse broadcast to the tile; visible is
@@ -106,7 +100,7 @@ def _probabilities(plan: _Plan, s, lse2, visible):
   if mask.softcap is not None:
     tanh = jnp.tanh(s * (mask.scale / mask.softcap))
     s = (mask.softcap / mask.scale) * tanh
-  p = jnp.exp2(s * plan.exp2_scale - lse2)
+  p = jnp.exp2(s * mask.exp2_scale - lse2)
   if visible is not None:  # hidden scores may overflow exp2: select, never multiply
     p = jnp.where(visible, p, 0.0)
   return p, tanh
@@ -137,8 +131,7 @@ _COL_VECTOR = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
 
 
 def _tiles(plan: _Plan, rows: int, count: int):
-  return plgpu.SMEM((count, rows, plan.head_dim), plan.dtype,
-                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  return plgpu.SMEM((count, rows, plan.head_dim), plan.dtype, transforms=mosaic.swizzled(128))
 
 
 class _Shared(NamedTuple):
@@ -164,24 +157,11 @@ def _shared_types(plan: _Plan, step: int) -> _Shared:
       free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
 
 
-def _produce(sh: _Shared, stages: int, count, source):
-  """Streams `count` tile pairs into the ring: source(n) gives the global refs of step n."""
-
-  def load(n, carry):
-    slot = lax.rem(n, stages)
-    pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, sh.free.at[slot]))
-    ref_a, ref_b = source(n)
-    plgpu.copy_gmem_to_smem(ref_a, sh.ring_a.at[slot], sh.ring_a_ready.at[slot])
-    plgpu.copy_gmem_to_smem(ref_b, sh.ring_b.at[slot], sh.ring_b_ready.at[slot])
-    return carry
-
-  lax.fori_loop(0, count, load, None)
-
-  def drain(n, carry):  # await the last releases too: every phase of a barrier is observed
-    plgpu.barrier_wait(sh.free.at[lax.rem(n, stages)])
-    return carry
-
-  lax.fori_loop(jnp.maximum(count - stages, 0), count, drain, None)
+def _produce(sh: _Shared, stages: int, count, ref_a, ref_b, index):
+  """Streams `count` steps of (ref_a, ref_b) tiles into the ring, step n at ref.at[index(n)]."""
+  streams = [mosaic.Stream(lambda n: ref_a.at[index(n)], sh.ring_a, sh.ring_a_ready),
+             mosaic.Stream(lambda n: ref_b.at[index(n)], sh.ring_b, sh.ring_b_ready)]
+  mosaic.produce_ring(0, count, stages, [(sh.free, streams)])
 
 
 def _load_own(sh: _Shared, wg, ref_a, ref_b):
@@ -258,7 +238,7 @@ def _dkv_query_blocks(plan: _Plan, cta: _Cta, k_first):
   k_last = k_first + mosaic.WG_ROWS - 1
   full_lo, full_hi = lo, hi
   if mask.right is not None:  # the block's first row p sees k_last iff k_last - p <= right
-    full_lo = mosaic.cdiv(jnp.maximum(k_last - mask.right - mask.q_offset, 0), bq)
+    full_lo = cdiv(jnp.maximum(k_last - mask.right - mask.q_offset, 0), bq)
   if mask.window is not None:  # its last row p sees k_first iff p - k_first < window
     full_hi = lax.div(jnp.maximum(k_first + mask.window - mask.q_offset, 0), bq)
   full_hi = jnp.where(k_last < mask.kv_len, full_hi, full_lo)  # key padding
@@ -274,7 +254,7 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
   k_tile, v_tile = sh.own_a.at[wg], sh.own_b.at[wg]
   ranges = _dkv_query_blocks(plan, cta, k_first)
   shape = (mosaic.WG_ROWS, bq)  # transposed tiles: keys down, query rows across
-  columns = lambda x: lax.broadcast_in_dim(x, shape, [1])
+  columns = lambda x: mosaic.cols(x, shape)
   k_ids = _load_vector(seg_refs[1].at[cta.batch, own[1]], _ROW_VECTOR) if seg_refs else None
 
   def step(i, slot, *, g, masked: bool, dk_acc, dv_acc):
@@ -285,7 +265,7 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
     if masked:
       q_ids = columns(_load_vector(seg_refs[0].at[cta.batch, rows], _COL_VECTOR)) if seg_refs else None
       visible = _visible(plan, _iota(shape, 1, plan.mask.q_offset + i * bq), _iota(shape, 0, k_first), q_ids,
-                         None if k_ids is None else lax.broadcast_in_dim(k_ids, shape, [0]))
+                         None if k_ids is None else mosaic.rows(k_ids, shape))
     q_slot, do_slot = sh.ring_a.at[slot], sh.ring_b.at[slot]
     _await_slot(sh, slot)
 
@@ -321,18 +301,17 @@ def _dkv_kernel(*refs, plan: _Plan):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-3]
   dk_ref, dv_ref, sh = refs[-3:]
   bq, group = plan.blocks.block_q_dkv, plan.group
-  start = lax.axis_index("k_blocks") * (mosaic.CONSUMERS * mosaic.WG_ROWS)
+  start = lax.axis_index("k_blocks") * mosaic.CTA_ROWS
   cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), start,
-             *plan.mask.q_block_range(start, mosaic.CONSUMERS * mosaic.WG_ROWS, bq))
+             *plan.mask.q_block_range(start, mosaic.CTA_ROWS, bq))
   n_blocks = cta.hi - cta.lo
 
-  def source(n):  # step n: query head g of the group, query block i
+  def rows(n):  # step n: query head g of the group, query block i
     g, i = lax.div(n, n_blocks), cta.lo + lax.rem(n, n_blocks)
-    rows = (cta.batch, pl.ds(i * bq, bq), cta.head * group + g)
-    return q_ref.at[rows], do_ref.at[rows]
+    return cta.batch, pl.ds(i * bq, bq), cta.head * group + g
 
   mosaic.warp_specialized(
-      lambda: _produce(sh, plan.blocks.num_stages, group * n_blocks, source),
+      lambda: _produce(sh, plan.blocks.num_stages, group * n_blocks, q_ref, do_ref, rows),
       lambda wg: _dkv_consumer(plan, cta, wg, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dk_ref,
                                                dv_ref), sh))
 
@@ -348,7 +327,7 @@ def _dq_key_blocks(plan: _Plan, cta: _Cta, row_first):
   p_first = mask.q_offset + row_first
   full_lo, full_hi = lo, jnp.int32(mask.kv_len // bk)  # blocks without key padding
   if mask.window is not None:  # the last row sees the block's first key
-    full_lo = mosaic.cdiv(jnp.maximum(p_first + mosaic.WG_ROWS - mask.window, 0), bk)
+    full_lo = cdiv(jnp.maximum(p_first + mosaic.WG_ROWS - mask.window, 0), bk)
   if mask.right is not None:  # the first row sees the block's last key
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
   return _ordered((cta.lo, cta.hi), lo, full_lo, full_hi, hi, plan.segmented)
@@ -363,7 +342,7 @@ def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
   q_tile, do_tile = sh.own_a.at[wg], sh.own_b.at[wg]
   ranges = _dq_key_blocks(plan, cta, row_first)
   shape = (mosaic.WG_ROWS, bk)
-  rows = lambda x: lax.broadcast_in_dim(x, shape, [0])
+  rows = lambda x: mosaic.rows(x, shape)
   stats = (cta.batch, cta.head, own[1])
   lse2, delta = _load_vector(lse_ref.at[stats], _ROW_VECTOR), _load_vector(delta_ref.at[stats], _ROW_VECTOR)
   q_ids = _load_vector(seg_refs[0].at[cta.batch, own[1]], _ROW_VECTOR) if seg_refs else None
@@ -373,8 +352,7 @@ def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
     if masked:
       k_ids = None
       if seg_refs:
-        k_ids = lax.broadcast_in_dim(
-            _load_vector(seg_refs[1].at[cta.batch, pl.ds(j * bk, bk)], _COL_VECTOR), shape, [1])
+        k_ids = mosaic.cols(_load_vector(seg_refs[1].at[cta.batch, pl.ds(j * bk, bk)], _COL_VECTOR), shape)
       visible = _visible(plan, _iota(shape, 0, plan.mask.q_offset + row_first), _iota(shape, 1, j * bk),
                          None if q_ids is None else rows(q_ids), k_ids)
     k_slot, v_slot = sh.ring_a.at[slot], sh.ring_b.at[slot]
@@ -403,35 +381,21 @@ def _dq_kernel(*refs, plan: _Plan):
   """refs: q, k, v, do, lse2, delta, (q_ids, k_ids if segmented), dq, _Shared."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-2]
   dq_ref, sh = refs[-2:]
-  bk, rows = plan.blocks.block_k_dq, mosaic.CONSUMERS * mosaic.WG_ROWS
+  bk, rows = plan.blocks.block_k_dq, mosaic.CTA_ROWS
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
   start = (plan.t_pad // rows - 1 - lax.axis_index("q_blocks")) * rows
   head = lax.axis_index("heads")
   cta = _Cta(lax.axis_index("batch"), head, start, *plan.mask.kv_block_range(start, rows, bk))
   kv_head = lax.div(head, plan.group)
-
-  def source(n):
-    keys = (cta.batch, pl.ds((cta.lo + n) * bk, bk), kv_head)
-    return k_ref.at[keys], v_ref.at[keys]
+  keys = lambda n: (cta.batch, pl.ds((cta.lo + n) * bk, bk), kv_head)
 
   mosaic.warp_specialized(
-      lambda: _produce(sh, plan.blocks.num_stages, cta.hi - cta.lo, source),
+      lambda: _produce(sh, plan.blocks.num_stages, cta.hi - cta.lo, k_ref, v_ref, keys),
       lambda wg: _dq_consumer(plan, cta, wg, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_refs, dq_ref),
                               sh))
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def _launch(plan: _Plan, kernel, name: str, out_type, grid: tuple, grid_names: tuple, step: int, args):
-  def body(*refs):
-    kernel(*refs, plan=plan)
-
-  body.__name__ = name  # the kernel's name in profiles
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=[_shared_types(plan, step)], grid=grid, grid_names=grid_names,
-      num_threads=mosaic.CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(*args)
 
 
 def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, dlse_BHT, *, causal=False,
@@ -443,12 +407,11 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
   blocks = block_sizes or BlockSizes.for_shape(head_dim=head_dim)
   blocks.check(head_dim, q_BTHD.dtype.itemsize)
-  cta_rows = mosaic.CONSUMERS * mosaic.WG_ROWS
+  cta_rows = mosaic.CTA_ROWS
   t_pad = round_up(q_len, math.lcm(cta_rows, blocks.block_q_dkv))
   s_pad = round_up(kv_len, math.lcm(cta_rows, blocks.block_k_dq))
-  mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,
-                  window=window, window_right=window_right, softcap=softcap, q_offset=kv_len - q_len,
-                  q_len=q_len, kv_len=kv_len)
+  mask = MaskSpec.for_call(q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal=causal, window=window,
+                           window_right=window_right, scale=scale, softcap=softcap)
   plan = _Plan(mask=mask, blocks=blocks, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                dtype=jnp.dtype(q_BTHD.dtype), t_pad=t_pad, s_pad=s_pad, segmented=segment_ids is not None)
 
@@ -461,16 +424,19 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
   if dlse_BHT is not None:  # d lse / d logits = P: the lse cotangent shifts delta
     delta_BHT = delta_BHT - dlse_BHT.astype(jnp.float32)
   # Rows that see no key (lse = -inf) and padding rows get +inf: P = exp2(s - inf) = 0 with no mask.
-  lse2_BHT = jnp.where(lse_BHT == -jnp.inf, jnp.inf, lse_BHT.astype(jnp.float32) * _LOG2E)
+  lse2_BHT = jnp.where(lse_BHT == -jnp.inf, jnp.inf, lse_BHT.astype(jnp.float32) * LOG2E)
   args = (pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), pad(do_BTHD, t_pad),
           pad(lse2_BHT, t_pad, axis=2, value=jnp.inf), pad(delta_BHT, t_pad, axis=2))
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     args += (pad(segment_ids.astype(jnp.int32), t_pad), pad(kv_segment_ids.astype(jnp.int32), s_pad))
 
-  dq = _launch(plan, _dq_kernel, "flash_attention_hopper_dq", jax.ShapeDtypeStruct(args[0].shape, plan.dtype),
-               (heads, t_pad // cta_rows, batch), ("heads", "q_blocks", "batch"), blocks.block_k_dq, args)
+  dq = mosaic.launch(functools.partial(_dq_kernel, plan=plan), *args, name="flash_attention_hopper_dq",
+                     out_type=jax.ShapeDtypeStruct(args[0].shape, plan.dtype),
+                     scratch=_shared_types(plan, blocks.block_k_dq),
+                     grid=dict(heads=heads, q_blocks=t_pad // cta_rows, batch=batch))
   kv_type = jax.ShapeDtypeStruct(args[1].shape, plan.dtype)
-  dk, dv = _launch(plan, _dkv_kernel, "flash_attention_hopper_dkv", (kv_type, kv_type),
-                   (kv_heads, s_pad // cta_rows, batch), ("heads", "k_blocks", "batch"), blocks.block_q_dkv, args)
+  dk, dv = mosaic.launch(functools.partial(_dkv_kernel, plan=plan), *args, name="flash_attention_hopper_dkv",
+                         out_type=(kv_type, kv_type), scratch=_shared_types(plan, blocks.block_q_dkv),
+                         grid=dict(heads=kv_heads, k_blocks=s_pad // cta_rows, batch=batch))
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]

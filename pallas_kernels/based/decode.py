@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ from pallas_kernels.common.target import Target
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeBlocks:
+class BlockSizes:
   block_d: int = 64  # value columns per program
   block_rows: int = 64  # rows of S2 per inner step (bounds the registers a Triton program holds)
   num_warps: int = 4  # Triton only
@@ -45,7 +44,7 @@ class DecodeBlocks:
 
   @classmethod
   def for_shape(cls, *, batch: int, heads: int, feature_dim: int, value_dim: int,
-                backend: str) -> "DecodeBlocks":
+                backend: str) -> "BlockSizes":
     """GPU: [64, 64] register tiles (the fastest of a sweep on an H100 at B·H in 128..1024, F=16, D in 64..128,
     about 1.7-2 TB/s); elsewhere whole tiles."""
     del batch, heads  # B·H·D/Dc programs are enough to fill a GPU at any batch where decode speed matters
@@ -125,7 +124,7 @@ def _padded(x, axis: int, size: int):
 
 
 def based_decode_step(q_BHF: jax.Array, k_BHF: jax.Array, v_BHD: jax.Array, state: BasedState, *,
-                      normalize: bool = True, eps: float = 1e-6, block_sizes: DecodeBlocks | None = None,
+                      normalize: bool = True, eps: float = 1e-6, block_sizes: BlockSizes | None = None,
                       interpret: bool | None = None) -> tuple[jax.Array, BasedState]:
   """(y_BHD, new_state) of reference.based_step in one pass over the state; donate `state` to update in place."""
   target = Target.current(interpret)
@@ -134,7 +133,7 @@ def based_decode_step(q_BHF: jax.Array, k_BHF: jax.Array, v_BHD: jax.Array, stat
   # Triton tiles are powers of two; Mosaic takes any size as a full-dim block.
   f_pad, d_pad = (f, d) if target.mosaic_tpu else (pl.next_power_of_2(f), pl.next_power_of_2(d))
   x_pad = f_pad * f_pad
-  blocks = block_sizes or DecodeBlocks.for_shape(
+  blocks = block_sizes or BlockSizes.for_shape(
       batch=batch, heads=heads, feature_dim=f_pad, value_dim=d_pad,
       backend=target.backend if not target.interpret else "cpu")
   block_d, rows = min(blocks.block_d, d_pad), min(blocks.block_rows, x_pad)

@@ -70,14 +70,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.based import pallas as portable
+from pallas_kernels.based import sequence_split
 from pallas_kernels.based.reference import BasedState, taylor_scales
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
 _FEATURES = 16  # F: the kernel's only feature dim (Based's)
-_STEP = 128  # C: tokens per step, 64 query rows per consumer
-_ROWS = 64  # query rows per consumer (the wgmma M)
+_STEP = mosaic.CTA_ROWS  # C: tokens per step, WG_ROWS = 64 query rows per consumer
 _BLOCK_D = 64  # Dc: value columns per CTA
 _PIECE = 64  # expanded features per piece
 _PIECES = 5  # 4 order-2 pieces and the order-0/1 piece
@@ -88,10 +88,9 @@ _VALUE_DIMS = (64, 128)
 
 
 # A CTA walks its sequence in order; with fewer CTAs than SMs (long sequences at small batch·heads) the sequence
-# is split into pieces of at least MIN_PIECE_STEPS steps, each run by its own CTA from the prefix of the pieces'
-# states (a states-only pass first, prefix-summed in XLA), so that up to _SMS CTAs run side by side. On the H100
-# (H16 D64 bf16, forward) B2 T16384 took 1.73 ms in one piece and 0.97 ms in the 4 picked by shape, B1 T65536
-# 6.51 ms and 1.78 ms in 8.
+# is split into pieces of at least MIN_PIECE_STEPS steps (sequence_split.py), so that up to _SMS CTAs run side by side.
+# On the H100 (H16 D64 bf16, forward) B2 T16384 took 1.73 ms in one piece and 0.97 ms in the 4 picked by shape,
+# B1 T65536 6.51 ms and 1.78 ms in 8.
 _SMS = 132  # H100 SXM
 _MIN_CTAS = 128  # one wave on the H100's 132 SMs (one CTA per SM: shared memory)
 MIN_PIECE_STEPS = 8
@@ -100,21 +99,19 @@ MIN_PIECE_STEPS = 8
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   num_stages: int = 2  # depth of the q/k/v ring (2 fits the shared-memory budget with phi(k) and the state)
-  sequence_pieces: int | None = None  # None: by shape (_sequence_pieces)
+  sequence_pieces: int | None = None  # None: by shape (sequence_pieces)
+  backward: portable.BlockSizes | None = None  # the portable backward's (None: its defaults for the shape)
+
+
+def sequence_pieces(*, ctas: int, num_steps: int) -> int:
+  """The most pieces (a power of two) that keep the CTAs within one wave and each piece MIN_PIECE_STEPS long."""
+  return sequence_split.piece_count(programs=ctas, steps=num_steps, max_programs=_SMS, min_steps=MIN_PIECE_STEPS)
 
 
 def _pieces_by_shape(*, batch: int, length: int, heads: int, value_dim: int) -> tuple[int, int]:
-  """(CTAs of the unsplit call, the sequence pieces _sequence_pieces picks for it)."""
+  """(CTAs of the unsplit call, the sequence pieces sequence_pieces picks for it)."""
   ctas = batch * heads * (value_dim // _BLOCK_D)
-  return ctas, _sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
-
-
-def _sequence_pieces(*, ctas: int, num_steps: int) -> int:
-  """The most pieces (a power of two) that keep the CTAs within one wave and each piece MIN_PIECE_STEPS long."""
-  pieces = 1
-  while ctas * pieces * 2 <= _SMS and num_steps // (pieces * 2) >= MIN_PIECE_STEPS:
-    pieces *= 2
-  return pieces
+  return ctas, sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +175,7 @@ _Z_COLS = 16  # the narrowest wgmma N the 32-byte swizzle allows; z needs one co
 def _shared_types(plan: _Plan) -> _Shared:
   # 16-element rows (q, k, the expansion and ones tiles) take the 32-byte swizzle; wgmma wants one swizzle for
   # both shared operands, so phi(k), which meets the ones tile, and V, which meets phi(k), take it too.
-  narrow = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
-  wide = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  narrow, wide = mosaic.swizzled(32), mosaic.swizzled(128)
   stages, dt = plan.stages, plan.dtype
   return _Shared(
       q=plgpu.SMEM((stages, _STEP, _FEATURES), dt, transforms=narrow),
@@ -192,8 +188,8 @@ def _shared_types(plan: _Plan) -> _Shared:
                             plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _Z_COLS), jnp.float32))),
       state=plgpu.SMEM((_PIECES, _PIECE, _BLOCK_D), dt, transforms=wide),
       z=plgpu.SMEM((_PIECES, _PIECE, _Z_COLS), dt, transforms=narrow),
-      out=plgpu.SMEM((mosaic.CONSUMERS, _ROWS, _BLOCK_D), dt, transforms=wide),
-      den=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32),
+      out=plgpu.SMEM((mosaic.CONSUMERS, mosaic.WG_ROWS, _BLOCK_D), dt, transforms=wide),
+      den=plgpu.SMEM((mosaic.CONSUMERS, mosaic.WG_ROWS), jnp.float32),
       expand_ready=plgpu.Barrier(num_barriers=1),
       q_ready=plgpu.Barrier(num_barriers=stages),
       k_ready=plgpu.Barrier(num_barriers=stages),
@@ -214,25 +210,11 @@ class _Cta(NamedTuple):
 
 
 def _producer(plan: _Plan, cta: _Cta, q_ref, k_ref, v_ref, sh: _Shared):
-  stages = plan.stages
-
-  def load(n, carry):
-    slot = lax.rem(n, stages)
-    rows = pl.ds(n * _STEP, _STEP)
-    pl.when(n >= stages)(functools.partial(plgpu.barrier_wait, sh.free.at[slot]))
-    if not plan.states_only:
-      plgpu.copy_gmem_to_smem(q_ref.at[cta.batch, rows, cta.head], sh.q.at[slot], sh.q_ready.at[slot])
-    plgpu.copy_gmem_to_smem(k_ref.at[cta.batch, rows, cta.head], sh.k.at[slot], sh.k_ready.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[cta.batch, rows, cta.head, cta.cols], sh.v.at[slot], sh.v_ready.at[slot])
-    return carry
-
-  lax.fori_loop(0, plan.num_steps, load, None)
-
-  def drain(n, carry):  # await the last releases too: every phase of a barrier is observed
-    plgpu.barrier_wait(sh.free.at[lax.rem(n, stages)])
-    return carry
-
-  lax.fori_loop(max(plan.num_steps - stages, 0), plan.num_steps, drain, None)
+  """Streams q, k, v of steps 0 .. num_steps-1 through the ring (k and v alone for the states-only pass)."""
+  tokens = lambda ref, *cols: lambda n: ref.at[cta.batch, pl.ds(n * _STEP, _STEP), cta.head, *cols]
+  streams = [] if plan.states_only else [mosaic.Stream(tokens(q_ref), sh.q, sh.q_ready)]
+  streams += [mosaic.Stream(tokens(k_ref), sh.k, sh.k_ready), mosaic.Stream(tokens(v_ref, cta.cols), sh.v, sh.v_ready)]
+  mosaic.produce_ring(0, plan.num_steps, plan.stages, [(sh.free, streams)])
 
 
 def _expanded(x_ref, e_ref):
@@ -240,7 +222,7 @@ def _expanded(x_ref, e_ref):
   def run(acc):
     plgpu.wgmma(acc, x_ref, e_ref)
     return plgpu.wgmma_accumulator_load(acc)
-  return pl.run_scoped(run, plgpu.ACC((_ROWS, _PIECE), jnp.float32))
+  return pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, _PIECE), jnp.float32))
 
 
 def _feature_piece(plan: _Plan, x_ref, p: int, tiled, sh: _Shared):
@@ -250,11 +232,6 @@ def _feature_piece(plan: _Plan, x_ref, p: int, tiled, sh: _Shared):
     return plan.c2 * repeated * tiled
   col = plgpu.broadcasted_iota(jnp.int32, repeated.shape, 1, layout=plgpu.Layout.WGMMA)
   return jnp.where(col == _FEATURES, 1.0, plan.c1 * repeated)
-
-
-def _sync(barrier):
-  plgpu.barrier_arrive(barrier)
-  plgpu.barrier_wait(barrier)
 
 
 def _split_z(z, dtype):
@@ -294,7 +271,7 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
       sh.z.at[p][...] = _split_z(z, plan.dtype)
     plgpu.commit_smem()
     plgpu.barrier_wait(sh.expand_ready.at[0])
-    _sync(sh.written.at[0])
+    mosaic.sync(sh.written.at[0])
 
     def step(n, carry):
       slot = lax.rem(n, plan.stages)
@@ -310,14 +287,14 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
       return carry
 
     def intra_and_readout(n, slot, v_tile):
-      q_rows = sh.q.at[slot, pl.ds(w * _ROWS, _ROWS)]
+      q_rows = sh.q.at[slot, pl.ds(w * mosaic.WG_ROWS, mosaic.WG_ROWS)]
 
       # 1. intra: scores of the 64 queries against the step's C keys.
       def scores(acc):
         plgpu.wgmma(acc, q_rows, plgpu.transpose_ref(sh.k.at[slot], (1, 0)))
         return plgpu.wgmma_accumulator_load(acc)
-      s = pl.run_scoped(scores, plgpu.ACC((_ROWS, _STEP), jnp.float32)) * (1.0 / math.sqrt(_FEATURES))
-      row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout) + w * _ROWS
+      s = pl.run_scoped(scores, plgpu.ACC((mosaic.WG_ROWS, _STEP), jnp.float32)) * (1.0 / math.sqrt(_FEATURES))
+      row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout) + w * mosaic.WG_ROWS
       col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=wgmma_layout)
       a = jnp.where(col <= row, 1.0 + s + 0.5 * s * s, 0.0)
 
@@ -337,12 +314,12 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
         z_col = plgpu.broadcasted_iota(jnp.int32, den_cols.shape, 1, layout=wgmma_layout)
         return y, jnp.sum(a, axis=1) + jnp.sum(jnp.where(z_col < 2, den_cols, 0.0), axis=1)
 
-      y, den = pl.run_scoped(readout, plgpu.ACC((_ROWS, _BLOCK_D), jnp.float32),
-                             plgpu.ACC((_ROWS, _Z_COLS), jnp.float32))
+      y, den = pl.run_scoped(readout, plgpu.ACC((mosaic.WG_ROWS, _BLOCK_D), jnp.float32),
+                             plgpu.ACC((mosaic.WG_ROWS, _Z_COLS), jnp.float32))
       plgpu.barrier_arrive(sh.read.at[0])
 
       # 3. output (and den) through shared memory; the previous step's copies must have read their staging.
-      start = n * _STEP + w * _ROWS
+      start = n * _STEP + w * mosaic.WG_ROWS
       if plan.normalize:
         y = y * mosaic.rows(1.0 / (den + plan.eps), y.shape)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -350,18 +327,18 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
       if plan.normalize:
         sh.den.at[w][...] = den
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(sh.out.at[w], o_ref.at[batch, pl.ds(start, _ROWS), head, cta.cols])
+      plgpu.copy_smem_to_gmem(sh.out.at[w], o_ref.at[batch, pl.ds(start, mosaic.WG_ROWS), head, cta.cols])
       if plan.normalize:
-        plgpu.copy_smem_to_gmem(sh.den.at[w], den_ref.at[batch, head, cta.block, pl.ds(start, _ROWS)])
+        plgpu.copy_smem_to_gmem(sh.den.at[w], den_ref.at[batch, head, cta.block, pl.ds(start, mosaic.WG_ROWS)])
 
     def update(slot, v_tile):
       # 4. phi(k) of the C keys for the owned pieces, then S_p += phi(k)_pᵀ·V and z_p += phi(k)_pᵀ·1.
-      for half in range(_STEP // _ROWS):
-        k_rows = sh.k.at[slot, pl.ds(half * _ROWS, _ROWS)]
+      for half in range(_STEP // mosaic.WG_ROWS):
+        rows = pl.ds(half * mosaic.WG_ROWS, mosaic.WG_ROWS)
+        k_rows = sh.k.at[slot, rows]
         tiled = _expanded(k_rows, sh.expand.at[_EXPAND_B])
         for p in pieces:
-          phik.at[p, pl.ds(half * _ROWS, _ROWS)][...] = _feature_piece(plan, k_rows, p, tiled, sh).astype(
-              plan.dtype)
+          phik.at[p, rows][...] = _feature_piece(plan, k_rows, p, tiled, sh).astype(plan.dtype)
       plgpu.commit_smem()
       for p, s_acc, z_acc in zip(pieces, s_accs, z_accs):
         phik_t = plgpu.transpose_ref(phik.at[p], (1, 0))
@@ -377,14 +354,14 @@ def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref
         sh.state.at[p][...] = s_acc[...].astype(plan.dtype)
         sh.z.at[p][...] = _split_z(z_acc[...], plan.dtype)
       plgpu.commit_smem()
-      _sync(sh.written.at[0])
+      mosaic.sync(sh.written.at[0])
 
     lax.fori_loop(0, plan.num_steps, step, None)
 
     # The final state, float32, through staging that reuses phi(k)'s memory: both consumers must be past their
     # last update (the main pass's last `written` barrier orders that; the states-only pass syncs here).
     if plan.states_only:
-      _sync(sh.written.at[0])
+      mosaic.sync(sh.written.at[0])
     for i, (p, s_acc, z_acc) in enumerate(zip(pieces, s_accs, z_accs)):
       if i:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -404,22 +381,16 @@ def _kernel(q_ref, k_ref, v_ref, expand_ref, s_in_ref, z_in_ref, *refs, plan: _P
   """refs: (o, den if not states_only), s_out, z_out, _Shared."""
   o_ref, den_ref = refs[:2] if not plan.states_only else (None, None)
   s_out_ref, z_out_ref, sh = refs[-3:]
-  wg = lax.axis_index("wg")
   cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("value_blocks"))
-  consumer = functools.partial(_consumer, plan, cta, s_in_ref=s_in_ref, z_in_ref=z_in_ref, o_ref=o_ref,
-                               den_ref=den_ref, s_out_ref=s_out_ref, z_out_ref=z_out_ref, sh=sh)
 
-  @pl.when(wg == mosaic.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+  def produce():
     plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])
     _producer(plan, cta, q_ref, k_ref, v_ref, sh)
 
-  for w in range(mosaic.CONSUMERS):
-    @pl.when(wg == w)
-    def _():
-      plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
-      consumer(w=w)
+  # Static consumer indices: each consumer owns different state pieces (_OWNED).
+  mosaic.warp_specialized(produce, functools.partial(
+      _consumer, plan, cta, s_in_ref=s_in_ref, z_in_ref=z_in_ref, o_ref=o_ref, den_ref=den_ref,
+      s_out_ref=s_out_ref, z_out_ref=z_out_ref, sh=sh), static_consumers=True)
 
 
 def _forward(plan: _Plan, q, k, v, s_in, z_in):
@@ -428,27 +399,17 @@ def _forward(plan: _Plan, q, k, v, s_in, z_in):
   when plan.states_only."""
   batch, t_pad = q.shape[:2]
   d = v.shape[-1]
-
-  def based_chunked_hopper_fwd(*refs):  # the kernel's name in profiles
-    _kernel(*refs, plan=plan)
-
-  def based_chunked_hopper_states(*refs):
-    _kernel(*refs, plan=plan)
-
   expand = jnp.asarray(expansion_matrices(jnp.dtype(plan.dtype)))
   outputs = (jax.ShapeDtypeStruct(v.shape, v.dtype),
              jax.ShapeDtypeStruct((batch, plan.heads, plan.value_blocks, t_pad), jnp.float32))
   states = (jax.ShapeDtypeStruct((batch, plan.heads, _PIECES, _PIECE, d), jnp.float32),
             jax.ShapeDtypeStruct((batch, plan.heads, plan.value_blocks, _PIECES, _PIECE, _Z_COLS), jnp.float32))
-  return plgpu.kernel(
-      based_chunked_hopper_states if plan.states_only else based_chunked_hopper_fwd,
-      out_type=states if plan.states_only else outputs + states,
-      scratch_types=[_shared_types(plan)],
-      grid=(plan.value_blocks, plan.heads, batch),
-      grid_names=("value_blocks", "heads", "batch"),
-      num_threads=mosaic.CONSUMERS + 1,
-      thread_name="wg",
-  )(q, k, v, expand, s_in, z_in)
+  # approx_math off: the kernel has always run with exact division (its GPU checks and timings are so).
+  return mosaic.launch(
+      functools.partial(_kernel, plan=plan), q, k, v, expand, s_in, z_in,
+      name="based_chunked_hopper_states" if plan.states_only else "based_chunked_hopper_fwd",
+      out_type=states if plan.states_only else outputs + states, scratch=_shared_types(plan),
+      grid=dict(value_blocks=plan.value_blocks, heads=plan.heads, batch=batch), approx_math=False)
 
 
 def _pack_state(state: BasedState):
@@ -484,7 +445,7 @@ class _Options:
 
 def _hopper_forward(options: _Options, q_BTHF, k_BTHF, v_BTHD, state: BasedState):
   """(y [B, T, H, D], den [B, T, H], final BasedState): pads T to whole steps (of every sequence piece), runs
-  the kernel on pieces [B·G, T_pad/G] from their starting states, unpads."""
+  the kernel on pieces [B·pieces, T_pad/pieces] from their starting states, unpads."""
   batch, seq_len, heads, _ = q_BTHF.shape
   d = v_BTHD.shape[-1]
   value_blocks = d // _BLOCK_D
@@ -492,32 +453,20 @@ def _hopper_forward(options: _Options, q_BTHF, k_BTHF, v_BTHD, state: BasedState
       batch=batch, length=seq_len, heads=heads, value_dim=d)[1]
   t_pad = round_up(seq_len, pieces * _STEP)
   piece_len = t_pad // pieces
-
-  def prepare(x):  # [B, T, H, W] -> [B·G, T_pad/G, H, W]
-    x = jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, 0)))
-    return x.reshape(batch * pieces, piece_len, heads, x.shape[-1])
-
+  prepare = lambda x: sequence_split.split(jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, 0))), pieces)
   q, k, v = prepare(q_BTHF), prepare(k_BTHF), prepare(v_BTHD)
   plan = _Plan(dtype=jnp.dtype(q_BTHF.dtype), heads=heads, num_steps=piece_len // _STEP,
                value_blocks=value_blocks, normalize=options.normalize, eps=options.eps,
                has_initial=options.has_initial or pieces > 1, stages=options.block_sizes.num_stages)
   s_in, z_in = _pack_state(state)
   if pieces > 1:
-    # Each piece starts from the initial state plus the states of the pieces before it.
-    zero_s = jnp.zeros((batch * pieces, *s_in.shape[1:]), jnp.float32)
-    zero_z = jnp.zeros((batch * pieces, *z_in.shape[1:]), jnp.float32)
-    local_s, local_z = _forward(dataclasses.replace(plan, has_initial=False, states_only=True), q, k, v, zero_s,
-                                zero_z)
-    local_z = local_z[:, :, 0, ..., 0]
+    def own_states(zeros):
+      own_s, own_z = _forward(dataclasses.replace(plan, has_initial=False, states_only=True), q, k, v, *zeros)
+      return own_s, own_z[:, :, 0, ..., 0]
 
-    def starts(initial, local):
-      local = local.reshape(batch, pieces, *local.shape[1:])
-      before = jnp.cumsum(local, axis=1) - local
-      return (initial[:, None] + before).reshape(batch * pieces, *initial.shape[1:])
-
-    s_in, z_in = starts(s_in, local_s), starts(z_in, local_z)
+    s_in, z_in = sequence_split.piece_starts((s_in, z_in), pieces, own_states)
   y, den, s_out, z_out = _forward(plan, q, k, v, s_in, z_in)
-  last = lambda x: x.reshape(batch, pieces, *x.shape[1:])[:, -1]
+  last = lambda x: sequence_split.last_piece(x, pieces)
   final = _unpack_state(last(s_out), last(z_out[:, :, 0, ..., 0]))
   final = final._replace(z0_BH=state.z0_BH + seq_len)  # zero padding keys count in the kernel's state
   y = y.reshape(batch, t_pad, heads, d)[:, :seq_len]
@@ -541,7 +490,7 @@ def _based_bwd(options, residuals, cotangents):
   dy, d_final = cotangents
   dq, dk, dv, d_state = portable.based_chunked_backward(
       q, k, v, y, den, dy, d_final, initial_state=state, normalize=options.normalize, eps=options.eps,
-      chunk=options.chunk)
+      chunk=options.chunk, block_sizes=options.block_sizes.backward)
   return dq, dk, dv, d_state
 
 

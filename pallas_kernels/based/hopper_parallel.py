@@ -55,8 +55,6 @@ from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
-_ROWS = 64  # rows per consumer warpgroup: the wgmma M
-_CTA_ROWS = mosaic.CONSUMERS * _ROWS
 _FEATURE_DIMS = (8, 16, 24, 32)
 _VALUE_DIMS = (64, 128)
 
@@ -72,9 +70,9 @@ class BlockSizes:
   def smem_bytes(self, padded_features: int, value_dim: int) -> int:
     """The largest of the three kernels' shared memory (16-bit tiles, float32 row vectors)."""
     width = padded_features + value_dim
-    own = mosaic.CONSUMERS * _ROWS * width * 2  # the consumers' tiles: Q and y or dN, or K and V
+    own = mosaic.CONSUMERS * mosaic.WG_ROWS * width * 2  # the consumers' tiles: Q and y or dN, or K and V
     streamed = max(self.block_k * width * 2, self.block_q_dkv * (width * 2 + 8))
-    return own + self.num_stages * streamed + mosaic.CONSUMERS * _ROWS * 8
+    return own + self.num_stages * streamed + mosaic.CONSUMERS * mosaic.WG_ROWS * 8
 
   def check(self, padded_features: int, value_dim: int) -> None:
     if self.block_k not in (64, 128) or self.block_q_dkv not in (64, 128):
@@ -102,15 +100,11 @@ class _Plan:
 
   @property
   def cta_blocks(self) -> int:
-    return self.t_pad // _CTA_ROWS
-
-  def tiles(self, width: int):
-    """SMEM transforms for a 16-bit tile `width` elements wide: rows of 32/64 bytes take that swizzle."""
-    swizzle = min(128, width * 2)
-    return plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)
+    return self.t_pad // mosaic.CTA_ROWS
 
   def smem(self, shape, width: int):
-    return plgpu.SMEM((*shape, width), self.dtype, transforms=self.tiles(width))
+    """A 16-bit tile `width` elements wide: rows of 32/64 bytes take that swizzle, wider ones 128."""
+    return plgpu.SMEM((*shape, width), self.dtype, transforms=mosaic.swizzled(min(128, width * 2)))
 
 
 def _visible(shape, row_start, col_start, queries_on_rows: bool, row_ids=None, col_ids=None):
@@ -132,50 +126,27 @@ def _ids_loader(ids_ref, batch, size: int, axis: int):
   return lambda start: plgpu.load(ids_ref.at[batch, pl.ds(start, size)], (), layout=layout, optimized=False)
 
 
-class _Ring(NamedTuple):
-  """One stream of blocks: where block j comes from, its ring of slots, and their `ready` barriers."""
-  source: Any  # j -> the gmem ref view of block j
-  slots: Any  # smem [num_stages, rows, width]
-  ready: Any  # barriers [num_stages]
-
-
-def _produce(lo, hi, stages: int, groups):
-  """Loads blocks [lo, hi) into their rings; groups: (free barriers, rings) whose slots are freed together."""
-  slot = lambda j: lax.rem(j - lo, stages)
-
-  def load(j, carry):
-    for free, rings in groups:
-      pl.when(j - lo >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot(j)]))
-      for ring in rings:
-        plgpu.copy_gmem_to_smem(ring.source(j), ring.slots.at[slot(j)], ring.ready.at[slot(j)])
-    return carry
-
-  lax.fori_loop(lo, hi, load, None)
-
-  def drain(j, carry):  # await the last releases too: every phase of a barrier is observed
-    for free, _ in groups:
-      plgpu.barrier_wait(free.at[slot(j)])
-    return carry
-
-  lax.fori_loop(jnp.maximum(lo, hi - stages), hi, drain, None)
+def _query_cta(plan: _Plan):
+  """(batch, head, q_start, full_hi, hi) of a CTA that owns query rows [q_start, q_start + 128) and reads key
+  blocks [0, hi) (see _causal_blocks). Causal CTAs with later queries read more keys: they launch first, so that
+  short ones fill the tail."""
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  q_start = (plan.cta_blocks - 1 - lax.axis_index("q_blocks")) * mosaic.CTA_ROWS
+  return (batch, head, q_start, *_causal_blocks(plan, q_start, plan.blocks.block_k))
 
 
 def _causal_blocks(plan: _Plan, q_start, block: int):
   """(full_hi, hi): a CTA with query rows [q_start, q_start + 128) reads key blocks [0, hi); blocks [1, full_hi)
   every row sees whole (block 0 is always masked, so that it can start the loop)."""
-  hi = lax.div(q_start + _CTA_ROWS + block - 1, block)
+  hi = lax.div(q_start + mosaic.CTA_ROWS + block - 1, block)
   full_hi = jnp.int32(0) if plan.segmented else lax.div(q_start + 1, block)
   return jnp.clip(full_hi, 1, hi), hi
 
 
 def _launch(plan: _Plan, kernel, name: str, out_type, scratch, grid_name: str, *args):
-  def body(*refs):
-    kernel(*refs)
-  body.__name__ = name  # the kernel's name in profiles
-  return plgpu.kernel(
-      body, out_type=out_type, scratch_types=[scratch], grid=(plan.heads, plan.cta_blocks, args[0].shape[0]),
-      grid_names=("heads", grid_name, "batch"), num_threads=mosaic.CONSUMERS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(*args)
+  """Launches kernel(*refs, plan=plan) over (heads, CTAs along T, batch), the CTA axis named `grid_name`."""
+  return mosaic.launch(functools.partial(kernel, plan=plan), *args, name=name, out_type=out_type, scratch=scratch,
+                       grid={"heads": plan.heads, grid_name: plan.cta_blocks, "batch": args[0].shape[0]})
 
 
 # ------------------------------------------------------------------------------------------------------- forward
@@ -196,9 +167,10 @@ class _FwdShared(NamedTuple):
 
 def _fwd_shared(plan: _Plan) -> _FwdShared:
   bk, stages, fp, d = plan.blocks.block_k, plan.blocks.num_stages, plan.padded_features, plan.value_dim
+  own = (mosaic.CONSUMERS, mosaic.WG_ROWS)  # one tile per consumer
   return _FwdShared(
-      q=plan.smem((mosaic.CONSUMERS, _ROWS), fp), k=plan.smem((stages, bk), fp), v=plan.smem((stages, bk), d),
-      y=plan.smem((mosaic.CONSUMERS, _ROWS), d), den=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32),
+      q=plan.smem(own, fp), k=plan.smem((stages, bk), fp), v=plan.smem((stages, bk), d),
+      y=plan.smem(own, d), den=plgpu.SMEM(own, jnp.float32),
       q_ready=plgpu.Barrier(num_barriers=mosaic.CONSUMERS), k_ready=plgpu.Barrier(num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
       k_free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
@@ -211,22 +183,19 @@ def _fwd_kernel(*refs, plan: _Plan):
   y_ref, den_ref, sh = refs[-3:]
   ids_ref = ids[0] if ids else None
   bk, stages, c = plan.blocks.block_k, plan.blocks.num_stages, plan.c
-  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-  # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
-  q_start = (plan.cta_blocks - 1 - lax.axis_index("q_blocks")) * _CTA_ROWS
-  full_hi, hi = _causal_blocks(plan, q_start, bk)
+  batch, head, q_start, full_hi, hi = _query_cta(plan)
   slot = lambda j: lax.rem(j, stages)
 
   def produce():
     keys = lambda ref: lambda j: ref.at[batch, pl.ds(j * bk, bk), head]
-    _produce(0, hi, stages, [(sh.k_free, [_Ring(keys(k_ref), sh.k, sh.k_ready)]),
-                             (sh.v_free, [_Ring(keys(v_ref), sh.v, sh.v_ready)])])
+    mosaic.produce_ring(0, hi, stages, [(sh.k_free, [mosaic.Stream(keys(k_ref), sh.k, sh.k_ready)]),
+                                        (sh.v_free, [mosaic.Stream(keys(v_ref), sh.v, sh.v_ready)])])
 
   def consume(wg):
-    row_start = q_start + wg * _ROWS
+    row_start = q_start + wg * mosaic.WG_ROWS
     q_tile = sh.q.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row_start, _ROWS), head], q_tile, sh.q_ready.at[wg])
-    q_ids = _ids_loader(ids_ref, batch, _ROWS, 0)(row_start)
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row_start, mosaic.WG_ROWS), head], q_tile, sh.q_ready.at[wg])
+    q_ids = _ids_loader(ids_ref, batch, mosaic.WG_ROWS, 0)(row_start)
     key_ids = _ids_loader(ids_ref, batch, bk, 1)
 
     def scores(j, o_acc, a_prev):
@@ -242,7 +211,7 @@ def _fwd_kernel(*refs, plan: _Plan):
           plgpu.wgmma(o_acc, a_prev, sh.v.at[slot(j - 1)])
         return plgpu.wgmma_accumulator_load(x_acc, wait_n=0 if a_prev is None else 1)
 
-      x = pl.run_scoped(with_x, plgpu.ACC((_ROWS, bk), jnp.float32))
+      x = pl.run_scoped(with_x, plgpu.ACC((mosaic.WG_ROWS, bk), jnp.float32))
       plgpu.barrier_arrive(sh.k_free.at[slot(j)])
       return x
 
@@ -272,15 +241,15 @@ def _fwd_kernel(*refs, plan: _Plan):
       plgpu.barrier_arrive(sh.v_free.at[slot(hi - 1)])
       return o, den
 
-    o, den = pl.run_scoped(run, plgpu.ACC((_ROWS, plan.value_dim), jnp.float32))
+    o, den = pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, plan.value_dim), jnp.float32))
     if plan.normalize:
       o = o * mosaic.rows(1.0 / (den + plan.eps), o.shape)
     y_tile = sh.y.at[wg]
     y_tile[...] = o.astype(plan.dtype)
     sh.den.at[wg][...] = den
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(y_tile, y_ref.at[batch, pl.ds(row_start, _ROWS), head])
-    plgpu.copy_smem_to_gmem(sh.den.at[wg], den_ref.at[batch, head, pl.ds(row_start, _ROWS)])
+    plgpu.copy_smem_to_gmem(y_tile, y_ref.at[batch, pl.ds(row_start, mosaic.WG_ROWS), head])
+    plgpu.copy_smem_to_gmem(sh.den.at[wg], den_ref.at[batch, head, pl.ds(row_start, mosaic.WG_ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
   mosaic.warp_specialized(produce, consume)
@@ -291,7 +260,7 @@ def _forward(plan: _Plan, q, k, v, ids):
   batch = q.shape[0]
   out_type = (jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((batch, plan.heads, plan.t_pad),
                                                                           jnp.float32))
-  return _launch(plan, functools.partial(_fwd_kernel, plan=plan), "based_parallel_hopper_fwd", out_type,
+  return _launch(plan, _fwd_kernel, "based_parallel_hopper_fwd", out_type,
                  _fwd_shared(plan), "q_blocks", q, k, v, *(() if ids is None else (ids,)))
 
 
@@ -319,26 +288,26 @@ def _dkv_kernel(*refs, plan: _Plan):
   ids_ref = ids[0] if ids else None
   bq, stages, c = plan.blocks.block_q_dkv, plan.blocks.num_stages, plan.c
   batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-  k_start = lax.axis_index("k_blocks") * _CTA_ROWS
+  k_start = lax.axis_index("k_blocks") * mosaic.CTA_ROWS
   # Query blocks [lo, hi) see some of the CTA's keys; from full_lo on they see all of them.
   lo, hi = lax.div(k_start, bq), plan.t_pad // bq
-  full_lo = hi if plan.segmented else jnp.minimum(lax.div(k_start + _CTA_ROWS - 1 + bq - 1, bq), hi)
+  full_lo = hi if plan.segmented else jnp.minimum(lax.div(k_start + mosaic.CTA_ROWS - 1 + bq - 1, bq), hi)
   slot = lambda i: lax.rem(i - lo, stages)
 
   def produce():
     queries = lambda ref: lambda i: ref.at[batch, pl.ds(i * bq, bq), head]
     dd_rows = lambda i: dd_ref.at[batch, head, pl.ds(i * bq, bq)]
-    _produce(lo, hi, stages, [(sh.free, [_Ring(queries(q_ref), sh.q, sh.q_ready),
-                                         _Ring(queries(dn_ref), sh.dn, sh.dn_ready),
-                                         _Ring(dd_rows, sh.dd, sh.dd_ready)])])
+    mosaic.produce_ring(lo, hi, stages, [(sh.free, [mosaic.Stream(queries(q_ref), sh.q, sh.q_ready),
+                                                    mosaic.Stream(queries(dn_ref), sh.dn, sh.dn_ready),
+                                                    mosaic.Stream(dd_rows, sh.dd, sh.dd_ready)])])
 
   def consume(wg):
-    key_start = k_start + wg * _ROWS
+    key_start = k_start + wg * mosaic.WG_ROWS
     k_tile, v_tile = sh.k.at[wg], sh.v.at[wg]
-    keys = (batch, pl.ds(key_start, _ROWS), head)
+    keys = (batch, pl.ds(key_start, mosaic.WG_ROWS), head)
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_tile, sh.k_ready.at[wg])
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile, sh.v_ready.at[wg])
-    k_ids = _ids_loader(ids_ref, batch, _ROWS, 0)(key_start)
+    k_ids = _ids_loader(ids_ref, batch, mosaic.WG_ROWS, 0)(key_start)
     query_ids = _ids_loader(ids_ref, batch, bq, 1)
 
     def run(dk_acc, dv_acc):
@@ -352,7 +321,8 @@ def _dkv_kernel(*refs, plan: _Plan):
           plgpu.wgmma(dp_acc, v_tile, plgpu.transpose_ref(sh.dn.at[s], (1, 0)))
           return plgpu.wgmma_accumulator_load(x_acc, wait_n=1), plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
 
-        x, dp = pl.run_scoped(products, plgpu.ACC((_ROWS, bq), jnp.float32), plgpu.ACC((_ROWS, bq), jnp.float32))
+        tile = plgpu.ACC((mosaic.WG_ROWS, bq), jnp.float32)
+        x, dp = pl.run_scoped(products, tile, tile)
         dd = plgpu.load(sh.dd.at[s], (), layout=plgpu.Layout.WGMMA.reduce(0))
         a = 1.0 + x * (c + (0.5 * c * c) * x)
         dx = (dp + mosaic.cols(dd, dp.shape)) * (c + (c * c) * x)
@@ -372,8 +342,8 @@ def _dkv_kernel(*refs, plan: _Plan):
       lax.fori_loop(full_lo, hi, functools.partial(step, masked=False), None)
       return plgpu.wgmma_accumulator_load(dk_acc), plgpu.wgmma_accumulator_load(dv_acc)
 
-    dk, dv = pl.run_scoped(run, plgpu.ACC((_ROWS, plan.padded_features), jnp.float32),
-                           plgpu.ACC((_ROWS, plan.value_dim), jnp.float32))
+    dk, dv = pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, plan.padded_features), jnp.float32),
+                           plgpu.ACC((mosaic.WG_ROWS, plan.value_dim), jnp.float32))
     k_tile[...] = dk.astype(plan.dtype)  # K and V are dead: stage dK and dV in their tiles
     v_tile[...] = dv.astype(plan.dtype)
     plgpu.commit_smem()
@@ -404,23 +374,22 @@ def _dq_kernel(*refs, plan: _Plan):
   dq_ref, sh = refs[-2:]
   ids_ref = ids[0] if ids else None
   bk, stages, c = plan.blocks.block_k, plan.blocks.num_stages, plan.c
-  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-  q_start = (plan.cta_blocks - 1 - lax.axis_index("q_blocks")) * _CTA_ROWS
-  full_hi, hi = _causal_blocks(plan, q_start, bk)
+  batch, head, q_start, full_hi, hi = _query_cta(plan)
   slot = lambda j: lax.rem(j, stages)
 
   def produce():
     keys = lambda ref: lambda j: ref.at[batch, pl.ds(j * bk, bk), head]
-    _produce(0, hi, stages, [(sh.free, [_Ring(keys(k_ref), sh.k, sh.k_ready), _Ring(keys(v_ref), sh.v, sh.v_ready)])])
+    mosaic.produce_ring(0, hi, stages, [(sh.free, [mosaic.Stream(keys(k_ref), sh.k, sh.k_ready),
+                                                   mosaic.Stream(keys(v_ref), sh.v, sh.v_ready)])])
 
   def consume(wg):
-    row_start = q_start + wg * _ROWS
+    row_start = q_start + wg * mosaic.WG_ROWS
     q_tile, dn_tile, dd_tile = sh.q.at[wg], sh.dn.at[wg], sh.dd.at[wg]
-    rows = (batch, pl.ds(row_start, _ROWS), head)
+    rows = (batch, pl.ds(row_start, mosaic.WG_ROWS), head)
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, sh.q_ready.at[wg])
     plgpu.copy_gmem_to_smem(dn_ref.at[rows], dn_tile, sh.dn_ready.at[wg])
-    plgpu.copy_gmem_to_smem(dd_ref.at[batch, head, pl.ds(row_start, _ROWS)], dd_tile, sh.dd_ready.at[wg])
-    q_ids = _ids_loader(ids_ref, batch, _ROWS, 0)(row_start)
+    plgpu.copy_gmem_to_smem(dd_ref.at[batch, head, pl.ds(row_start, mosaic.WG_ROWS)], dd_tile, sh.dd_ready.at[wg])
+    q_ids = _ids_loader(ids_ref, batch, mosaic.WG_ROWS, 0)(row_start)
     key_ids = _ids_loader(ids_ref, batch, bk, 1)
 
     def run(dq_acc):
@@ -438,7 +407,8 @@ def _dq_kernel(*refs, plan: _Plan):
           plgpu.wgmma(dp_acc, dn_tile, plgpu.transpose_ref(sh.v.at[s], (1, 0)))
           return plgpu.wgmma_accumulator_load(x_acc, wait_n=1), plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
 
-        x, dp = pl.run_scoped(products, plgpu.ACC((_ROWS, bk), jnp.float32), plgpu.ACC((_ROWS, bk), jnp.float32))
+        tile = plgpu.ACC((mosaic.WG_ROWS, bk), jnp.float32)
+        x, dp = pl.run_scoped(products, tile, tile)
         dx = (dp + mosaic.rows(dd, dp.shape)) * (c + (c * c) * x)
         if masked:
           dx = jnp.where(_visible(x.shape, row_start, j * bk, True, q_ids, key_ids(j * bk)), dx, 0.0)
@@ -453,7 +423,7 @@ def _dq_kernel(*refs, plan: _Plan):
       lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), None)
       return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
 
-    dq = pl.run_scoped(run, plgpu.ACC((_ROWS, plan.padded_features), jnp.float32))
+    dq = pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, plan.padded_features), jnp.float32))
     q_tile[...] = dq.astype(plan.dtype)  # Q is dead: stage dQ in its tile
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[rows])
@@ -468,22 +438,22 @@ def _backward_kernels(plan: _Plan, q, k, v, ids, dn, dd):
   fp, d = plan.padded_features, plan.value_dim
   segments = () if ids is None else (ids,)
   barriers = lambda n: plgpu.Barrier(num_barriers=n)
+  own = (mosaic.CONSUMERS, mosaic.WG_ROWS)  # one tile per consumer
   dkv_shared = _DkvShared(
-      k=plan.smem((mosaic.CONSUMERS, _ROWS), fp), v=plan.smem((mosaic.CONSUMERS, _ROWS), d), q=plan.smem((stages, bq), fp),
+      k=plan.smem(own, fp), v=plan.smem(own, d), q=plan.smem((stages, bq), fp),
       dn=plan.smem((stages, bq), d), dd=plgpu.SMEM((stages, bq), jnp.float32),
       k_ready=barriers(mosaic.CONSUMERS), v_ready=barriers(mosaic.CONSUMERS), q_ready=barriers(stages),
       dn_ready=barriers(stages), dd_ready=barriers(stages),
       free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
-  dk, dv = _launch(plan, functools.partial(_dkv_kernel, plan=plan), "based_parallel_hopper_dkv",
+  dk, dv = _launch(plan, _dkv_kernel, "based_parallel_hopper_dkv",
                    (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)), dkv_shared,
                    "k_blocks", q, k, v, dn, dd, *segments)
   dq_shared = _DqShared(
-      q=plan.smem((mosaic.CONSUMERS, _ROWS), fp), dn=plan.smem((mosaic.CONSUMERS, _ROWS), d),
-      dd=plgpu.SMEM((mosaic.CONSUMERS, _ROWS), jnp.float32), k=plan.smem((stages, bk), fp),
+      q=plan.smem(own, fp), dn=plan.smem(own, d), dd=plgpu.SMEM(own, jnp.float32), k=plan.smem((stages, bk), fp),
       v=plan.smem((stages, bk), d), q_ready=barriers(mosaic.CONSUMERS), dn_ready=barriers(mosaic.CONSUMERS),
       dd_ready=barriers(mosaic.CONSUMERS), k_ready=barriers(stages), v_ready=barriers(stages),
       free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages))
-  dq = _launch(plan, functools.partial(_dq_kernel, plan=plan), "based_parallel_hopper_dq",
+  dq = _launch(plan, _dq_kernel, "based_parallel_hopper_dq",
                jax.ShapeDtypeStruct(q.shape, q.dtype), dq_shared, "q_blocks", q, k, v, dn, dd, *segments)
   return dq, dk, dv
 
@@ -533,7 +503,7 @@ def based_parallel_hopper(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps
   fp = 16 if f <= 16 else 32
   blocks = block_sizes or BlockSizes()
   blocks.check(fp, d)
-  t_pad = round_up(length, max(_CTA_ROWS, blocks.block_k, blocks.block_q_dkv))
+  t_pad = round_up(length, max(mosaic.CTA_ROWS, blocks.block_k, blocks.block_q_dkv))
   plan = _Plan(blocks=blocks, heads=heads, feature_dim=f, padded_features=fp, value_dim=d, dtype=dtype,
                t_pad=t_pad, segmented=segment_ids is not None, normalize=bool(normalize), eps=float(eps))
 

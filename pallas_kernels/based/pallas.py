@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.based import sequence_split
 from pallas_kernels.based.reference import BasedState, TaylorScaled
 from pallas_kernels.common.layout import round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
@@ -37,7 +38,7 @@ from pallas_kernels.common.target import Target
 
 
 @dataclasses.dataclass(frozen=True)
-class BasedBlocks:
+class BlockSizes:
   block_d: int = 64  # value columns per program
   order2_width: int = 256  # order-2 feature columns per matmul (G·F, G leading features per group)
   num_warps: int = 4  # Triton only
@@ -47,7 +48,7 @@ class BasedBlocks:
   sequence_pieces: int | None = None
 
   @classmethod
-  def for_shape(cls, *, f_pad: int, d_pad: int, target: Target) -> "BasedBlocks":
+  def for_shape(cls, *, f_pad: int, d_pad: int, target: Target) -> "BlockSizes":
     """TPU tiles must span whole 128-lane multiples (or the full dim): one value block there. Triton: 64 value
     columns with 8 warps was the fastest of block_d in {32, 64} x warps in {4, 8} on the H100 (B8 T2048 H16 F16
     D64 bf16: forward 0.50 ms, forward+backward 1.72 ms; 32 columns with 4 warps 0.68 / 2.31 ms). Wider features
@@ -358,7 +359,7 @@ def _dims(layout, qk, v):
   return qk.shape[0], heads, layout.seq_len(qk), qk.shape[-1], v.shape[-1]
 
 
-def _forward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles):
+def _forward(spec: _Spec, blocks: BlockSizes, target: Target, q, k, v, seg_col, seg_row, state_tiles):
   layout = target.layout
   batch, heads, t_pad, f_pad, d = _dims(layout, q, v)
   block_d = min(blocks.block_d, d)
@@ -380,7 +381,7 @@ def _forward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col,
   return out[0], out[1], tuple(out[2:])
 
 
-def _states_forward(spec: _Spec, blocks: BasedBlocks, target: Target, k, v, state_tiles):
+def _states_forward(spec: _Spec, blocks: BlockSizes, target: Target, k, v, state_tiles):
   layout = target.layout
   batch, heads, t_pad, f_pad, d = _dims(layout, k, v)
   block_d = min(blocks.block_d, d)
@@ -431,82 +432,113 @@ def _sequence_pieces(*, programs: int, seq_len: int, chunk: int, has_segments: b
   without segment ids (whose resets the prefix sum of piece states does not model)."""
   if not target.triton or has_segments or seq_len % chunk:
     return 1
-  num_chunks, pieces = seq_len // chunk, 1
-  while (programs * pieces < MIN_PROGRAMS and num_chunks % (2 * pieces) == 0
-         and num_chunks // (2 * pieces) >= MIN_PIECE_CHUNKS):
-    pieces *= 2
-  return pieces
+  # Doubling while fewer than MIN_PROGRAMS run: the last doubling may reach just under twice that.
+  return sequence_split.piece_count(programs=programs, steps=seq_len // chunk, max_programs=2 * MIN_PROGRAMS - 1,
+                                    min_steps=MIN_PIECE_CHUNKS, whole_steps=True)
 
 
-def _piece_initial_states(initial_tiles, local_tiles, pieces: int):
-  """Each piece's initial state [B·G, ...]: the call's initial state plus the states of the pieces before it."""
-  starts = []
-  for initial, local in zip(initial_tiles, local_tiles):
-    local = local.reshape(initial.shape[0], pieces, *initial.shape[1:])
-    before = jnp.cumsum(local, axis=1) - local
-    starts.append((initial[:, None] + before).reshape(local.shape[0] * pieces, *initial.shape[1:]))
-  return tuple(starts)
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """The static setup of one call, shared by the forward and the backward: the kernel spec and blocks, where they
+  run, the padded sizes and the sequence split ([B·pieces, T_pad/pieces], see sequence_split.py)."""
+  spec: _Spec
+  blocks: BlockSizes
+  target: Target
+  batch: int
+  heads: int
+  seq_len: int  # real tokens
+  feature_dim: int
+  value_dim: int
+  f_pad: int
+  d_pad: int
+  t_pad: int  # seq_len padded to whole chunks
+  pieces: int
+
+  def arrange(self, x_BTHW, width: int, fill: float = 0):
+    """[B, T, H, W] -> the kernels' [B·pieces, T_pad/pieces, H, width] (heads-major on TPU), padded with `fill`."""
+    x = jnp.pad(x_BTHW, ((0, 0), (0, self.t_pad - self.seq_len), (0, 0), (0, width - x_BTHW.shape[-1])),
+                constant_values=fill)
+    return self.target.layout.arrange(sequence_split.split(x, self.pieces))
+
+  def restore(self, x, width: int):
+    """The kernels' layout -> [B, T, H, width]."""
+    x = self.target.layout.restore(x).reshape(self.batch, self.t_pad, self.heads, -1)
+    return x[:, :self.seq_len, :, :width]
+
+  def segments(self, segment_ids_BT):
+    """(seg_col [B, T_pad, 1], seg_row [B, 1, T_pad]); padding continues the last segment, so the final state
+    stays that of the last real token's segment."""
+    seg = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, self.t_pad - self.seq_len)), mode="edge")
+    return seg[:, :, None], seg[:, None, :]
+
+  def state_tiles(self, state: BasedState):
+    """A BasedState [B, ...] as the kernels' float32 tiles, D padded to d_pad."""
+    pad = self.d_pad - self.value_dim
+    state = state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, pad))),
+                           s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, pad),)),
+                           s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, pad),)))
+    return _pack_state(state, self.f_pad)
+
+  def state(self, tiles) -> BasedState:
+    """The kernels' tiles [B, ...] as a BasedState, unpadded."""
+    state = _unpack_state(tiles, self.feature_dim, BasedState)
+    d = self.value_dim
+    return state._replace(s0_BHD=state.s0_BHD[..., :d], s1_BHFD=state.s1_BHFD[..., :d],
+                          s2_BHFFD=state.s2_BHFFD[..., :d])
+
+  def piece_starts(self, q, k, v, state_tiles):
+    """Each piece's starting state from the call's (state_tiles [B, ...]): itself without a split."""
+    if self.pieces == 1:
+      return state_tiles
+    own_states = lambda zeros: _piece_states(self.spec, self.blocks, self.target, q, k, v, zeros)
+    return sequence_split.piece_starts(state_tiles, self.pieces, own_states)
+
+
+def _setup(q_BTHF, v_BTHD, *, normalize: bool, eps: float, chunk: int, has_segments: bool,
+           block_sizes: BlockSizes | None, sequence_pieces: int | None, interpret: bool | None) -> _Call:
+  target = Target.current(interpret)
+  batch, seq_len, heads, f = q_BTHF.shape
+  d = v_BTHD.shape[-1]
+  f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
+  blocks = block_sizes or BlockSizes.for_shape(f_pad=f_pad, d_pad=d_pad, target=target)
+  value_blocks = d_pad // min(blocks.block_d, d_pad)
+  pieces = sequence_pieces or blocks.sequence_pieces or _sequence_pieces(
+      programs=batch * heads * value_blocks, seq_len=seq_len, chunk=chunk, has_segments=has_segments,
+      target=target)
+  if pieces > 1 and (has_segments or seq_len % (pieces * chunk)):
+    raise ValueError(f"sequence_pieces={pieces} needs no segment_ids and a length that is a multiple of pieces x "
+                     f"chunk = {pieces * chunk}, got length {seq_len}")
+  spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len // pieces,
+               has_segments=has_segments, group=max(1, min(f_pad, blocks.order2_width // f_pad)),
+               operand_dtype=q_BTHF.dtype, precision=exact_precision(q_BTHF.dtype))
+  return _Call(spec=spec, blocks=blocks, target=target, batch=batch, heads=heads, seq_len=seq_len, feature_dim=f,
+               value_dim=d, f_pad=f_pad, d_pad=d_pad, t_pad=round_up(seq_len, chunk), pieces=pieces)
 
 
 def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
                   initial_state=None, return_final_state: bool = False, segment_ids=None,
-                  block_sizes: BasedBlocks | None = None, interpret: bool | None = None):
+                  block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """The chunked form with the reference's semantics (pallas_kernels/based/reference.py); api.py validates."""
-  target = Target.current(interpret)
-  layout = target.layout
-  batch, seq_len, heads, f = q_BTHF.shape
-  d = v_BTHD.shape[-1]
-  f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
-  blocks = block_sizes or BasedBlocks.for_shape(f_pad=f_pad, d_pad=d_pad, target=target)
-  t_pad = round_up(seq_len, chunk)
-  value_blocks = d_pad // min(blocks.block_d, d_pad)
-  pieces = blocks.sequence_pieces or _sequence_pieces(
-      programs=batch * heads * value_blocks, seq_len=seq_len, chunk=chunk,
-      has_segments=segment_ids is not None, target=target)
-  if pieces > 1 and (segment_ids is not None or seq_len % (pieces * chunk)):
-    raise ValueError(f"sequence_pieces={pieces} needs no segment_ids and a length that is a multiple of pieces x "
-                     f"chunk = {pieces * chunk}, got length {seq_len}")
-  piece_len = t_pad // pieces
-
-  def prepare(x, width):
-    x = jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, width - x.shape[-1])))
-    return layout.arrange(x.reshape(batch * pieces, piece_len, *x.shape[2:]))
-
-  q, k, v = prepare(q_BTHF, f_pad), prepare(k_BTHF, f_pad), prepare(v_BTHD, d_pad)
+  call = _setup(q_BTHF, v_BTHD, normalize=normalize, eps=eps, chunk=chunk, has_segments=segment_ids is not None,
+                block_sizes=block_sizes, sequence_pieces=None, interpret=interpret)
+  q, k, v = call.arrange(q_BTHF, call.f_pad), call.arrange(k_BTHF, call.f_pad), call.arrange(v_BTHD, call.d_pad)
   seg_col = seg_row = None
   if segment_ids is not None:
-    # Padding continues the last segment, so the final state stays that of the last real token's segment.
-    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - seq_len)), mode="edge")
-    seg_col, seg_row = seg[:, :, None], seg[:, None, :]
-  state = initial_state if initial_state is not None else BasedState.zeros(batch, heads, f, d)
-  state = state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, d_pad - d))),
-                         s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
-                         s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
-  spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len // pieces,
-               has_segments=segment_ids is not None,
-               group=max(1, min(f_pad, blocks.order2_width // f_pad)), operand_dtype=q_BTHF.dtype,
-               precision=exact_precision(q_BTHF.dtype))
-  state_tiles = _pack_state(state, f_pad)
-  if pieces > 1:
-    zeros = tuple(jnp.zeros((batch * pieces, *x.shape[1:]), x.dtype) for x in state_tiles)
-    local = _piece_states(spec, blocks, target, q, k, v, zeros)
-    state_tiles = _piece_initial_states(state_tiles, local, pieces)
-  y, final = _based(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
-  y = layout.restore(y).reshape(batch, t_pad, heads, d_pad)[:, :seq_len, :, :d]
-  final = tuple(x.reshape(batch, pieces, *x.shape[1:])[:, -1] for x in final)
-  if not return_final_state:
-    return y
-  final = _unpack_state(final, f, BasedState)
-  final = final._replace(s0_BHD=final.s0_BHD[..., :d], s1_BHFD=final.s1_BHFD[..., :d],
-                         s2_BHFFD=final.s2_BHFFD[..., :d])
-  return y, final
+    seg_col, seg_row = call.segments(segment_ids)
+  state = initial_state if initial_state is not None else BasedState.zeros(call.batch, call.heads, call.feature_dim,
+                                                                           call.value_dim)
+  starts = call.piece_starts(q, k, v, call.state_tiles(state))
+  y, final = _based(call.spec, call.blocks, call.target, q, k, v, seg_col, seg_row, starts)
+  y = call.restore(y, call.value_dim)
+  final = tuple(sequence_split.last_piece(x, call.pieces) for x in final)
+  return (y, call.state(final)) if return_final_state else y
 
 
 def _value_tile(layout, t_pad: int, width: int):
   return layout.tile(t_pad, width, None, lambda b, h, j: (b, h, 0, j))
 
 
-def _backward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col, seg_row, state_tiles,
+def _backward(spec: _Spec, blocks: BlockSizes, target: Target, q, k, v, seg_col, seg_row, state_tiles,
               final_cotangents, dn, dd, need_dq: bool = True):
   layout = target.layout
   batch, heads, t_pad, f_pad, d = _dims(layout, q, v)
@@ -540,6 +572,19 @@ def _backward(spec: _Spec, blocks: BasedBlocks, target: Target, q, k, v, seg_col
   return (fold(dq) if need_dq else None), fold(dk), dv, tuple(d_state)
 
 
+class _Residuals(NamedTuple):
+  """What the backward reads, in the kernels' layout (padded, [B·pieces, ...]): the forward's inputs, the state
+  each piece starts from, its output and normaliser."""
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  seg_col: jax.Array | None  # [B, T_pad, 1] segment ids (None without)
+  seg_row: jax.Array | None  # [B, 1, T_pad]
+  state_tiles: tuple  # each piece's starting state (_pack_state's tiles)
+  y: jax.Array
+  den: jax.Array  # [B·pieces, H, T_pad/pieces, 1] float32: y's normaliser (1 on padded rows where given from outside)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _based(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
   y, _, final = _forward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
@@ -548,88 +593,53 @@ def _based(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
 
 def _based_fwd(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles):
   y, den, final = _forward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles)
-  return (y, final), (q, k, v, seg_col, seg_row, state_tiles, y, den)
+  return (y, final), _Residuals(q, k, v, seg_col, seg_row, state_tiles, y, den)
 
 
-def _based_bwd(spec, blocks, target, residuals, cotangents):
-  q, k, v, seg_col, seg_row, state_tiles, y, den = residuals
+def _based_bwd(spec, blocks, target, res: _Residuals, cotangents):
   dy, final_cotangents = cotangents
   layout = target.layout
   dy = dy.astype(jnp.float32)
   if spec.normalize:
     # y = n / (den + eps): dn = dy / (den + eps), d(den) = -Σ_d dy·y / (den + eps).
-    inv = 1.0 / (den + spec.eps)  # [B, H, T, 1]
+    inv = 1.0 / (res.den + spec.eps)  # [B, H, T, 1]
     inv_y = inv if layout.heads_major else jnp.swapaxes(inv, 1, 2)
     dn = dy * inv_y
-    dd = -jnp.sum(dy * y.astype(jnp.float32), axis=-1, keepdims=True) * inv_y
+    dd = -jnp.sum(dy * res.y.astype(jnp.float32), axis=-1, keepdims=True) * inv_y
     dd = dd if layout.heads_major else jnp.swapaxes(dd, 1, 2)
   else:
-    dn, dd = dy, jnp.zeros_like(den)
-  dq, dk, dv, d_state = _backward(spec, blocks, target, q, k, v, seg_col, seg_row, state_tiles,
-                                  final_cotangents, dn, dd)
+    dn, dd = dy, jnp.zeros_like(res.den)
+  dq, dk, dv, d_state = _backward(spec, blocks, target, res.q, res.k, res.v, res.seg_col, res.seg_row,
+                                  res.state_tiles, final_cotangents, dn, dd)
   return dq, dk, dv, None, None, d_state
 
 
 _based.defvjp(_based_fwd, _based_bwd)
 
 
-
 def based_chunked_backward(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BTHD, d_final: BasedState, *,
                            initial_state: BasedState, normalize: bool, eps: float, chunk: int,
-                           sequence_pieces: int | None = None):
+                           sequence_pieces: int | None = None, block_sizes: BlockSizes | None = None):
   """(dq, dk, dv, d initial_state) of based_chunked without segment ids, for a forward run elsewhere (the Hopper
-  kernel): its output y and normaliser den [B, T, H] stand in for `_based`'s forward residuals; the backward
-  kernels and the sequence pieces (chosen as based_chunked chooses them) are this module's."""
-  target = Target.current()
-  layout = target.layout
-  batch, seq_len, heads, f = q_BTHF.shape
-  d = v_BTHD.shape[-1]
-  f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)
-  blocks = BasedBlocks.for_shape(f_pad=f_pad, d_pad=d_pad, target=target)
-  pieces = sequence_pieces or _sequence_pieces(
-      programs=batch * heads * (d_pad // min(blocks.block_d, d_pad)), seq_len=seq_len, chunk=chunk,
-      has_segments=False, target=target)
-  if pieces > 1 and seq_len % (pieces * chunk):
-    raise ValueError(f"sequence_pieces={pieces} needs a length that is a multiple of {pieces * chunk}, got {seq_len}")
-  t_pad = round_up(seq_len, chunk)
-  piece_len = t_pad // pieces
-
-  def prepare(x, width, fill=0.0):  # [B, T, H, W] -> kernel layout [B·G, T_pad/G, H, W]
-    x = jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, width - x.shape[-1])), constant_values=fill)
-    return layout.arrange(x.reshape(batch * pieces, piece_len, *x.shape[2:]))
-
-  def pad_d(state):
-    return state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, d_pad - d))),
-                          s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, d_pad - d),)),
-                          s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, d_pad - d),)))
-
-  spec = _Spec(feature_dim=f, normalize=normalize, eps=float(eps), chunk=chunk, seq_len=seq_len // pieces,
-               has_segments=False, group=max(1, min(f_pad, blocks.order2_width // f_pad)),
-               operand_dtype=q_BTHF.dtype, precision=exact_precision(q_BTHF.dtype))
-  q, k, v = prepare(q_BTHF, f_pad), prepare(k_BTHF, f_pad), prepare(v_BTHD, d_pad)
-
-  def piece_starts(q, k, v, state_tiles):  # each piece's initial state, as based_chunked computes it
-    if pieces == 1:
-      return state_tiles
-    zeros = tuple(jnp.zeros((batch * pieces, *x.shape[1:]), x.dtype) for x in state_tiles)
-    return _piece_initial_states(state_tiles, _piece_states(spec, blocks, target, q, k, v, zeros), pieces)
-
-  starts, starts_vjp = jax.vjp(piece_starts, q, k, v, _pack_state(pad_d(initial_state), f_pad))
-  y, dy = prepare(y_BTHD, d_pad), prepare(dy_BTHD.astype(jnp.float32), d_pad)
-  # Padded rows get den 1, so that their zero cotangents stay zero (not 0·inf); den's tiles are [B·G, H, T/G, 1].
-  den = prepare(den_BTH[..., None], 1, fill=1.0)
-  den = den if layout.heads_major else jnp.swapaxes(den, 1, 2)
+  kernel): its output y and normaliser den [B, T, H] stand in for the forward's residuals; the backward kernels
+  and the sequence pieces (chosen as based_chunked chooses them, unless given) are this module's."""
+  call = _setup(q_BTHF, v_BTHD, normalize=normalize, eps=eps, chunk=chunk, has_segments=False,
+                block_sizes=block_sizes, sequence_pieces=sequence_pieces, interpret=None)
+  q, k, v = call.arrange(q_BTHF, call.f_pad), call.arrange(k_BTHF, call.f_pad), call.arrange(v_BTHD, call.d_pad)
+  starts, starts_vjp = jax.vjp(call.piece_starts, q, k, v, call.state_tiles(initial_state))
+  y, dy = call.arrange(y_BTHD, call.d_pad), call.arrange(dy_BTHD.astype(jnp.float32), call.d_pad)
+  # Padded rows get den 1, so that their zero cotangents stay zero (not 0·inf); den's tiles are [B·pieces, H,
+  # T_pad/pieces, 1].
+  den = call.arrange(den_BTH[..., None], 1, fill=1.0)
+  den = den if call.target.layout.heads_major else jnp.swapaxes(den, 1, 2)
   # The final state is the last piece's: the other pieces' final states get no cotangent.
-  final = _pack_state(pad_d(BasedState(*(x.astype(jnp.float32) for x in d_final))), f_pad)
-  final = tuple(jnp.zeros((batch, pieces, *x.shape[1:]), x.dtype).at[:, -1].set(x).reshape(
-      batch * pieces, *x.shape[1:]) for x in final)
-  residuals = (q, k, v, None, None, starts, y, den)
-  dq, dk, dv, _, _, d_starts = _based_bwd(spec, blocks, target, residuals, (dy, final))
+  final = call.state_tiles(BasedState(*(x.astype(jnp.float32) for x in d_final)))
+  final = tuple(jnp.zeros((call.batch, call.pieces, *x.shape[1:]), x.dtype).at[:, -1].set(x).reshape(
+      call.batch * call.pieces, *x.shape[1:]) for x in final)
+  residuals = _Residuals(q=q, k=k, v=v, seg_col=None, seg_row=None, state_tiles=starts, y=y, den=den)
+  dq, dk, dv, _, _, d_starts = _based_bwd(call.spec, call.blocks, call.target, residuals, (dy, final))
   _, dk_starts, dv_starts, d_state = starts_vjp(d_starts)
   dk = (dk.astype(jnp.float32) + dk_starts.astype(jnp.float32)).astype(dk.dtype)
   dv = (dv.astype(jnp.float32) + dv_starts.astype(jnp.float32)).astype(dv.dtype)
-  unpad = lambda x, width: layout.restore(x).reshape(batch, t_pad, heads, -1)[:, :seq_len, :, :width]
-  d_state = _unpack_state(d_state, f, BasedState)
-  d_state = d_state._replace(s0_BHD=d_state.s0_BHD[..., :d], s1_BHFD=d_state.s1_BHFD[..., :d],
-                             s2_BHFFD=d_state.s2_BHFFD[..., :d])
-  return unpad(dq, f), unpad(dk, f), unpad(dv, d), d_state
+  d_state = call.state(d_state)
+  return call.restore(dq, call.feature_dim), call.restore(dk, call.feature_dim), call.restore(dv, call.value_dim), d_state

@@ -28,7 +28,7 @@ from pallas_kernels.common.target import Target
 
 
 @dataclasses.dataclass(frozen=True)
-class ParallelBlocks:
+class BlockSizes:
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4  # Triton only
@@ -128,7 +128,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, dn_ref, dd_ref, dk_re
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   spec: _Spec
-  blocks: ParallelBlocks
+  blocks: BlockSizes
   target: Target
 
   def call(self, kernel, **kwargs):
@@ -211,7 +211,7 @@ _parallel.defvjp(_parallel_fwd, _parallel_bwd)
 
 def based_parallel(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6, segment_ids=None,
                    initial_state=None, return_final_state: bool = False, chunk: int | None = None,
-                   block_sizes: ParallelBlocks | None = None, interpret: bool | None = None):
+                   block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """The quadratic form with the reference's semantics, without state in or out (api.py routes those to the
   chunked kernel); `chunk` is accepted for a uniform signature and unused."""
   del chunk
@@ -223,7 +223,7 @@ def based_parallel(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float
   d = v_BTHD.shape[-1]
   # Interpret mode copies whole arrays per grid step: on CPU, one block for short sequences.
   block = 64 if not target.interpret else min(64, max(16, pl.next_power_of_2(seq_len)))
-  blocks = block_sizes or ParallelBlocks(block, block)
+  blocks = block_sizes or BlockSizes(block, block)
   multiple = max(blocks.block_q, blocks.block_k)
   t_pad = -(-seq_len // multiple) * multiple
   f_pad, d_pad = max(16, pl.next_power_of_2(f)), target.padded_dim(d)

@@ -10,12 +10,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 
 def round_up(x: int, multiple: int) -> int:
   """x padded up to whole blocks of `multiple` (sequence lengths to whole kernel blocks)."""
   return -(-x // multiple) * multiple
+
+
+def cdiv(x, block: int):
+  """The blocks of `block` that cover a traced non-negative int x (lax.div truncates, so x must be >= 0)."""
+  return lax.div(x + (block - 1), block)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,22 @@
-"""What the Mosaic GPU (sm90) kernels share: the chip's budgets, the producer/consumer warpgroup split, and the
-small helpers that broadcast vectors across wgmma tiles.
+"""What the Mosaic GPU (sm90) kernels share: the chip's budgets, the warp-specialised launch, the TMA ring
+producer, and the small helpers that broadcast vectors across wgmma tiles.
 
 Every Hopper kernel here runs three warpgroups per CTA: two consumers that own WG_ROWS rows each (the wgmma M) and
 compute, and one producer that TMA-loads the streamed tiles; registers move from the producer to the consumers.
+A kernel file holds its schedule (what each consumer computes, which tiles stream, the shared-memory layout) and
+calls `launch`, `warp_specialized` and `produce_ring` for the rest.
+
+The ring protocol (`produce_ring`): step j of [lo, hi) lands in slot (j - lo) % num_stages; each stream's copy
+completes that slot's `ready` barrier; a slot is refilled only after its `free` barrier completes (one arrival per
+consumer), and after the loop the producer awaits the last releases too, so that every barrier phase is observed
+before the CTA exits.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +29,7 @@ SMEM_RESERVED = 4096  # Mosaic's reduction scratch, the barriers, alignment (abo
 SMEM_USABLE = SMEM_BYTES - SMEM_RESERVED
 CONSUMERS = 2  # warpgroups that compute; one more loads
 WG_ROWS = 64  # wgmma M: the rows each consumer owns
+CTA_ROWS = CONSUMERS * WG_ROWS  # the rows a CTA owns
 CONSUMER_REGISTERS = 232  # 2·128·232 + 128·40 <= 65536 registers per SM
 PRODUCER_REGISTERS = 40
 DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
@@ -40,9 +52,11 @@ def check_ring(blocks, need: int, detail: str = "") -> None:
     raise ValueError(f"{blocks} needs {need} bytes of shared memory{detail}; the limit is {SMEM_BYTES}")
 
 
-def cdiv(x, d: int):
-  """Ceiling division of a traced int."""
-  return lax.div(x + (d - 1), d)
+def swizzled(swizzle: int, itemsize: int = 2):
+  """SMEM transforms of a tile that wgmma reads: `swizzle`-byte swizzling over (8, swizzle / itemsize) tiles.
+  Rows of 32 or 64 bytes take that swizzle, wider ones 128; wgmma wants both shared operands of one product to
+  share a swizzle."""
+  return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def rows(x, shape):
@@ -55,9 +69,32 @@ def cols(x, shape):
   return lax.broadcast_in_dim(x, shape, [1])
 
 
-def warp_specialized(produce, consume):
+def sync(barrier):
+  """Arrives on `barrier` and waits for it: every consumer (one arrival each) has reached this point."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
+def launch(body: Callable[..., None], *args, name: str, out_type, scratch, grid: dict[str, int],
+           approx_math: bool = True):
+  """Runs body(*input refs, *output refs, scratch) on CONSUMERS + 1 warpgroups (axis "wg") per CTA of `grid` (axis
+  name -> size); `name` is the kernel's name in profiles. approx_math: fast approximate exp2/tanh/division."""
+
+  def kernel(*refs):
+    body(*refs)
+
+  kernel.__name__ = name
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=[scratch], grid=tuple(grid.values()), grid_names=tuple(grid),
+      num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=approx_math),
+  )(*args)
+
+
+def warp_specialized(produce: Callable[[], None], consume: Callable[[Any], None], *,
+                     static_consumers: bool = False):
   """Runs produce() on warpgroup CONSUMERS and consume(wg) on warpgroups 0 .. CONSUMERS-1, with registers moved
-  to the latter."""
+  to the latter. static_consumers: consume(w) is traced once per consumer with w a Python int (for schedules in
+  which the consumers own different static work); otherwise wg is the traced warpgroup index."""
   wg = lax.axis_index("wg")
 
   @pl.when(wg == CONSUMERS)
@@ -65,7 +102,46 @@ def warp_specialized(produce, consume):
     plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     produce()
 
+  if static_consumers:
+    for w in range(CONSUMERS):
+      @pl.when(wg == w)
+      def _():
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        consume(w)
+    return
+
   @pl.when(wg < CONSUMERS)
   def _():
     plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
     consume(wg)
+
+
+class Stream(NamedTuple):
+  """One tensor streamed through a ring: where step j comes from, its slots, and their `ready` barriers."""
+  source: Callable[[Any], Any]  # j -> the gmem ref view of step j
+  slots: Any  # smem [num_stages, ...]
+  ready: Any  # barriers [num_stages]
+
+
+def produce_ring(lo, hi, stages: int, groups: Sequence[tuple[Any, Sequence[Stream]]]):
+  """The producer's loop: TMA-loads steps [lo, hi) of every stream into slot (j - lo) % stages. groups: (free
+  barriers [stages], streams) pairs; a group's streams refill a slot once its `free` barrier has completed, so that
+  streams freed at different times (K before V) load as early as they may. Static bounds stay static."""
+  slot = lambda j: lax.rem(j - lo, stages)
+
+  def load(j, carry):
+    for free, streams in groups:
+      pl.when(j - lo >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot(j)]))
+      for stream in streams:
+        plgpu.copy_gmem_to_smem(stream.source(j), stream.slots.at[slot(j)], stream.ready.at[slot(j)])
+    return carry
+
+  lax.fori_loop(lo, hi, load, None)
+
+  def drain(j, carry):  # await the last releases too: every phase of a barrier is observed
+    for free, _ in groups:
+      plgpu.barrier_wait(free.at[slot(j)])
+    return carry
+
+  static = isinstance(lo, int) and isinstance(hi, int)
+  lax.fori_loop(max(lo, hi - stages) if static else jnp.maximum(lo, hi - stages), hi, drain, None)

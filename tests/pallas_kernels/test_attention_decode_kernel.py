@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels.attention import reference as ref
-from pallas_kernels.attention.decode import DecodeBlocks, attention_decode, attention_decode_ring
+from pallas_kernels.attention.decode import BlockSizes, attention_decode, attention_decode_ring
 from tests.tolerances import assert_close, normal
 
 # Several splits and blocks per split (S=48: 3 splits of 16 slots, the last partly past some lengths).
-SPLIT = DecodeBlocks(block_k=16, num_splits=3)
+SPLIT = BlockSizes(block_k=16, num_splits=3)
 HEADS = {"gqa4": (8, 2), "mqa": (4, 1)}
 
 # Jitted as a model calls them; also compiles each interpret-mode kernel once per configuration.
@@ -134,7 +134,7 @@ def _ring(k_full, lengths, ring_len, rng):
 
 # (dtype, heads, window, softcap, block sizes)
 RING_CASES = {
-    "f32_gqa4_window_W_split": (jnp.float32, "gqa4", None, None, DecodeBlocks(block_k=16, num_splits=2)),
+    "f32_gqa4_window_W_split": (jnp.float32, "gqa4", None, None, BlockSizes(block_k=16, num_splits=2)),
     "bf16_mqa_window_11_softcap_default_blocks": (jnp.bfloat16, "mqa", 11, 2.5, None),
 }
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.based import reference as ref
-from pallas_kernels.based.decode import DecodeBlocks, based_decode_step
+from pallas_kernels.based.decode import BlockSizes, based_decode_step
 from pallas_kernels.based.reference import BasedState
 from tests.tolerances import assert_close, normal
 
@@ -38,8 +38,8 @@ CASES = {
     "f8_d64_unnormalized_bf16": (8, 64, False, jnp.bfloat16, None),
     "f16_d16_unnormalized_f32": (16, 16, False, jnp.float32, None),
     "f16_d64_normalized_bf16": (16, 64, True, jnp.bfloat16, None),
-    "f16_d64_normalized_f32_blocks": (16, 64, True, jnp.float32, DecodeBlocks(block_d=16, block_rows=16)),
-    "f6_d20_normalized_f32_padded": (6, 20, True, jnp.float32, DecodeBlocks(block_d=16, block_rows=16)),
+    "f16_d64_normalized_f32_blocks": (16, 64, True, jnp.float32, BlockSizes(block_d=16, block_rows=16)),
+    "f6_d20_normalized_f32_padded": (6, 20, True, jnp.float32, BlockSizes(block_d=16, block_rows=16)),
 }
 STEPS = 4
 

@@ -78,10 +78,10 @@ def test_expansion_matrices_build_the_taylor_features():
 
 
 def test_sequence_pieces_fill_one_wave_of_long_pieces():
-  assert hopper_chunked._sequence_pieces(ctas=128, num_steps=16) == 1  # B8 H16 D64 T2048
-  assert hopper_chunked._sequence_pieces(ctas=32, num_steps=128) == 4  # B2 H16 D64 T16384
-  assert hopper_chunked._sequence_pieces(ctas=16, num_steps=512) == 8  # B1 H16 D64 T65536
-  assert hopper_chunked._sequence_pieces(ctas=16, num_steps=12) == 1  # too short to split
+  assert hopper_chunked.sequence_pieces(ctas=128, num_steps=16) == 1  # B8 H16 D64 T2048
+  assert hopper_chunked.sequence_pieces(ctas=32, num_steps=128) == 4  # B2 H16 D64 T16384
+  assert hopper_chunked.sequence_pieces(ctas=16, num_steps=512) == 8  # B1 H16 D64 T65536
+  assert hopper_chunked.sequence_pieces(ctas=16, num_steps=12) == 1  # too short to split
 
 
 @pytest.mark.parametrize("pieces", [None, 4])

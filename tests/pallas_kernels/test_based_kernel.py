@@ -84,7 +84,7 @@ def test_kernel_matches_reference(rng, case, implementation):
 def test_sequence_split_into_pieces_matches_reference(rng, case):
   """Pieces of the sequence run as separate programs from prefix-summed piece states (the GPU's long-sequence
   path, forced here): outputs, final state and gradients, incl. wrt the initial state."""
-  blocks = pallas.BasedBlocks(block_d=32, sequence_pieces=4)
+  blocks = pallas.BlockSizes(block_d=32, sequence_pieces=4)
   kernel = lambda *a, **kw: pallas.based_chunked(*a, block_sizes=blocks, **kw)
   _check_against_reference(rng, kernel, dict(CASES[case], T=128))
 
@@ -92,7 +92,7 @@ def test_sequence_split_into_pieces_matches_reference(rng, case):
 def test_sequence_split_refuses_what_it_cannot_model(rng):
   (q, k, v, _), options, _ = _inputs(rng, T=128, segments=True)
   with pytest.raises(ValueError, match="sequence_pieces=4"):
-    pallas.based_chunked(q, k, v, block_sizes=pallas.BasedBlocks(sequence_pieces=4), **options)
+    pallas.based_chunked(q, k, v, block_sizes=pallas.BlockSizes(sequence_pieces=4), **options)
 
 
 def test_auto_takes_the_kernel_only_where_covered():
