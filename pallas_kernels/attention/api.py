@@ -1,5 +1,6 @@
 """Public softmax attention (prefill/training and single-token decode): input checks, then `implementation=`
-dispatch. The math and masking rules are in reference.py.
+dispatch. The math and masking rules are in reference.py. `block_sizes=` tunes the kernel that runs: hopper.BlockSizes
+(its `.backward` tunes the Hopper backward), pallas.BlockSizes, decode.BlockSizes.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 """
@@ -23,16 +24,17 @@ def _pallas_supports(*, head_dim: int, **_) -> str | None:
 # The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
 ATTENTION = Dispatcher("attention", (
     # The Mosaic GPU forward: sm90 only, 16-bit inputs, head dim 64 or 128; the portable kernel covers the rest.
-    Implementation("hopper", hopper.flash_attention, supports=hopper.supports, backends=("gpu",), per_shard=True),
+    Implementation("hopper", hopper.flash_attention, supports=hopper.supports, backends=("gpu",), per_shard=True,
+                   block_sizes=hopper.BlockSizes),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.flash_attention, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
-                   per_shard=True),
+                   per_shard=True, block_sizes=pallas.BlockSizes),
     Implementation("reference_chunked", reference.attention_chunked, in_auto=False),
     Implementation("reference", reference.attention),
 ))
 ATTENTION_DECODE = Dispatcher("attention_decode", (
     Implementation("pallas", decode.attention_decode, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
-                   per_shard=True),
+                   per_shard=True, block_sizes=decode.BlockSizes),
     Implementation("reference", reference.attention_decode),
 ))
 
@@ -60,8 +62,10 @@ def _check_kv(q_name: str, q: jax.Array, k_name: str, k: jax.Array, v_name: str,
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, window: int | None = None,
               window_right: int | None = None, segment_ids: jax.Array | None = None,
               kv_segment_ids: jax.Array | None = None, scale: float | None = None,
-              softcap: float | None = None, return_lse: bool = False, implementation: str = "auto"):
-  """Softmax attention of q [B,T,H,D] over k, v [B,S,K,D]: out [B,T,H,D] (and lse [B,H,T] float32)."""
+              softcap: float | None = None, return_lse: bool = False, implementation: str = "auto",
+              block_sizes: hopper.BlockSizes | pallas.BlockSizes | None = None):
+  """Softmax attention of q [B,T,H,D] over k, v [B,S,K,D]: out [B,T,H,D] (and lse [B,H,T] float32); block_sizes
+  must be the running implementation's (name it), None its defaults for the shape."""
   validation.check_rank("q", q, 4, "batch, q_len, heads, head_dim")
   validation.check_rank("k", k, 4, "batch, kv_len, kv_heads, head_dim")
   validation.check_rank("v", v, 4, "batch, kv_len, kv_heads, head_dim")
@@ -87,12 +91,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
       layouts=dict(q="BTHD", k="BSKD", v="BSKD", segment_ids="BT", kv_segment_ids="BS"),
       out_layouts=("BTHD", "BHT") if return_lse else "BTHD",
       static=dict(causal=causal, window=window, window_right=window_right, scale=scale, softcap=softcap,
-                  return_lse=return_lse))
+                  return_lse=return_lse), block_sizes=block_sizes)
 
 
 def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      scale: float | None = None, softcap: float | None = None, window: int | None = None,
-                     implementation: str = "auto") -> jax.Array:
+                     implementation: str = "auto", block_sizes: decode.BlockSizes | None = None) -> jax.Array:
   """One query per row q [B,H,D] at position lengths[b] - 1 over cache slots [0, lengths[b]): out [B,H,D]."""
   validation.check_rank("q", q, 3, "batch, heads, head_dim")
   validation.check_rank("k_cache", k_cache, 4, "batch, max_len, kv_heads, head_dim")
@@ -108,4 +112,4 @@ def attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       implementation, options, positional=("q", "k_cache", "v_cache", "lengths"),
       arrays=dict(q=q, k_cache=k_cache, v_cache=v_cache, lengths=lengths),
       layouts=dict(q="BHD", k_cache="BSKD", v_cache="BSKD", lengths="B"), out_layouts="BHD",
-      static=dict(scale=scale, softcap=softcap, window=window))
+      static=dict(scale=scale, softcap=softcap, window=window), block_sizes=block_sizes)

@@ -33,10 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.attention.masking import LOG2E
 from pallas_kernels.common.layout import round_up
 from pallas_kernels.common.target import Target
-
-_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +142,7 @@ def _decode_kernel(length_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, sp
     if spec.softcap is not None:
       s = spec.softcap * jnp.tanh(s / spec.softcap)
     slots = split_start + start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    s = jnp.where(spec.visible(length, slots), s * _LOG2E, -jnp.inf)
+    s = jnp.where(spec.visible(length, slots), s * LOG2E, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: shift by 0, so 2^-inf = 0
     p = jnp.exp2(s - m_safe)

@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.attention.masking import MaskSpec
+from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common.layout import Layout, round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
-
-_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,7 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, mask: MaskSpec):
   visible = mask.visible(q_pos, k_pos)
   if q_seg is not None:
     visible = visible & (q_seg == k_seg)
-  return jnp.where(visible, s * _LOG2E, -jnp.inf), capped
+  return jnp.where(visible, s * LOG2E, -jnp.inf), capped
 
 
 def _q_segments(seg_ref, start, size):
@@ -123,12 +120,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, ma
   m, l, acc = lax.fori_loop(lo, hi, body, init)
   empty = l == 0.0  # fully masked rows: output 0, lse -inf
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / _LOG2E)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
 
 
 def _probabilities(s, lse):
   """exp(logits - lse) from base-2 logits; rows with lse = -inf have only masked (-inf) logits, so give 0."""
-  return jnp.exp2(s - jnp.where(lse == -jnp.inf, 0.0, lse * _LOG2E))
+  return jnp.exp2(s - jnp.where(lse == -jnp.inf, 0.0, lse * LOG2E))
 
 
 def _dscores(p, dp, delta, capped, mask: MaskSpec):
@@ -326,9 +323,8 @@ def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, windo
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - q_len)))[:, :, None]
     k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - kv_len)))[:, None, :]
-  mask = MaskSpec(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), causal=causal,
-                  window=window, window_right=window_right, softcap=softcap, q_offset=kv_len - q_len,
-                  q_len=q_len, kv_len=kv_len)
+  mask = MaskSpec.for_call(q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal=causal, window=window,
+                           window_right=window_right, scale=scale, softcap=softcap)
   plan = _Plan(mask=mask, blocks=blocks, target=target, heads=heads, kv_heads=kv_heads,
                has_segments=q_seg is not None)
   return plan, functools.partial(prepare, rows=t_pad), functools.partial(prepare, rows=s_pad), q_seg, k_seg

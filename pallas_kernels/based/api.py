@@ -7,7 +7,8 @@ FlashAttention: Mosaic GPU on sm90, portable Pallas elsewhere; short stateless c
 chunked form's Mosaic GPU forward with the portable backward: 16-bit, F 16, D 64/128 on sm90), "pallas" (the
 portable chunked kernels), "reference" (the chunked jnp form), and "quadratic" / "recurrent" (the other jnp
 forms, by name only, so tests reach every form through the api). Every implementation takes the arguments in
-the signature below.
+the signature below; `block_sizes=` tunes the kernel that runs (hopper_parallel.BlockSizes, parallel.BlockSizes,
+hopper_chunked.BlockSizes, pallas.BlockSizes; decode.BlockSizes for the step).
 
 Letters: B batch, T length, H heads, F feature dim, D value head dim.
 """
@@ -86,24 +87,26 @@ def _hopper_parallel_supports(**options) -> str | None:
 DISPATCHER = Dispatcher("based", (
     # The same quadratic form in Mosaic GPU (sm90, 16-bit inputs); auto's first choice where both apply.
     Implementation("hopper_parallel", hopper_parallel.based_parallel_hopper, supports=_hopper_parallel_supports,
-                   backends=("gpu",), auto_prefers=_parallel_preferred, per_shard=True),
+                   backends=("gpu",), auto_prefers=_parallel_preferred, per_shard=True,
+                   block_sizes=hopper_parallel.BlockSizes),
     # Auto takes it on GPU (where it was timed) for short stateless calls.
     Implementation("pallas_parallel", parallel.based_parallel, supports=_parallel_supports, auto_backends=("gpu",),
-                   auto_prefers=_parallel_preferred, per_shard=True),
+                   auto_prefers=_parallel_preferred, per_shard=True, block_sizes=parallel.BlockSizes),
     # The chunked form in Mosaic GPU (forward; the portable backward); auto takes it where its CTAs fill a wave
     # (hopper_chunked.preferred has the H100 timings against the portable kernel).
     Implementation("hopper", hopper_chunked.based_chunked_hopper, supports=hopper_chunked.supports,
-                   backends=("gpu",), auto_prefers=hopper_chunked.preferred, per_shard=True),
+                   backends=("gpu",), auto_prefers=hopper_chunked.preferred, per_shard=True,
+                   block_sizes=hopper_chunked.BlockSizes),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
     Implementation("pallas", pallas.based_chunked, supports=_pallas_supports, auto_backends=("gpu", "tpu"),
-                   per_shard=True),
+                   per_shard=True, block_sizes=pallas.BlockSizes),
     Implementation("reference", reference.based_chunked),
     Implementation("quadratic", _without_chunk(reference.based_quadratic), in_auto=False),
     Implementation("recurrent", _without_chunk(reference.based_recurrent), in_auto=False),
 ))
 DECODE_DISPATCHER = Dispatcher("based_decode_step", (
     Implementation("pallas", decode.based_decode_step, supports=_pallas_supports_decode,
-                   auto_backends=("gpu", "tpu"), per_shard=True),
+                   auto_backends=("gpu", "tpu"), per_shard=True, block_sizes=decode.BlockSizes),
     Implementation("reference", reference.based_step),
 ))
 
@@ -152,9 +155,12 @@ def _check_state(name: str, state: Any, batch: int, heads: int, feature_dim: int
 def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_dim: int | None = None,
                            normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
                            initial_state: BasedState | None = None, return_final_state: bool = False,
-                           segment_ids: jax.Array | None = None, implementation: str = "auto"):
+                           segment_ids: jax.Array | None = None, implementation: str = "auto",
+                           block_sizes: hopper_parallel.BlockSizes | parallel.BlockSizes | hopper_chunked.BlockSizes
+                           | pallas.BlockSizes | None = None):
   """Causal Based attention of q, k [B, T, H, F] and v [B, T, H, D]: y [B, T, H, D], plus the final
-  BasedState when return_final_state."""
+  BasedState when return_final_state; block_sizes must be the running implementation's (name it), None its
+  defaults for the shape."""
   _check_qkv(q, k, v, ("batch", "length", "heads"))
   batch, length, heads, _ = q.shape
   feature_dim = _check_feature_dim(feature_dim, q)
@@ -178,11 +184,13 @@ def based_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, feature_
       arrays=dict(q=q, k=k, v=v, initial_state=initial_state, segment_ids=segment_ids),
       layouts=dict(q="BTHF", k="BTHF", v="BTHD", initial_state=STATE_LAYOUT, segment_ids="BT"),
       out_layouts=("BTHD", STATE_LAYOUT) if return_final_state else "BTHD",
-      static=dict(chunk=chunk, normalize=normalize, eps=eps, return_final_state=return_final_state))
+      static=dict(chunk=chunk, normalize=normalize, eps=eps, return_final_state=return_final_state),
+      block_sizes=block_sizes)
 
 
 def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedState, *, normalize: bool = True,
-                      eps: float = 1e-6, implementation: str = "auto") -> tuple[jax.Array, BasedState]:
+                      eps: float = 1e-6, implementation: str = "auto",
+                      block_sizes: decode.BlockSizes | None = None) -> tuple[jax.Array, BasedState]:
   """One decode token, q, k [B, H, F] and v [B, H, D]: (y [B, H, D], the state with this token added)."""
   _check_qkv(q, k, v, ("batch", "heads"))
   batch, heads, _ = q.shape
@@ -196,4 +204,4 @@ def based_decode_step(q: jax.Array, k: jax.Array, v: jax.Array, state: BasedStat
   return DECODE_DISPATCHER.run(
       implementation, options, positional=("q", "k", "v", "state"), arrays=dict(q=q, k=k, v=v, state=state),
       layouts=dict(q="BHF", k="BHF", v="BHD", state=STATE_LAYOUT), out_layouts=("BHD", STATE_LAYOUT),
-      static=dict(normalize=normalize, eps=eps))
+      static=dict(normalize=normalize, eps=eps), block_sizes=block_sizes)

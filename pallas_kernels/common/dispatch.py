@@ -3,7 +3,8 @@
 Each op lists its implementations in priority order. An explicit name runs that implementation or raises
 ValueError saying why it cannot; `"auto"` is fail-closed: it takes the first implementation whose backend matches
 and whose `supports` check accepts the call's shapes and options (the cases its tests cover), and the reference,
-which supports everything, comes last.
+which supports everything, comes last. A kernel's tuning knobs (its module's `BlockSizes`) reach it through the
+op's `block_sizes=`, checked against the implementation that runs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Implementation:
   # Where auto prefers it (a measured speed rule, e.g. a length range), on top of `supports`; by name it runs
   # wherever `supports` holds.
   auto_prefers: SupportCheck = supports_everything
+  block_sizes: type | None = None  # the knob class fn takes as block_sizes= (its module's BlockSizes); None: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +97,26 @@ class Dispatcher:
     return self.select(implementation, **options).fn(*args, **kwargs)
 
   def run(self, implementation: str, options: dict[str, Any], *, arrays: dict[str, Any], static: dict[str, Any],
-          positional: tuple[str, ...], layouts: dict[str, Any], out_layouts: Any) -> Any:
+          positional: tuple[str, ...], layouts: dict[str, Any], out_layouts: Any, block_sizes: Any = None) -> Any:
     """Like calling it, with the array arguments named and laid out (see sharding.run_per_shard), so that a
-    kernel runs per shard inside a sharded model."""
+    kernel runs per shard inside a sharded model; block_sizes (None: the kernel's defaults) must be the running
+    implementation's."""
     impl = self.select(implementation, **options)
+    if block_sizes is not None:
+      static = dict(static, block_sizes=self._checked_block_sizes(impl, block_sizes))
     if impl.per_shard:
       return sharding.run_per_shard(impl.fn, arrays, layouts, out_layouts, static, positional)
     args = [arrays[name] for name in positional]
     return impl.fn(*args, **{k: v for k, v in arrays.items() if k not in positional}, **static)
+
+  def _checked_block_sizes(self, impl: Implementation, block_sizes: Any) -> Any:
+    if impl.block_sizes is not None and isinstance(block_sizes, impl.block_sizes):
+      return block_sizes
+    given = f"{type(block_sizes).__module__}.{type(block_sizes).__qualname__}"
+    takes = ("no block_sizes" if impl.block_sizes is None
+             else f"{impl.block_sizes.__module__}.{impl.block_sizes.__qualname__}")
+    raise ValueError(f"{self.op}: implementation {impl.name!r} takes {takes}, got {given}; name the implementation "
+                     f"whose BlockSizes you pass")
 
 
 def require(condition: bool, reason: str) -> str | None:
