@@ -11,15 +11,15 @@ which XLA merges (log-sum-exp): M = max_n m_n, out = Σ_n 2^(m_n - M) acc_n / Σ
 
 Visibility is that of reference.attention_decode: the query sits at position p = lengths[b] - 1 and sees
 positions s with s <= p and p - s < window. For the ring-buffer cache of `attention_decode_ring`, position s
-lives in slot s mod W, so slot w holds the position whose age is a = (p - w) mod W, and is visible iff
+lives in slot s mod S, so slot w holds the position whose age is a = (p - w) mod S, and is visible iff
 a < min(window, lengths[b]); a block range that misses no visible slot is the hull of that circular interval.
 
 On GPU only the visible blocks are read. On TPU the BlockSpec pipeline copies the whole split into VMEM before the
 program runs (skipping saves compute, not bandwidth), and the wrapper moves the cache to [B, K, S, D] because
 Mosaic wants the (rows, dim) tile last; a TPU-resident cache should be kept in that layout.
 
-Letters: B batch, S cache slots (W for the ring), H query heads, K kv heads, G = H / K query heads per kv head,
-D head dim, N splits; Gp, Dp: G and D padded for Triton (powers of two >= 16).
+Letters: B batch, S cache slots (of the ring too), H query heads, K kv heads, G = H / K query heads per kv head,
+D head dim, J splits (chunks of the cache); Gp, Dp: G and D padded for Triton (powers of two >= 16).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class _Spec:
   softcap: float | None
   window: int | None
   ring: bool  # slot w holds the newest position ≡ w (mod kv_len) instead of position w
-  kv_len: int  # real slots (S, or W for the ring); the rest is padding
+  kv_len: int  # real slots (S, the ring's too); the rest is padding
   split_len: int
   block_k: int
 
@@ -87,7 +87,7 @@ class _Spec:
     return lo, hi
 
   def _ring_count(self, length):
-    """How many of the newest positions are visible: min(window, length, W)."""
+    """How many of the newest positions are visible: min(window, length, S)."""
     count = jnp.minimum(length, self.kv_len)
     return count if self.window is None else jnp.minimum(count, self.window)
 
@@ -102,7 +102,7 @@ class _Spec:
       if self.window is not None:
         visible = visible & (slots >= length - self.window)
       return visible
-    # age = (newest - w) mod W without a vector remainder (Mosaic has none): newest - w lies in (-W, W).
+    # age = (newest - w) mod S without a vector remainder (Mosaic has none): newest - w lies in (-S, S).
     age = self._newest_slot(length) - slots
     age = jnp.where(age < 0, age + self.kv_len, age)
     return (slots < self.kv_len) & (age < self._ring_count(length))
@@ -158,13 +158,13 @@ def _decode_kernel(length_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, sp
   l_ref[...] = l
 
 
-def _merged(acc_BKNGD, m_BKNG1, l_BKNG1):
+def _merged(acc_BKJGD, m_BKJG1, l_BKJG1):
   """Log-sum-exp merge of the splits' partial results: [B, K, G, D], 0 for rows that saw no key."""
-  m_max = jnp.max(m_BKNG1, axis=2, keepdims=True)
+  m_max = jnp.max(m_BKJG1, axis=2, keepdims=True)
   m_max = jnp.where(jnp.isfinite(m_max), m_max, 0.0)
-  weight = jnp.exp2(m_BKNG1 - m_max)  # 0 for splits that saw nothing (m = -inf)
-  denom = jnp.sum(weight * l_BKNG1, axis=2)
-  acc = jnp.sum(weight * acc_BKNGD, axis=2)
+  weight = jnp.exp2(m_BKJG1 - m_max)  # 0 for splits that saw nothing (m = -inf)
+  denom = jnp.sum(weight * l_BKJG1, axis=2)
+  acc = jnp.sum(weight * acc_BKJGD, axis=2)
   return acc / jnp.where(denom == 0.0, 1.0, denom)
 
 
@@ -232,13 +232,13 @@ def attention_decode(q_BHD: jax.Array, k_cache_BSKD: jax.Array, v_cache_BSKD: ja
                  ring=False, block_sizes=block_sizes, interpret=interpret)
 
 
-def attention_decode_ring(q_BHD: jax.Array, k_ring_BWKD: jax.Array, v_ring_BWKD: jax.Array, lengths_B: jax.Array,
+def attention_decode_ring(q_BHD: jax.Array, k_ring_BSKD: jax.Array, v_ring_BSKD: jax.Array, lengths_B: jax.Array,
                           *, window: int | None, scale: float | None = None, softcap: float | None = None,
                           block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
-  """out_BHD for a ring-buffer cache of W slots holding position p at slot p mod W: the same as
-  reference.attention_decode on the unrolled cache with this window (window <= W; None means W)."""
-  ring_len = k_ring_BWKD.shape[1]
+  """out_BHD for a ring-buffer cache of S slots holding position p at slot p mod S: the same as
+  reference.attention_decode on the unrolled cache with this window (window <= S; None means S)."""
+  ring_len = k_ring_BSKD.shape[1]
   if window is not None and not 0 < window <= ring_len:
     raise ValueError(f"window={window} must be in [1, ring length {ring_len}]: older positions were overwritten")
-  return _decode(q_BHD, k_ring_BWKD, v_ring_BWKD, lengths_B, scale=scale, softcap=softcap, window=window,
+  return _decode(q_BHD, k_ring_BSKD, v_ring_BSKD, lengths_B, scale=scale, softcap=softcap, window=window,
                  ring=True, block_sizes=block_sizes, interpret=interpret)

@@ -2,9 +2,9 @@
 2024), with reference.py's masks, GQA/MQA, soft-cap and segment ids; its custom_vjp backward is
 hopper_backward.py's (separate dQ and dK/dV kernels in the same style).
 
-Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim, R query rows per CTA.
+Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 
-Schedule. A CTA owns R = 2·block_q query rows of one (batch, head) and reads the key blocks [lo, hi) they can see
+Schedule. A CTA owns 2·block_q query rows of one (batch, head) and reads the key blocks [lo, hi) they can see
 (causal/window bounds; the other blocks are never loaded). It runs three warpgroups:
 
   producer  (wg 2)     TMA-loads K_j and V_j of the shared kv head (GQA: never repeated) into slot
@@ -33,9 +33,10 @@ Softmax: base-2 logits with scale·log2(e) folded into one multiply-add, p = exp
 exp2); a row that has seen only hidden keys keeps m = -inf and is shifted by 0, so it ends with O = 0, l = 0 and
 lse = -inf. O is written in the input dtype through Q's shared-memory tile, lse = m·ln 2 + ln l in float32.
 
-Block sizes: wgmma M is 64 per warpgroup, so block_q = 64 and R = 128. block_k = 128 keeps S (64 registers per
-thread), O (D/2) and two 16-bit P tiles under the 232 registers a consumer gets (the producer keeps 40).
-Shared memory holds Q (R·D) and the ring (2·num_stages·block_k·D) in 16 bits: D=128 with 2 stages is 160 KiB,
+Block sizes: wgmma M is 64 per warpgroup, so block_q = 64 and a CTA owns 128 rows. block_k = 128 keeps S (64
+registers per thread), O (D/2) and two 16-bit P tiles under the 232 registers a consumer gets (the producer keeps
+40).
+Shared memory holds Q (128·D) and the ring (2·num_stages·block_k·D) in 16 bits: D=128 with 2 stages is 160 KiB,
 D=64 with 3 stages 112 KiB, of the 227 KiB a block may use. Tiles that wgmma reads use 128-byte swizzling with
 (8, 64) tiling; Kᵀ is a transposed view of K's tile, not a copy.
 """

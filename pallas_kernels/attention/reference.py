@@ -2,7 +2,7 @@
 recurrence flash-attention kernels run), and single-token decode against a KV cache.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G query heads per kv head (H = K·G),
-D head dim, C key chunk length, N number of key chunks.
+D head dim, C key chunk length, J number of key chunks.
 
   logits[b,h,t,s] = scale · q[b,t,h] · k[b,s,h // G]       scale defaults to 1/sqrt(D)
   logits          = softcap · tanh(logits / softcap)       when softcap is set (Gemma 2)
@@ -131,20 +131,20 @@ def attention_chunked(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1], k_BSKD.shape[2]
   G, C = H // K, chunk_size
-  N = -(-S // C)
+  J = -(-S // C)
   scale = 1.0 / math.sqrt(D) if scale is None else scale
   dtype = _compute_dtype(q_BTHD.dtype)
   seg_BT, kv_seg_BS = _segments(segment_ids, kv_segment_ids, B, T, S)
   q_BTKGD = _grouped(q_BTHD.astype(dtype), K)
   q_positions_T = jnp.arange(T) + (S - T)
 
-  # [B, S, ...] -> [N, B, C, ...], padded to N·C keys; the padding sits at positions >= S, which the mask hides.
+  # [B, S, ...] -> [J, B, C, ...], padded to J·C keys; the padding sits at positions >= S, which the mask hides.
   def chunks(x):
-    x = jnp.pad(x, [(0, 0), (0, N * C - S)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(B, N, C, *x.shape[2:]), 1, 0)
+    x = jnp.pad(x, [(0, 0), (0, J * C - S)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(B, J, C, *x.shape[2:]), 1, 0)
 
   xs = (chunks(k_BSKD.astype(dtype)), chunks(v_BSKD.astype(dtype)), chunks(kv_seg_BS),
-        jnp.arange(N * C).reshape(N, C))
+        jnp.arange(J * C).reshape(J, C))
 
   def step(carry, chunk):
     max_BKGT, denom_BKGT, acc_BKGTD = carry

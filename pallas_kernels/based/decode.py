@@ -16,9 +16,9 @@ not matmuls (a 1-row dot is below Triton's 16×16 minimum, and the work is bandw
 pieces z are F² floats per head, 1/D of the state: every value block recomputes them and writes them to fresh
 (not aliased) outputs, so no program reads a z another one has already updated.
 
-Letters: B batch, H heads, F feature dim, X = F² order-2 features, D value dim, Dc value columns per program,
-R state rows per inner step. Triton and interpret mode need F and D to be powers of two; other sizes are padded
-with zeros (copying the state), which adds nothing.
+Letters: B batch, H heads, F feature dim (F² order-2 features), D value dim, Dc value columns per program; a
+program streams `block_rows` state rows per inner step. Triton and interpret mode need F and D to be powers of
+two; other sizes are padded with zeros (copying the state), which adds nothing.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ step of C tokens the exact causal form 1 + s + s²/2 (s = q·k/√F) inside the 
 the prefix state before it.
 
 Letters: B batch, T length (padded to whole steps), H heads, F = 16 feature dim, D value dim, Dc = 64 value
-columns per CTA, C = 128 tokens per step, X = 320 expanded features in P = 5 pieces of 64.
+columns per CTA, C = 128 tokens per step, X = 320 expanded-feature columns (5 pieces of 64).
 
 Features. The 1 + F + F² = 273 Taylor features are laid out as X = 320 columns in 5 pieces of 64: piece p < 4
 holds c2·x_i·x_j for leading features i in [4p, 4p + 4) (column 16·(i - 4p) + j), piece 4 holds c1·x_j in
@@ -40,7 +40,7 @@ Per step, consumer w:
               the shared copies; the barrier `written` orders that before either consumer's next readout.
 
 Sequence pieces (BlockSizes.sequence_pieces, by shape by default): with fewer CTAs than SMs (long sequences at
-small batch·heads) the sequence is cut into G pieces run as separate CTAs, each from the initial state plus the
+small batch·heads) the sequence is cut into n pieces run as separate CTAs, each from the initial state plus the
 states of the pieces before it: a states-only pass (step 4 alone) gives each piece's own state, XLA prefix-sums
 them.
 
@@ -137,7 +137,7 @@ class _Plan:
 
 
 def expansion_matrices(dtype) -> np.ndarray:
-  """[P + 1, F, 64] 0/1 matrices: x·E_p repeats x_i (i in [4p, 4p + 4)) along piece p's columns for p < 4,
+  """[5 + 1, F, 64] 0/1 matrices: x·E_p repeats x_i (i in [4p, 4p + 4)) along piece p's columns for p < 4,
   x·E_4 is x in columns 0..15, x·E_b (the last) tiles x_j across every group of 16 columns."""
   f, group = _FEATURES, _PIECE // _FEATURES
   e = np.zeros((_PIECES + 1, f, _PIECE), np.float32)
@@ -153,11 +153,11 @@ class _Shared(NamedTuple):
   q: Any  # [stages, C, F]
   k: Any  # [stages, C, F]
   v: Any  # [stages, C, Dc]
-  expand: Any  # [P + 1, F, 64]: E_0..E_4, E_b
+  expand: Any  # [5 + 1, F, 64]: E_0..E_4, E_b
   ones: Any  # [C, 16]: the B operand that sums phi(k) over the step's tokens into z
-  union: Any  # phi(k) [P, C, 64] during the loop; float32 staging of the final S and z after it
-  state: Any  # [P, 64, Dc] 16-bit copy of S, the readout's B operand
-  z: Any  # [P, 64, 16] 16-bit copy of z: column 0 its high part, column 1 the rest (z_hi + z_lo ~ float32)
+  union: Any  # phi(k) [5, C, 64] during the loop; float32 staging of the final S and z after it
+  state: Any  # [5, 64, Dc] 16-bit copy of S, the readout's B operand
+  z: Any  # [5, 64, 16] 16-bit copy of z: column 0 its high part, column 1 the rest (z_hi + z_lo ~ float32)
   out: Any  # [2, 64, Dc] output staging per consumer
   den: Any  # [2, 64] float32 normaliser staging per consumer
   expand_ready: Any
@@ -394,7 +394,7 @@ def _kernel(q_ref, k_ref, v_ref, expand_ref, s_in_ref, z_in_ref, *refs, plan: _P
 
 
 def _forward(plan: _Plan, q, k, v, s_in, z_in):
-  """(y [B, T_pad, H, D], den [B, H, D/Dc, T_pad], s_final [B, H, P, 64, D], z_final [B, H, D/Dc, P, 64, 16])
+  """(y [B, T_pad, H, D], den [B, H, D/Dc, T_pad], s_final [B, H, 5, 64, D], z_final [B, H, D/Dc, 5, 64, 16])
   from padded q, k [B, T_pad, H, F], v [B, T_pad, H, D] and the packed initial state; (s_final, z_final) alone
   when plan.states_only."""
   batch, t_pad = q.shape[:2]
@@ -413,7 +413,7 @@ def _forward(plan: _Plan, q, k, v, s_in, z_in):
 
 
 def _pack_state(state: BasedState):
-  """BasedState -> (s [B, H, P, 64, D], z [B, H, P, 64]) in the kernel's feature order (module docstring)."""
+  """BasedState -> (s [B, H, 5, 64, D], z [B, H, 5, 64]) in the kernel's feature order (module docstring)."""
   s0, s1, s2, z0, z1, z2 = state
   b, h, f, d = s1.shape
   spare = _PIECE - f - 1

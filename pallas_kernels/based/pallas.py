@@ -6,15 +6,15 @@ C tokens:
   intra  y += mask(1 + s + s²/2) v,  s = q kᵀ/√F        (the exact quadratic form; C×C on chip)
   inter  y += phi(q)·S,  den += phi(q)·z                  (the prefix states before the chunk)
   update S += phi(k)ᵀ v,  z += Σ phi(k)                  (order 0/1/2 pieces, float32, never leave the chip)
-The order-2 features vec(x⊗x) are built on chip in groups of G leading features (a broadcast product reshaped
-to [C, G·F], 256 columns by default), so each order-2 product is one matmul with a deep contraction and the state
-S2 is carried as F/G tiles [G·F, Dc]. Matmul operands are the inputs' dtype (bf16/f16 at tensor-core rate, the
+The order-2 features vec(x⊗x) are built on chip in groups of Fg leading features (a broadcast product reshaped
+to [C, Fg·F], 256 columns by default), so each order-2 product is one matmul with a deep contraction and the state
+S2 is carried as F/Fg tiles [Fg·F, Dc]. Matmul operands are the inputs' dtype (bf16/f16 at tensor-core rate, the
 float32 state rounded to it, as fla does), accumulation float32.
 With segment ids, the carried state belongs to one segment: it reaches only tokens of that segment, and at a chunk
 end it is replaced by the sums of the chunk's last segment (plus the old state when that segment continues).
 
 Letters: B batch, T length (padded to whole chunks), H heads, F feature dim (padded to a power of two >= 16;
-padding features are zero and add nothing), X = F², G leading features per order-2 group, D value dim, Dc
+padding features are zero and add nothing), Fg leading features per order-2 group, D value dim, Dc
 value-column block, C chunk.
 """
 
@@ -40,7 +40,7 @@ from pallas_kernels.common.target import Target
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   block_d: int = 64  # value columns per program
-  order2_width: int = 256  # order-2 feature columns per matmul (G·F, G leading features per group)
+  order2_width: int = 256  # order-2 feature columns per matmul (Fg·F, Fg leading features per group)
   num_warps: int = 4  # Triton only
   num_stages: int = 1  # Triton only
   # Split the sequence into this many pieces run as separate programs (None: by target and shape, see
@@ -69,7 +69,7 @@ class _Spec(TaylorScaled):
   chunk: int
   seq_len: int  # real tokens; the rest is padding
   has_segments: bool
-  group: int  # G leading features per order-2 group (G·F feature columns per matmul)
+  group: int  # Fg leading features per order-2 group (Fg·F feature columns per matmul)
   operand_dtype: object = jnp.float32  # matmul operands: the inputs' dtype (16-bit: tensor-core rate)
   precision: object = None  # matmul precision: IEEE float32 for float32 inputs, else the fast default
 
@@ -92,7 +92,7 @@ def _mm_tn(spec: _Spec, a, b):
 
 class _State(NamedTuple):
   """The carried prefix state of one value block, float32. The order-2 part comes in groups (_order2_groups): s2[g]
-  [G·F, Dc] and z2[g] [1, G·F], the rows of vec(x ⊗ x) whose leading feature is in group g."""
+  [Fg·F, Dc] and z2[g] [1, Fg·F], the rows of vec(x ⊗ x) whose leading feature is in group g."""
   seg: jax.Array  # [1, 1] the segment the state belongs to
   s0: jax.Array  # [1, Dc]
   s1: jax.Array  # [F, Dc]
@@ -119,13 +119,13 @@ def _write_state(state: _State, s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref):
 
 
 def _leading(x_ref, rows, group: int, spec: _Spec):
-  """Columns group·G .. group·G + G - 1 of the chunk's rows of x, float32 [C, G] (a strided load)."""
+  """Columns group·Fg .. group·Fg + Fg - 1 of the chunk's rows of x, float32 [C, Fg] (a strided load)."""
   return x_ref[rows, pl.ds(group * spec.group, spec.group)].astype(jnp.float32)
 
 
 def _order2_groups(x_ref, rows, x, spec: _Spec):
-  """The order-2 features c2·vec(x ⊗ x) of float32 rows x [C, F] in groups of G leading features: group g is
-  c2·x[:, gG:gG+G] ⊗ x flattened to [C, G·F], the columns gG·F .. (g+1)G·F of vec(x ⊗ x). Built by a broadcast
+  """The order-2 features c2·vec(x ⊗ x) of float32 rows x [C, F] in groups of Fg leading features: group g is
+  c2·x[:, g·Fg:(g+1)·Fg] ⊗ x flattened to [C, Fg·F], the columns g·Fg·F .. (g+1)·Fg·F of vec(x ⊗ x). Built by a broadcast
   and a reshape on chip (no expansion matrix, nothing in memory); groups of padding features are skipped."""
   c, f = x.shape
   return [(spec.c2 * _leading(x_ref, rows, g, spec)[:, :, None] * x[:, None, :]).reshape(c, spec.group * f)
@@ -133,17 +133,17 @@ def _order2_groups(x_ref, rows, x, spec: _Spec):
 
 
 def _order2_grad(x_ref, rows, x, dphi2, spec: _Spec):
-  """d/dx of Σ_g <group g of c2·vec(x ⊗ x), dphi2[g]> for float32 rows x [C, F], cotangent groups [C, G·F]."""
+  """d/dx of Σ_g <group g of c2·vec(x ⊗ x), dphi2[g]> for float32 rows x [C, F], cotangent groups [C, Fg·F]."""
   c, f = x.shape
   grad = jnp.zeros(x.shape, jnp.float32)
   for g, cotangent in enumerate(dphi2):
     cot = cotangent.reshape(c, spec.group, f)
     lead = _leading(x_ref, rows, g, spec)
     grad = grad + jnp.sum(lead[:, :, None] * cot, axis=1)  # through the trailing factor x_b
-    by_lead = jnp.sum(x[:, None, :] * cot, axis=2)  # [C, G]: through the leading factor x_{gG+a}
+    by_lead = jnp.sum(x[:, None, :] * cot, axis=2)  # [C, Fg]: through the leading factor x_{g·Fg+a}
     if spec.group == f:
       grad = grad + by_lead
-    else:  # place it at columns gG .. gG + G - 1
+    else:  # place it at columns g·Fg .. g·Fg + Fg - 1
       a = lax.broadcasted_iota(jnp.int32, (1, spec.group, f), 1)
       col = lax.broadcasted_iota(jnp.int32, (1, spec.group, f), 2)
       grad = grad + jnp.sum(by_lead[:, :, None] * (col == g * spec.group + a).astype(jnp.float32), axis=1)
@@ -276,7 +276,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
 def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g2_ref, gz0_ref, gz1_ref, gz2_ref,
                 dn_ref, dd_ref, dk_ref, dv_ref, di0_ref, di1_ref, di2_ref, diz0_ref, diz1_ref, diz2_ref, *,
                 spec: _Spec):
-  """Reverse order, carrying G = Σ_{later queries of one segment} phi(q) dnᵀ and phi(q) dd (a _State of
+  """Reverse order, carrying g = Σ_{later queries of one segment} phi(q) dnᵀ and phi(q) dd (a _State of
   cotangents, started from the final state's cotangent, which acts like one more query of the last segment);
   what is left at the start is the initial state's cotangent."""
   c = spec.chunk
@@ -454,9 +454,9 @@ class _Call:
   t_pad: int  # seq_len padded to whole chunks
   pieces: int
 
-  def arrange(self, x_BTHW, width: int, fill: float = 0):
-    """[B, T, H, W] -> the kernels' [B·pieces, T_pad/pieces, H, width] (heads-major on TPU), padded with `fill`."""
-    x = jnp.pad(x_BTHW, ((0, 0), (0, self.t_pad - self.seq_len), (0, 0), (0, width - x_BTHW.shape[-1])),
+  def arrange(self, x_BTH, width: int, fill: float = 0):
+    """[B, T, H, ·] -> the kernels' [B·pieces, T_pad/pieces, H, width] (heads-major on TPU), padded with `fill`."""
+    x = jnp.pad(x_BTH, ((0, 0), (0, self.t_pad - self.seq_len), (0, 0), (0, width - x_BTH.shape[-1])),
                 constant_values=fill)
     return self.target.layout.arrange(sequence_split.split(x, self.pieces))
 

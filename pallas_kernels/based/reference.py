@@ -17,7 +17,7 @@ With segment_ids (packed documents) a token sees only earlier tokens of its own 
 Every form computes in float32 (float64 when given float64, for gradient checks) and returns y in v's dtype.
 
 Letters: B batch, T query length, S key length, H heads, F feature dim, D value head dim,
-X = 1 + F + F² expanded features, C chunk length, N number of chunks.
+X = 1 + F + F² expanded features, C chunk length, J number of chunks.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: bool = 
 
   q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
 
-  def chunks(x):  # [B, N·C, ...] -> [N, B, C, ...]
+  def chunks(x):  # [B, J·C, ...] -> [J, B, C, ...]
     return jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
 
   causal_CC = jnp.tril(jnp.ones((chunk, chunk), bool))
@@ -218,8 +218,8 @@ def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: bool = 
     return (new_state, last_B), _normalized(num_BCHD, den_BCH, normalize, eps)
 
   xs = (chunks(q), chunks(k), chunks(v), chunks(seg_BT), chunks(valid_BT))
-  (final, _), y_NBCHD = jax.lax.scan(chunk_step, (state, seg_BT[:, 0]), xs)
-  y_BTHD = jnp.moveaxis(y_NBCHD, 0, 1).reshape(batch, num_chunks * chunk, heads, -1)[:, :length]
+  (final, _), y_JBCHD = jax.lax.scan(chunk_step, (state, seg_BT[:, 0]), xs)
+  y_BTHD = jnp.moveaxis(y_JBCHD, 0, 1).reshape(batch, num_chunks * chunk, heads, -1)[:, :length]
   y_BTHD = y_BTHD.astype(v_BTHD.dtype)
   return (y_BTHD, final) if return_final_state else y_BTHD
 

@@ -20,7 +20,7 @@ STEP_DISPATCHER = Dispatcher("short_conv_step", (Implementation("reference", ref
 
 
 def check_filter(w: jax.Array, bias: jax.Array | None, channels: int) -> None:
-  """w is a float [W, D] filter with W in WIDTHS and bias, if given, a float [D] vector."""
+  """w is a float [W, E] filter with W in WIDTHS and bias, if given, a float [E] vector."""
   validation.check_dtype("w", w)
   validation.check_rank("w", w, 2, "width, channels")
   if w.shape[0] not in WIDTHS:
@@ -43,7 +43,7 @@ def check_state(name: str, state: jax.Array, x: jax.Array, width: int) -> None:
 def short_conv(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                initial_state: jax.Array | None = None, return_final_state: bool = False,
                implementation: str = AUTO):
-  """y[b, t, d] = Σ_j w[j, d]·x[b, t-(W-1)+j, d] + bias[d]; (y, final_state) when return_final_state."""
+  """y[b, t, e] = Σ_j w[j, e]·x[b, t-(W-1)+j, e] + bias[e]; (y, final_state) when return_final_state."""
   validation.check_dtype("x", x)
   validation.check_rank("x", x, 3, "batch, length, channels")
   check_filter(w, bias, x.shape[-1])
@@ -59,7 +59,7 @@ def short_conv(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
 
 def short_conv_step(x: jax.Array, state: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
                     implementation: str = AUTO) -> tuple[jax.Array, jax.Array]:
-  """One decode token x [B, D] with the previous W-1 inputs `state` [B, W-1, D]: (y [B, D], new_state)."""
+  """One decode token x [B, E] with the previous W-1 inputs `state` [B, W-1, E]: (y [B, E], new_state)."""
   validation.check_dtype("x", x)
   validation.check_rank("x", x, 2, "batch, channels")
   check_filter(w, bias, x.shape[-1])

@@ -1,16 +1,17 @@
 """Short causal depthwise convolution (the token mixer's local filter in BaseConv, H3 and Hyena): the jnp oracles.
 
-Each channel d is filtered on its own by W taps, the last tap on the current token:
+Each channel e is filtered on its own by W taps, the last tap on the current token:
 
-  y[b, t, d] = Σ_{j<W} w[j, d] · x[b, t - (W-1) + j, d] + bias[d]
+  y[b, t, e] = Σ_{j<W} w[j, e] · x[b, t - (W-1) + j, e] + bias[e]
 
-Inputs at negative times come from `initial_state[b, i, d]` = x[b, i - (W-1), d] (the W-1 inputs before the
+Inputs at negative times come from `initial_state[b, i, e]` = x[b, i - (W-1), e] (the W-1 inputs before the
 sequence, oldest first; zeros when absent), and the final state is the last W-1 inputs of the concatenation
 [initial_state; x], so a sequence split in two with the state handed over gives the same outputs as one run.
 Three forms: shifted sums (`short_conv`), a depthwise `lax.conv_general_dilated` (`short_conv_lax`), and a
 `lax.scan` of the one-token decode step (`short_conv_scan` over `short_conv_step`).
 
-Letters: B batch, T length, D channels, W kernel width, V = W-1 state rows, P = V+T padded length.
+Letters: B batch, T length, E channels, W kernel width (taps); the state holds W-1 rows along W, and the inputs
+with the state before them W-1+T rows along T.
 """
 
 from __future__ import annotations
@@ -27,75 +28,75 @@ def compute_dtype(*arrays: jax.Array | None) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays if a is not None))
 
 
-def padded_inputs(x_BTD: jax.Array, width: int, initial_state: jax.Array | None) -> jax.Array:
-  """[initial_state; x] along time, shape [B, P, D], in the dtype of x (zeros when no state is given)."""
-  b, _, d = x_BTD.shape
+def padded_inputs(x_BTE: jax.Array, width: int, initial_state: jax.Array | None) -> jax.Array:
+  """[initial_state; x] along time, shape [B, W-1+T, E], in the dtype of x (zeros when no state is given)."""
+  b, _, e = x_BTE.shape
   if initial_state is None:
-    initial_state = jnp.zeros((b, width - 1, d), x_BTD.dtype)
-  return jnp.concatenate([initial_state.astype(x_BTD.dtype), x_BTD], axis=1)
+    initial_state = jnp.zeros((b, width - 1, e), x_BTE.dtype)
+  return jnp.concatenate([initial_state.astype(x_BTE.dtype), x_BTE], axis=1)
 
 
-def _bias_or_zero(bias_D: jax.Array | None, d: int, dtype) -> jax.Array:
-  return jnp.zeros((d,), dtype) if bias_D is None else bias_D.astype(dtype)
+def _bias_or_zero(bias_E: jax.Array | None, e: int, dtype) -> jax.Array:
+  return jnp.zeros((e,), dtype) if bias_E is None else bias_E.astype(dtype)
 
 
-def short_conv(x_BTD: jax.Array, w_WD: jax.Array, bias_D: jax.Array | None = None, *,
+def short_conv(x_BTE: jax.Array, w_WE: jax.Array, bias_E: jax.Array | None = None, *,
                initial_state: jax.Array | None = None, return_final_state: bool = False):
   """y[t] = Σ_j w[j]·x[t-(W-1)+j] + bias as W shifted, scaled copies of x; (y, final_state) on request."""
-  width, d = w_WD.shape
-  t = x_BTD.shape[1]
-  dtype = compute_dtype(x_BTD, w_WD, bias_D, initial_state)
-  xp_BPD = padded_inputs(x_BTD, width, initial_state)
-  taps_WD = w_WD.astype(dtype)
-  y_BTD = _bias_or_zero(bias_D, d, dtype) + sum(
-      taps_WD[j] * xp_BPD[:, j:j + t].astype(dtype) for j in range(width))  # W <= 4 taps, not the sequence
-  y_BTD = y_BTD.astype(x_BTD.dtype)
+  width, e = w_WE.shape
+  t = x_BTE.shape[1]
+  dtype = compute_dtype(x_BTE, w_WE, bias_E, initial_state)
+  xp_BTE = padded_inputs(x_BTE, width, initial_state)
+  taps_WE = w_WE.astype(dtype)
+  y_BTE = _bias_or_zero(bias_E, e, dtype) + sum(
+      taps_WE[j] * xp_BTE[:, j:j + t].astype(dtype) for j in range(width))  # W <= 4 taps, not the sequence
+  y_BTE = y_BTE.astype(x_BTE.dtype)
   if return_final_state:
-    return y_BTD, xp_BPD[:, t:]
-  return y_BTD
+    return y_BTE, xp_BTE[:, t:]
+  return y_BTE
 
 
-def short_conv_lax(x_BTD: jax.Array, w_WD: jax.Array, bias_D: jax.Array | None = None, *,
+def short_conv_lax(x_BTE: jax.Array, w_WE: jax.Array, bias_E: jax.Array | None = None, *,
                    initial_state: jax.Array | None = None, return_final_state: bool = False):
-  """The same map as `short_conv`, as a depthwise (feature_group_count=D) valid cross-correlation."""
-  width, d = w_WD.shape
-  t = x_BTD.shape[1]
-  dtype = compute_dtype(x_BTD, w_WD, bias_D, initial_state)
-  xp_BPD = padded_inputs(x_BTD, width, initial_state)
+  """The same map as `short_conv`, as a depthwise (feature_group_count=E) valid cross-correlation."""
+  width, e = w_WE.shape
+  t = x_BTE.shape[1]
+  dtype = compute_dtype(x_BTE, w_WE, bias_E, initial_state)
+  xp_BTE = padded_inputs(x_BTE, width, initial_state)
   # lax convolutions are cross-correlations, so tap j meets xp[t + j] = x[t - (W-1) + j] without flipping.
-  y_BTD = jax.lax.conv_general_dilated(
-      xp_BPD.astype(dtype), w_WD.astype(dtype)[:, None, :], window_strides=(1,), padding="VALID",
-      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=d, precision=_HIGHEST)
-  y_BTD = (y_BTD + _bias_or_zero(bias_D, d, dtype)).astype(x_BTD.dtype)
+  y_BTE = jax.lax.conv_general_dilated(
+      xp_BTE.astype(dtype), w_WE.astype(dtype)[:, None, :], window_strides=(1,), padding="VALID",
+      dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=e, precision=_HIGHEST)
+  y_BTE = (y_BTE + _bias_or_zero(bias_E, e, dtype)).astype(x_BTE.dtype)
   if return_final_state:
-    return y_BTD, xp_BPD[:, t:]
-  return y_BTD
+    return y_BTE, xp_BTE[:, t:]
+  return y_BTE
 
 
-def short_conv_step(x_BD: jax.Array, state_BVD: jax.Array, w_WD: jax.Array,
-                    bias_D: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def short_conv_step(x_BE: jax.Array, state_BWE: jax.Array, w_WE: jax.Array,
+                    bias_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One decode token: y = Σ_j w[j]·[state; x][j] + bias, and the new state [state; x][1:] (oldest dropped)."""
-  d = w_WD.shape[1]
-  dtype = compute_dtype(x_BD, w_WD, bias_D, state_BVD)
-  window_BWD = jnp.concatenate([state_BVD, x_BD[:, None].astype(state_BVD.dtype)], axis=1)
-  y_BD = jnp.einsum("bwd,wd->bd", window_BWD.astype(dtype), w_WD.astype(dtype), precision=_HIGHEST)
-  y_BD = (y_BD + _bias_or_zero(bias_D, d, dtype)).astype(x_BD.dtype)
-  return y_BD, window_BWD[:, 1:]
+  e = w_WE.shape[1]
+  dtype = compute_dtype(x_BE, w_WE, bias_E, state_BWE)
+  window_BWE = jnp.concatenate([state_BWE, x_BE[:, None].astype(state_BWE.dtype)], axis=1)
+  y_BE = jnp.einsum("bwe,we->be", window_BWE.astype(dtype), w_WE.astype(dtype), precision=_HIGHEST)
+  y_BE = (y_BE + _bias_or_zero(bias_E, e, dtype)).astype(x_BE.dtype)
+  return y_BE, window_BWE[:, 1:]
 
 
-def short_conv_scan(x_BTD: jax.Array, w_WD: jax.Array, bias_D: jax.Array | None = None, *,
+def short_conv_scan(x_BTE: jax.Array, w_WE: jax.Array, bias_E: jax.Array | None = None, *,
                     initial_state: jax.Array | None = None, return_final_state: bool = False):
   """The same map as `short_conv`, as a lax.scan of `short_conv_step` over the sequence."""
-  width, d = w_WD.shape
+  width, e = w_WE.shape
   if initial_state is None:
-    initial_state = jnp.zeros((x_BTD.shape[0], width - 1, d), x_BTD.dtype)
+    initial_state = jnp.zeros((x_BTE.shape[0], width - 1, e), x_BTE.dtype)
 
-  def step(state_BVD, x_BD):
-    y_BD, state_BVD = short_conv_step(x_BD, state_BVD, w_WD, bias_D)
-    return state_BVD, y_BD
+  def step(state_BWE, x_BE):
+    y_BE, state_BWE = short_conv_step(x_BE, state_BWE, w_WE, bias_E)
+    return state_BWE, y_BE
 
-  final_state, y_TBD = jax.lax.scan(step, initial_state.astype(x_BTD.dtype), jnp.swapaxes(x_BTD, 0, 1))
-  y_BTD = jnp.swapaxes(y_TBD, 0, 1)
+  final_state, y_TBE = jax.lax.scan(step, initial_state.astype(x_BTE.dtype), jnp.swapaxes(x_BTE, 0, 1))
+  y_BTE = jnp.swapaxes(y_TBE, 0, 1)
   if return_final_state:
-    return y_BTD, final_state
-  return y_BTD
+    return y_BTE, final_state
+  return y_BTE
