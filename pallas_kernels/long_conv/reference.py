@@ -1,6 +1,7 @@
 """Causal long convolutions, the mixing step of H3 and Hyena: jnp oracles.
 
-Letters: B batch, L length, D channels. Layout is channels-last: inputs u_BLD, one filter per channel k_LD.
+Letters: B batch, L length, D channels, T and S the output and input positions of the Toeplitz form (L each).
+Layout is channels-last: inputs u_BLD, one filter per channel k_LD.
 
 Each channel is convolved with its own filter, causally and over the whole sequence:
 
