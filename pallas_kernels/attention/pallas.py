@@ -342,25 +342,3 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
   q_len, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
   o = plan.layout.restore(o)[:, :q_len, :, :head_dim]
   return (o, lse[:, :, :q_len, 0]) if return_lse else o
-
-
-def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, dlse_BHT, *, causal=False,
-                             window=None, window_right=None, segment_ids=None, kv_segment_ids=None, scale=None,
-                             softcap=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
-  """(dq, dk, dv) of `flash_attention` from its outputs o, lse and their cotangents do, dlse: the backward for
-  kernels that compute the same forward elsewhere (hopper.py). Arrays in the public layouts, unpadded."""
-  plan, q_rows, kv_rows, q_seg, k_seg = _setup(
-      q_BTHD, k_BSKD, segment_ids, kv_segment_ids, causal=causal, window=window, window_right=window_right,
-      scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
-  q_len, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
-  q = q_rows(q_BTHD)
-  t_pad = plan.layout.seq_len(q)
-
-  def row_stat(x_BHT):  # padded rows get 0: their q and do are zero, so they add nothing to dk, dv
-    return jnp.pad(x_BHT.astype(jnp.float32), ((0, 0), (0, 0), (0, t_pad - q_len)))[..., None]
-
-  dq, dk, dv = _backward_from_residuals(plan, q, kv_rows(k_BSKD), kv_rows(v_BSKD), q_seg, k_seg, q_rows(o_BTHD),
-                                        row_stat(lse_BHT), q_rows(do_BTHD), row_stat(dlse_BHT))
-  kv_len = k_BSKD.shape[1]
-  restore = lambda x, rows: plan.layout.restore(x)[:, :rows, :, :head_dim]
-  return restore(dq, q_len), restore(dk, kv_len), restore(dv, kv_len)

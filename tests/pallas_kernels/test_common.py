@@ -103,3 +103,19 @@ def test_per_shard_runs_each_block_with_a_mesh(rng):
   row_softmax = functools.partial(jax.nn.softmax, axis=1)
   fn = sharding.per_shard(row_softmax, in_specs=(spec,), out_specs=spec, mesh=mesh)
   assert_close(jax.jit(fn)(x), row_softmax(x), dtype=jnp.float32, reduction_len=5)
+
+
+def test_block_sizes_reach_the_kernel_through_the_public_op(rng):
+  """api.attention's block_sizes= tunes the running kernel (the result is the same function; a block size the
+  kernel cannot take is refused by that kernel) and a knob class of another implementation is refused by name."""
+  from pallas_kernels.attention import api, hopper, pallas
+  q, k, v = (normal(rng, (1, 96, 2, 64)) for _ in range(3))
+  ref = api.attention(q, k, v, causal=True, implementation="reference")
+  small = api.attention(q, k, v, causal=True, implementation="pallas",
+                        block_sizes=pallas.BlockSizes(block_q=32, block_k=32, block_q_dq=32, block_k_dq=32,
+                                                      block_q_dkv=32, block_k_dkv=32))
+  assert_close(small, ref, dtype=jnp.float32, reduction_len=64)
+  with pytest.raises(ValueError, match="takes .*pallas.BlockSizes, got .*hopper.BlockSizes"):
+    api.attention(q, k, v, implementation="pallas", block_sizes=hopper.BlockSizes())
+  with pytest.raises(ValueError, match="no block_sizes"):
+    api.attention(q, k, v, implementation="reference", block_sizes=pallas.BlockSizes())
