@@ -5,8 +5,10 @@ Letters: B batch, L length, D channels.
   long_conv(u, k) = out_gate ⊙ causal_conv(in_gate ⊙ u, k) + skip ⊙ u,   causal_conv(x, k)[t] = Σ_{s<=t} k[t-s]·x[s]
 
 per channel, with u, gates [B, L, D], filter k [L, D] (from s4d_kernel, shift_ssm_kernel or hyena_filter) and
-skip [D]. "reference" is the FFT form; "direct" (the O(L²) Toeplitz product, taken only by name) is there to
-cross-check it.
+skip [D]. Implementations in auto's order: "pallas" (pallas.py and split.py: the FFT as matrix products with the
+gates, the filter product and the skip fused, FlashFFTConv's algorithm; auto takes it on GPU and TPU), "reference"
+(XLA's FFT) and "direct" (the O(L²) Toeplitz product, taken only by name, to cross-check them). `block_sizes=`
+tunes the kernel (pallas.BlockSizes).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import jax
 
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation
-from pallas_kernels.long_conv import reference
+from pallas_kernels.long_conv import pallas, reference
 
 DISPATCHER = Dispatcher("long_conv", (
+    # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
+    Implementation("pallas", pallas.gated_long_conv, supports=pallas.supports, auto_backends=("gpu", "tpu"),
+                   per_shard=True, block_sizes=pallas.BlockSizes),
     Implementation("reference", reference.gated_long_conv),
     Implementation("direct", functools.partial(reference.gated_long_conv,
                                                causal_conv=reference.direct_causal_conv), in_auto=False),
@@ -46,10 +51,18 @@ def _check_inputs(u: jax.Array, k: jax.Array, skip: jax.Array | None, in_gate: j
 
 
 def long_conv(u: jax.Array, k: jax.Array, *, skip: jax.Array | None = None, in_gate: jax.Array | None = None,
-              out_gate: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
-  """out_gate ⊙ causal_conv(in_gate ⊙ u, k) + skip ⊙ u per channel; u, gates [B, L, D], k [L, D], skip [D]."""
+              out_gate: jax.Array | None = None, implementation: str = "auto",
+              block_sizes: pallas.BlockSizes | None = None) -> jax.Array:
+  """out_gate ⊙ causal_conv(in_gate ⊙ u, k) + skip ⊙ u per channel; u, gates [B, L, D], k [L, D], skip [D].
+  block_sizes must be the running implementation's (name it), None its defaults for the shape."""
   _check_inputs(u, k, skip, in_gate, out_gate)
   batch, length, channels = u.shape
   options = dict(batch=batch, length=length, channels=channels, dtype=u.dtype, filter_dtype=k.dtype,
                  has_skip=skip is not None, has_in_gate=in_gate is not None, has_out_gate=out_gate is not None)
-  return DISPATCHER(implementation, options, u, k, skip, in_gate, out_gate)
+  # Channels are independent: under a mesh the kernel runs per shard, batch over the data axes and channels over
+  # the tensor axis (H in the layouts: the axis sharding.py splits over it).
+  return DISPATCHER.run(
+      implementation, options, positional=("u", "k", "skip", "in_gate", "out_gate"),
+      arrays=dict(u=u, k=k, skip=skip, in_gate=in_gate, out_gate=out_gate),
+      layouts=dict(u="BLH", k="LH", skip="H", in_gate="BLH", out_gate="BLH"), out_layouts="BLH", static={},
+      block_sizes=block_sizes)

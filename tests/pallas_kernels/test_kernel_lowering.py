@@ -11,6 +11,7 @@ import pytest
 from pallas_kernels.attention import pallas as attention_pallas
 from pallas_kernels.based import pallas as based_pallas
 from pallas_kernels.based import parallel as based_parallel
+from pallas_kernels.long_conv import pallas as long_conv_pallas
 
 
 def _lowers(fn, args, platform: str) -> str:
@@ -89,3 +90,27 @@ def test_based_lowers(platform, name, kernel):
   text = _lowers(fwd_bwd, (qk, qk, v, *segs), platform)
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   assert text.count(marker) >= 3, f"expected forward, dq and dkv kernels in the {platform} module"
+
+
+# long_conv: one pass (N = 2048 on chip) and three passes (N = 16384: an outer factor of 32 on GPU, 16 on TPU,
+# around the on-chip transform), with both gates and the skip, and without any.
+LONG_CONV_OPTIONS = {
+    "one_pass_gated": (1000, True),
+    "three_passes_gated": (5000, True),
+    "one_pass_plain": (1000, False),
+}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", LONG_CONV_OPTIONS)
+def test_long_conv_lowers(platform, name):
+  length, gated = LONG_CONV_OPTIONS[name]
+  batch, channels = 2, 256
+  u = jax.ShapeDtypeStruct((batch, length, channels), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((length, channels), jnp.float32)
+  skip = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  args = (u, k, skip, u, u) if gated else (u, k)
+  text = _lowers(_forward_and_backward(long_conv_pallas.gated_long_conv), args, platform)
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  passes = 2 if length < 4096 else 3 + 5  # forward and backward; three passes: 3 forward, 5 backward
+  assert text.count(marker) >= passes, f"expected {passes} kernels in the {platform} module"
