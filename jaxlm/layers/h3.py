@@ -9,8 +9,12 @@ Letters: B batch, T length, E model width (the SSMs act per channel: H3's head d
   y = q ⊙ (SSM_diag(u) + D ⊙ u)        diagonal S4D SSM, real state N per channel (M complex modes)
   out = W_o y + b_o
 
-(eq. 3 of the paper with head dim 1; the skips D_k and D are its symbols, not shape letters). Training runs both
-SSMs as long convolutions of their impulse responses (the long_conv op, FFT); decoding steps them as recurrences.
+(eq. 3 of the paper with head dim 1; the skips D_k and D are its symbols, not shape letters). Training runs the
+shift SSM as a short causal convolution of its N taps (the short_conv op, D_k on the current token's tap; past
+short_conv's widths, a long convolution) and the diagonal SSM as one fused long convolution of its impulse
+response (the long_conv op, FlashFFTConv's kernel on GPU): y = long_conv(k̃, k_diag + D·δ, in_gate=v,
+out_gate=q), the skip D being the filter's lag-0 tap, so q, k̃ and v cross memory once. Decoding steps both SSMs
+as recurrences.
 The decode cache is the two SSM states: the last N values of k (newest first) and the complex S4D state
 [B, E, M], so its size does not grow with the sequence.
 
@@ -36,6 +40,8 @@ from jaxlm.layers.ssm_param import ssm_param
 from pallas_kernels.common import validation
 from pallas_kernels.long_conv import S4DParams, long_conv, s4d_inv_init, s4d_kernel, s4d_lin_init, shift_ssm_kernel
 from pallas_kernels.long_conv.ssm import DISCRETIZATIONS, diagonal_ssm_step, s4d_discretize, shift_ssm_step
+from pallas_kernels.short_conv import short_conv
+from pallas_kernels.short_conv.api import MAX_WIDTH as SHORT_CONV_MAX_WIDTH
 
 S4D_INITS = {"lin": s4d_lin_init, "inv": s4d_inv_init}
 
@@ -49,6 +55,7 @@ class H3Config:
   dt_min: float = 1e-3  # S4D step sizes Δ are log-uniform in [dt_min, dt_max]
   dt_max: float = 1e-1
   implementation: str = "auto"  # the long_conv op
+  short_conv_implementation: str = "auto"  # the short_conv op (the shift SSM)
 
   def __post_init__(self):
     validation.check_positive("d_model", self.d_model)
@@ -98,17 +105,28 @@ class H3(nnx.Module):
   def _skips(self) -> tuple[jax.Array, jax.Array]:
     return self.shift_skip_D[...].astype(self.dtype), self.skip_D[...].astype(self.dtype)
 
+  def _shift(self, k_BTE: jax.Array, shift_skip_E: jax.Array) -> jax.Array:
+    """k̃ = SSM_shift(k) + D_k ⊙ k: the causal conv with the N taps, newest first, and D_k on the current token."""
+    taps_NE = self.shift_taps_ND[...]
+    if taps_NE.shape[0] > SHORT_CONV_MAX_WIDTH:
+      return long_conv(k_BTE, shift_ssm_kernel(taps_NE, k_BTE.shape[1]), skip=shift_skip_E,
+                       implementation=self.config.implementation)
+    # short_conv's taps run oldest first, the last on the current token, where D_k joins them.
+    w_NE = taps_NE[::-1].astype(jnp.float32)
+    w_NE = w_NE.at[-1].add(shift_skip_E.astype(jnp.float32))
+    return short_conv(k_BTE, w_NE, implementation=self.config.short_conv_implementation)
+
   def _forward(self, x_BTE: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(out, k, u) over [B, T, E]: the output and the two SSM inputs."""
+    """(out, k, u) over [B, T, E]: the output and the two SSM inputs (u = k̃ ⊙ v, which only prefill reads)."""
     length = x_BTE.shape[1]
-    impl = self.config.implementation
     shift_skip_E, skip_E = self._skips()
     q, k, v = self._qkv(x_BTE)
-    shift_LE = shift_ssm_kernel(self.shift_taps_ND[...], length)
-    u = long_conv(k, shift_LE, skip=shift_skip_E, implementation=impl) * v
+    k_shift = self._shift(k, shift_skip_E)
     diag_LE = s4d_kernel(self._s4d(), length, self.config.discretization)
-    y = q * long_conv(u, diag_LE, skip=skip_E, implementation=impl)
-    return self.out_proj(y), k, u
+    # conv(u, k_diag) + D ⊙ u = conv(u, k_diag + D·δ): the skip is the lag-0 tap, so the op takes both gates.
+    diag_LE = diag_LE.at[0].add(skip_E.astype(diag_LE.dtype))
+    y = long_conv(k_shift, diag_LE, in_gate=v, out_gate=q, implementation=self.config.implementation)
+    return self.out_proj(y), k, k_shift * v
 
   def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     segment_ids_unsupported("H3", segment_ids)

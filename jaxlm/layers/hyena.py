@@ -13,7 +13,9 @@ L filter length (max_length), S cache length, W short-conv taps.
 
 As in that code the short conv stands for the paper's first (shift) filter, so order N has N-1 implicit long
 filters h_o = hyena_filter (an MLP of positional features, windowed by an exponential decay). The filters are
-generated for `max_length` positions and cut to the sequence, so a filter tap depends only on its lag.
+generated for `max_length` positions and cut to the sequence, so a filter tap depends only on its lag. Each step
+is one fused long_conv (FlashFFTConv's kernel on GPU): h_o * u + b_o ⊙ u = (h_o + b_o·δ) * u, the bias being the
+filter's lag-0 tap, with the gate x_{N-1-o} as the op's input gate and x_0 as the last step's output gate.
 
 Decoding: Hyena has no recurrence of fixed size. The cache keeps every past long-conv input u_o (newest first),
 and a decode step computes the conv at the new position as the dot product Σ_j h_o[j]·u_o[t-j] over that history
@@ -122,11 +124,14 @@ class Hyena(nnx.Module):
                                       implementation=c.short_conv_implementation))
     filters_TOE = self._filters(length)
     bias_OE = self.filter_bias_OE[...].astype(self.dtype)
+    filters_TOE = filters_TOE.at[0].add(bias_OE.astype(filters_TOE.dtype))  # the skip b_o as the lag-0 tap
+    steps = list(reversed(gates[1:]))
     inputs = []
-    for o, gate in enumerate(reversed(gates[1:])):
-      inputs.append(gate * v)
-      v = long_conv(inputs[-1], filters_TOE[:, o], skip=bias_OE[o], implementation=c.implementation)
-    return self.out_proj(gates[0] * v), p_BTP, inputs
+    for o, gate in enumerate(steps):
+      inputs.append(gate * v)  # the decode cache's history: prefill reads it, the parallel forward does not
+      out_gate = gates[0] if o == len(steps) - 1 else None
+      v = long_conv(v, filters_TOE[:, o], in_gate=gate, out_gate=out_gate, implementation=c.implementation)
+    return self.out_proj(v), p_BTP, inputs
 
   def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     segment_ids_unsupported("Hyena", segment_ids)

@@ -11,20 +11,23 @@ from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import AUTO, Dispatcher, Implementation
 from pallas_kernels.short_conv import reference
 
-# Kernels unroll the taps into straight-line code and keep the W-1 state rows in registers, so the width is a
-# small static constant; longer filters belong to the FFT convolution (Hyena's long filter).
+# The widths the layers' short convs take (BaseConv, Hyena): kernels would unroll these taps into straight-line
+# code and keep the W-1 state rows in registers.
 WIDTHS = (2, 3, 4)
+# The op itself takes any width up to MAX_WIDTH: H3's shift SSM is a causal conv with state_dim taps (64 in its
+# presets), cheaper as W shifted copies than as a length-2L FFT; longer filters belong to long_conv.
+MAX_WIDTH = 128
 
 DISPATCHER = Dispatcher("short_conv", (Implementation("reference", reference.short_conv),))
 STEP_DISPATCHER = Dispatcher("short_conv_step", (Implementation("reference", reference.short_conv_step),))
 
 
 def check_filter(w: jax.Array, bias: jax.Array | None, channels: int) -> None:
-  """w is a float [W, E] filter with W in WIDTHS and bias, if given, a float [E] vector."""
+  """w is a float [W, E] filter with 1 <= W <= MAX_WIDTH and bias, if given, a float [E] vector."""
   validation.check_dtype("w", w)
   validation.check_rank("w", w, 2, "width, channels")
-  if w.shape[0] not in WIDTHS:
-    raise ValueError(f"w.shape[0] (kernel width W) must be one of {WIDTHS} (kernels unroll the taps), "
+  if not 1 <= w.shape[0] <= MAX_WIDTH:
+    raise ValueError(f"w.shape[0] (kernel width W) must lie in [1, {MAX_WIDTH}] (longer filters: long_conv), "
                      f"got w shape {w.shape}")
   validation.check_dim("w", w, 1, channels, "channels")
   if bias is not None:
