@@ -3,6 +3,7 @@
   python -m benchmarks attention --shapes tiny --repeats 2
   python -m benchmarks based --impls reference pallas --peer fla:fused_chunk_based --modes fwd
   python -m benchmarks attention_decode --impls reference pallas     # GB/s against the device's copy rate
+  python -m benchmarks long_conv --impls pallas reference             # GB/s against the copy rate, vs XLA's FFT
   python -m benchmarks matmul                                         # the bf16 8192³ matmul rate (a yardstick)
 
 Progress goes to stderr as rows complete; stdout ends with the table. Exit status 1 when a row failed with an
@@ -17,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-OPS = ("attention", "based", "attention_decode", "based_decode", "matmul")
+OPS = ("attention", "based", "attention_decode", "based_decode", "long_conv", "matmul")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import attention, attention_decode, based, based_decode, harness, matmul, report
+from benchmarks import attention, attention_decode, based, based_decode, harness, long_conv, matmul, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,14 @@ def _table_rows(stdout: str) -> list[list[str]]:
     ("based", []),
     ("attention_decode", ["--impls", "reference", "pallas"]),
     ("based_decode", ["--impls", "reference", "pallas"]),
+    ("long_conv", ["--impls", "reference", "pallas", "direct"]),
 ])
 def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
   result = _run_cli(op, "--shapes", "tiny", "--repeats", "2", *extra, out=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = _table_rows(result.stdout)
   suite = {"attention": attention.SUITE, "based": based.SUITE, "attention_decode": attention_decode.SUITE,
-           "based_decode": based_decode.SUITE}[op]
+           "based_decode": based_decode.SUITE, "long_conv": long_conv.SUITE}[op]
   tiny = suite.shape_sets["tiny"]
   ours = [r for r in rows if r[0] == "reference"]
   assert {(r[1], r[2]) for r in ours} == {(s, m) for s in tiny for m in suite.modes}
@@ -55,6 +56,11 @@ def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
   if op.endswith("_decode"):  # memory-bound: GB/s against the same run's device copy, and no backward rows
     assert [r[5] for r in rows if r[0] == "xla:copy"] == ["1.00x"] * len(tiny)
     assert all(r[0] != "pallas" or float(r[3]) > 0 for r in rows) and {r[2] for r in rows} == {"fwd"}
+  if op == "long_conv":  # GB/s in both modes, ratios against XLA's FFT; the copy rate is a forward-only row
+    assert [r[5] for r in rows if r[0] == "reference"] == ["1.00x"] * 2 * len(tiny)
+    assert all(float(r[4]) > 0 for r in rows if r[0] in ("pallas", "direct"))
+    copy = {r[2]: r for r in rows if r[0] == "xla:copy"}
+    assert float(copy["fwd"][4]) > 0 and copy["fwd_bwd"][6].startswith("unsupported")
 
   files = list(tmp_path.glob(f"{op}-*.jsonl"))
   assert len(files) == 1, files
@@ -114,6 +120,19 @@ def test_decode_byte_counts_match_the_arrays_moved():
   state = sum(np.prod(inputs[i]) for i in based_decode.STATE_INPUTS) * 4
   tokens = (sum(np.prod(s) for s in inputs[:3]) + np.prod(out)) * 2
   assert based_decode.decode_bytes(shape, "fwd", 2) == 2 * state + tokens
+
+
+def test_long_conv_bytes_count_the_signals():
+  """GB/s of the signals a call moves: u, both gates in and y out forward; u, both gates and the cotangent in and
+  their three gradients out for the gradient; xla:copy moves the forward's bytes."""
+  shape = long_conv.SHAPES["B64-D768-L1024"]
+  (u, in_gate, out_gate, k, skip), out = long_conv.array_shapes(shape)
+  signal = np.prod(u) * 2
+  assert u == in_gate == out_gate == out == (64, 1024, 768) and k == (1024, 768) and skip == (768,)
+  assert long_conv.long_conv_bytes(shape, "fwd", 2) == 4 * signal
+  assert long_conv.long_conv_bytes(shape, "fwd_bwd", 2) == 7 * signal
+  assert set(long_conv.SUITE.shape_sets["default"]) == {"B64-D768-L1024", "B16-D768-L4096", "B4-D768-L16384",
+                                                         "B1-D768-L65536"}
 
 
 def test_brief_shapes_exist():
