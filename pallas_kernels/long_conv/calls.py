@@ -26,6 +26,7 @@ class Call:
   operand_dtype: Any  # matmul operands: the inputs' dtype (float32 for float32 inputs)
   blocks: Any  # pallas.BlockSizes
   target: Target
+  debug: bool = False  # pallas_call prints the kernels' jaxprs
 
   def mm(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """a @ b with float32 accumulation (IEEE float32 products for float32 operands)."""
@@ -41,7 +42,7 @@ class Call:
         functools.partial(kernel, call=self, names=names, **static), num_warps=self.blocks.num_warps,
         num_stages=self.blocks.num_stages, grid=grid, in_specs=[s for _, _, s in inputs],
         out_specs=[s for _, _, s in outputs], out_shape=[shape for _, shape, _ in outputs],
-        name=name)(*[a for _, a, _ in inputs])
+        name=name, debug=self.debug)(*[a for _, a, _ in inputs])
     return dict(zip((n for n, _, _ in outputs), results, strict=True))
 
 

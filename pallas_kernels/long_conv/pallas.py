@@ -46,14 +46,17 @@ def _power_of_2(x: int) -> bool:
   return x >= 1 and x & (x - 1) == 0
 
 
-def _largest_dividing(total: int, candidates) -> int:
-  return next(c for c in candidates if total % c == 0)
+def _largest_dividing(channels: int, candidates: tuple[int, ...]) -> int:
+  for c in candidates:
+    if channels % c == 0:
+      return c
+  raise ValueError(f"{channels=} must be a multiple of {candidates[-1]}")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   block_d: int = 16  # channels per program (C); must divide D
-  block_b: int = 4  # batch rows per backward program (the filter gradient is summed over them on chip)
+  block_b: int = 4  # batch rows per backward program, at most (the filter gradient is summed over them on chip)
   max_fused: int = 4096  # the largest FFT size N done in one pass; beyond it, three passes (split.py)
   inner: int = 1024  # M = N2·N3, the on-chip transform of the three-pass path
   block_m: int = 16  # columns of the [N1, M] view per program of the outer passes
@@ -62,17 +65,16 @@ class BlockSizes:
   num_stages: int = 1  # Triton only
 
   @classmethod
-  def for_shape(cls, *, batch: int, channels: int, target: Target) -> "BlockSizes":
-    """Untuned defaults (no GPU timing yet). Triton holds a program's tiles in registers: 16 channels (C·N·8
-    bytes per complex tile). TPU blocks span whole 128-lane multiples or all channels. Interpret mode (CPU) takes
-    wide blocks: each grid step copies whole arrays."""
+  def for_shape(cls, *, channels: int, target: Target) -> "BlockSizes":
+    """Untuned defaults (no GPU timing yet). Triton holds a program's tiles in registers: 16 channels (a complex
+    float32 tile is 8·N·C bytes; 16 bf16 channels are one 32-byte sector per row). TPU blocks span whole 128-lane
+    multiples or all channels. Interpret mode (CPU) takes wide blocks: each grid step copies whole arrays."""
     if target.mosaic_tpu:
       block_d = 128 if channels % 128 == 0 else channels
-      return cls(block_d=block_d, block_b=_pow2_divisor(batch, 8), inner=2048, block_m=128, min_factor=8)
+      return cls(block_d=block_d, block_b=8, inner=2048, block_m=128, min_factor=8)
     if target.triton:
-      return cls(block_d=_largest_dividing(channels, (16, 8)), block_b=_pow2_divisor(batch, 4), num_warps=8)
-    return cls(block_d=_largest_dividing(channels, (64, 32, 16, 8)), block_b=_pow2_divisor(batch, 4),
-               block_m=64)
+      return cls(block_d=_largest_dividing(channels, (16, 8)), num_warps=8)
+    return cls(block_d=_largest_dividing(channels, (64, 32, 16, 8)), block_m=64)
 
 
 def _pow2_divisor(total: int, most: int) -> int:
@@ -80,7 +82,7 @@ def _pow2_divisor(total: int, most: int) -> int:
   return next(b for b in (1 << i for i in range(most.bit_length() - 1, -1, -1)) if total % b == 0)
 
 
-def check_block_sizes(blocks: BlockSizes, *, batch: int, channels: int, target: Target) -> None:
+def check_block_sizes(blocks: BlockSizes, *, channels: int, target: Target) -> None:
   """ValueError naming the knob when `blocks` cannot run this call."""
   if blocks.block_d < 1 or channels % blocks.block_d:
     raise ValueError(f"block_d={blocks.block_d} must divide channels={channels}")
@@ -88,9 +90,7 @@ def check_block_sizes(blocks: BlockSizes, *, batch: int, channels: int, target: 
     raise ValueError(f"block_d={blocks.block_d} must be a power of two (Triton blocks)")
   if target.mosaic_tpu and blocks.block_d % 128 and blocks.block_d != channels:
     raise ValueError(f"block_d={blocks.block_d} must be a multiple of 128 or all {channels=} on TPU")
-  if not _power_of_2(blocks.block_b) or batch % blocks.block_b:
-    raise ValueError(f"block_b={blocks.block_b} must be a power of two dividing batch={batch}")
-  for name in ("max_fused", "inner", "block_m", "min_factor"):
+  for name in ("block_b", "max_fused", "inner", "block_m", "min_factor"):
     if not _power_of_2(getattr(blocks, name)):
       raise ValueError(f"{name}={getattr(blocks, name)} must be a power of two")
 
@@ -243,18 +243,20 @@ def supports(*, length: int, channels: int, **_) -> str | None:
 
 def gated_long_conv(u_BLD: jax.Array, k_LD: jax.Array, skip_D: jax.Array | None = None,
                     in_gate_BLD: jax.Array | None = None, out_gate_BLD: jax.Array | None = None, *,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None) -> jax.Array:
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                    debug: bool = False) -> jax.Array:
   """og ⊙ causal_conv(ig ⊙ u, k) + skip ⊙ u by these kernels (split.py past max_fused); differentiable."""
   target = Target.current(interpret)
   batch, length, channels = u_BLD.shape
-  blocks = block_sizes or BlockSizes.for_shape(batch=batch, channels=channels, target=target)
-  check_block_sizes(blocks, batch=batch, channels=channels, target=target)
+  blocks = block_sizes or BlockSizes.for_shape(channels=channels, target=target)
+  check_block_sizes(blocks, channels=channels, target=target)
   factors = Factors.for_length(length, max_fused=blocks.max_fused, inner=blocks.inner,
                                min_factor=blocks.min_factor)
-  if not factors.fused and factors.inner % blocks.block_m:
-    raise ValueError(f"block_m={blocks.block_m} must divide the on-chip transform size {factors.inner}")
+  # Rows and columns per program as given, or fewer where the batch or the transform has fewer.
+  blocks = dataclasses.replace(blocks, block_b=_pow2_divisor(batch, blocks.block_b),
+                               block_m=min(blocks.block_m, factors.inner))
   operand = u_BLD.dtype if jnp.dtype(u_BLD.dtype).itemsize == 2 else jnp.float32
-  call = Call(factors, jnp.dtype(operand), blocks, target)
+  call = Call(factors, jnp.dtype(operand), blocks, target, debug)
   pad = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, factors.padded_length - length), (0, 0)))
   y = _gated_conv(call, pad(u_BLD), k_LD, skip_D, pad(in_gate_BLD), pad(out_gate_BLD))
   return y[:, :length]

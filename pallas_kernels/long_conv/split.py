@@ -13,7 +13,7 @@ The padded signal [B, Lp, D] is viewed (a free reshape) as [B, N1/2, M, D]: elem
 Backward: the outer forward of x = ig ⊙ u and of dc = og ⊙ dy; one inner pass that takes X and DC for a row k_r,
 writes IDFT(conj(K)·DC) (and IDFT(X·K) where there is an out gate) and sums DC·conj(X) over `block_b` batch rows
 (the filter gradient's spectrum, [G, 2, N1, N3, N2, D], summed by XLA and transformed back by dft.inverse_real);
-then the outer inverses with the gradient epilogues.
+then one outer inverse of both, with the gradient epilogue (du, d_ig, d_skip from dx; d_og = dy ⊙ c).
 
 The signal crosses HBM more often than in one pass (each complex float32 intermediate is 8x a bf16 signal): this
 is the path for transforms that do not fit on chip, as in FlashFFTConv.
@@ -97,24 +97,25 @@ def _inner_bwd_kernel(*refs, call: Call, names):
 
 def _outer_inv_kernel(*refs, call: Call, names, mode: str):
   r = calls.named_refs(names, refs)
-  rows = r["u" if "u" in r else "dy"].shape[0]
-  f1_out, tw = _outer_tables(r, rows, first=False)
-  z = Complex(r["z"][0], r["z"][1])
-  c = dft.last_step(z, f1_out, tw, call.mm, real=True).re  # [N1/2, Mt, C]
+  f1_out, tw = _outer_tables(r, call.factors.n1 // 2, first=False)
+
+  def conv(name: str) -> jax.Array:  # [N1/2, Mt, C]
+    return dft.last_step(calls.spectrum_ref(r[name]), f1_out, tw, call.mm, real=True).re
+
   skip = calls.load(r, "skip")
   skip = None if skip is None else skip.reshape(1, 1, -1)
+  u, dy = calls.load(r, "u"), calls.load(r, "dy")
   if mode == "output":
-    r["y"][...] = gates.output(c, calls.load(r, "u"), calls.load(r, "out_gate"), skip).astype(r["y"].dtype)
-  elif mode == "out_gate_grad":
-    r["d_out_gate"][...] = (calls.load(r, "dy") * c).astype(r["d_out_gate"].dtype)
-  else:
-    u, dy = calls.load(r, "u"), calls.load(r, "dy")
-    du, d_in_gate = gates.input_grads(c, u, calls.load(r, "in_gate"), dy, skip)
-    r["du"][...] = du.astype(r["du"].dtype)
-    if d_in_gate is not None:
-      r["d_in_gate"][...] = d_in_gate.astype(r["d_in_gate"].dtype)
-    if skip is not None:
-      r["d_skip"][...] = gates.skip_grad(dy, u)
+    r["y"][...] = gates.output(conv("z"), u, calls.load(r, "out_gate"), skip).astype(r["y"].dtype)
+    return
+  if "zc" in r:
+    r["d_out_gate"][...] = (dy * conv("zc")).astype(r["d_out_gate"].dtype)
+  du, d_in_gate = gates.input_grads(conv("zdx"), u, calls.load(r, "in_gate"), dy, skip)
+  r["du"][...] = du.astype(r["du"].dtype)
+  if d_in_gate is not None:
+    r["d_in_gate"][...] = d_in_gate.astype(r["d_in_gate"].dtype)
+  if skip is not None:
+    r["d_skip"][...] = gates.skip_grad(dy, u)
 
 
 class _Grid:
@@ -145,22 +146,26 @@ class _Grid:
 def _outer_forward(g: _Grid, signal, gate, t: Tables):
   inputs = [("signal", signal, g.signal), ("gate", gate, g.signal), *g.outer_tables(t)]
   return g.call.run(_outer_fwd_kernel, g.outer_grid, inputs, [("a", g.spectrum_shape(), g.spectrum)],
-              "long_conv_outer_fwd")["a"]
+                    "long_conv_outer_fwd")["a"]
 
 
-def _outer_inverse(g: _Grid, z, t: Tables, mode: str, *, out_dtype, u=None, in_gate=None, out_gate=None, dy=None,
-                   skip=None):
-  inputs = [("z", z, g.spectrum), *g.outer_tables(t), ("u", u, g.signal), ("in_gate", in_gate, g.signal),
-            ("out_gate", out_gate, g.signal), ("dy", dy, g.signal), ("skip", skip, g.skip)]
-  shape = jax.ShapeDtypeStruct((g.batch, g.f.n1 // 2, g.f.inner, g.channels), out_dtype)
+def _outer_inverse(g: _Grid, spectra: dict, t: Tables, mode: str, *, dtype, u=None, in_gate=None,
+                   out_gate=None, dy=None, skip=None):
+  """The outer inverse of each spectrum in `spectra` (z; or zdx and zc) and the epilogue of `mode`: "output" (y),
+  or "grads" (du, d_in_gate and d_out_gate where the gates exist, d_skip's partial sums). Signals the epilogue
+  does not need are left out (None)."""
+  inputs = [*((name, z, g.spectrum) for name, z in spectra.items()), *g.outer_tables(t), ("u", u, g.signal),
+            ("in_gate", in_gate, g.signal), ("out_gate", out_gate, g.signal), ("dy", dy, g.signal),
+            ("skip", skip, g.skip)]
+  shape = jax.ShapeDtypeStruct((g.batch, g.f.n1 // 2, g.f.inner, g.channels), dtype)
   if mode == "output":
     outputs = [("y", shape, g.signal)]
-  elif mode == "out_gate_grad":
-    outputs = [("d_out_gate", shape, g.signal)]
   else:
     outputs = [("du", shape, g.signal)]
     if in_gate is not None:
       outputs.append(("d_in_gate", shape, g.signal))
+    if "zc" in spectra:
+      outputs.append(("d_out_gate", shape, g.signal))
     if skip is not None:
       partial = jax.ShapeDtypeStruct((g.batch, g.f.inner // g.mt, 1, g.channels), jnp.float32)
       outputs.append(("d_skip", partial, pl.BlockSpec((None, None, 1, g.c), lambda d, b, j: (b, j, 0, d))))
@@ -178,7 +183,8 @@ def forward(call: Call, u, kf: Complex, skip, in_gate, out_gate, t: Tables):
   inputs = [("a", a, spectrum), g.kf(kf, lambda d, r, b: (0, r, 0, 0, d)), *calls.inner_table_rows(t)]
   z = call.run(_inner_kernel, (channels // g.c, f.n1, batch), inputs, [("z", g.spectrum_shape(), spectrum)],
            "long_conv_inner")["z"]
-  y = _outer_inverse(g, z, t, "output", out_dtype=u.dtype, u=view(u), out_gate=view(out_gate), skip=skip)["y"]
+  y = _outer_inverse(g, {"z": z}, t, "output", dtype=u.dtype, u=view(u) if skip is not None else None,
+                     out_gate=view(out_gate), skip=skip)["y"]
   return y.reshape(batch, lp, channels)
 
 
@@ -199,13 +205,11 @@ def backward(call: Call, u, kf: Complex, skip, in_gate, out_gate, dy, t: Tables)
   outputs += [("zdx", g.spectrum_shape(), tile),
               ("dk", dk_shape, pl.BlockSpec((None, 2, None, f.n3, f.n2, g.c), lambda d, r, j: (j, 0, r, 0, 0, d)))]
   inner = call.run(_inner_bwd_kernel, (channels // g.c, f.n1, groups), inputs, outputs, "long_conv_inner_bwd")
-  d_out_gate = None
-  if out_gate is not None:
-    d_out_gate = _outer_inverse(g, inner["zc"], t, "out_gate_grad", out_dtype=out_gate.dtype,
-                                dy=view(dy))["d_out_gate"]
-  grads = _outer_inverse(g, inner["zdx"], t, "input_grads", out_dtype=u.dtype, u=view(u), in_gate=view(in_gate),
-                         dy=view(dy), skip=skip)
+  spectra = {"zdx": inner["zdx"], **({"zc": inner["zc"]} if out_gate is not None else {})}
+  needs_u, needs_dy = in_gate is not None or skip is not None, out_gate is not None or skip is not None
+  grads = _outer_inverse(g, spectra, t, "grads", dtype=u.dtype, u=view(u) if needs_u else None,
+                         in_gate=view(in_gate), dy=view(dy) if needs_dy else None, skip=skip)
   dk = inner["dk"].sum(axis=0)
   d_skip = grads["d_skip"].sum(axis=(0, 1, 2)) if skip is not None else None
   return (restore(grads["du"]), Complex(dk[0], dk[1]), d_skip, restore(grads.get("d_in_gate")),
-          restore(d_out_gate))
+          restore(grads.get("d_out_gate")))

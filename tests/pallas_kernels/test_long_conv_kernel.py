@@ -4,8 +4,8 @@ the dispatcher's choices. One test body runs every case; on CPU the kernels run 
 machine through Triton (the `gpu` tests take the same checks at training shapes).
 
 The oracle is reference.gated_long_conv (XLA's FFT, float32 inside); at short lengths the direct O(L²) form checks
-both. Small cases force the three-pass path (split.py) with tiny factors (SPLIT); on the GPU it runs at the
-factors the defaults choose.
+both. Small cases force the three-pass path (split.py) with tiny factors (SPLIT); one case takes it at the
+factors the defaults choose, as the GPU does.
 
 Letters: B batch, L length, D channels.
 """
@@ -33,6 +33,9 @@ CASES = {
     "f16_all": (2, 90, 8, jnp.float16, OPTIONS, None),
     "split_f32_all": (2, 300, 16, jnp.float32, OPTIONS, SPLIT),
     "split_bf16_in_gate": (2, 300, 8, jnp.bfloat16, ("in_gate",), SPLIT),
+    "split_f32_out_gate": (4, 200, 8, jnp.float32, ("out_gate",), SPLIT),
+    # Past max_fused with the default factors, as on the GPU: N = 16384 = 32 outer rows x (32·16) on chip.
+    "split_defaults_L4100": (1, 4100, 8, jnp.float32, OPTIONS, None),
 }
 
 
