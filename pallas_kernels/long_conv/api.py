@@ -22,9 +22,11 @@ from pallas_kernels.common.dispatch import Dispatcher, Implementation
 from pallas_kernels.long_conv import pallas, reference
 
 DISPATCHER = Dispatcher("long_conv", (
-    # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
-    Implementation("pallas", pallas.gated_long_conv, supports=pallas.supports, auto_backends=("gpu", "tpu"),
-                   per_shard=True, block_sizes=pallas.BlockSizes),
+    # By name only for now (fail-closed): on the H100 (2026-12-06, an earlier revision of the kernel) its GPU
+    # test failed at L 2048 in float32 and it has not been timed; TPU is export-checked only. Once its GPU tests
+    # pass, auto should take it on GPU (and TPU once run there): in_auto=True, auto_backends=("gpu", "tpu").
+    Implementation("pallas", pallas.gated_long_conv, supports=pallas.supports, in_auto=False, per_shard=True,
+                   block_sizes=pallas.BlockSizes),
     Implementation("reference", reference.gated_long_conv),
     Implementation("direct", functools.partial(reference.gated_long_conv,
                                                causal_conv=reference.direct_causal_conv), in_auto=False),

@@ -139,8 +139,7 @@ def test_factors_cover_lengths():
 def test_auto_is_fail_closed():
   options = dict(batch=2, length=1024, channels=64, dtype=jnp.bfloat16, filter_dtype=jnp.float32, has_skip=True,
                  has_in_gate=True, has_out_gate=True)
-  expected = "pallas" if jax.default_backend() in ("gpu", "tpu") else "reference"  # interpret mode is slow
-  assert api.DISPATCHER.select("auto", **options).name == expected
+  assert api.DISPATCHER.select("auto", **options).name == "reference"  # by name only until it passes on a GPU
   assert pallas.supports(**dict(options, channels=12)) is not None
   assert pallas.supports(**dict(options, length=pallas.MAX_LENGTH + 1)) is not None
   with pytest.raises(ValueError, match="block_d=16 must divide channels=24"):
