@@ -39,7 +39,7 @@ MIXERS: dict[str, MixerSpec] = {
     "sliding_window": MixerSpec(SlidingWindowConfig, Attention, _ATTENTION_OPS),
     "based": MixerSpec(BasedConfig, Based, {"implementation": "based", "decode_implementation": "based_decode"}),
     "base_conv": MixerSpec(BaseConvConfig, BaseConv, {"implementation": "short_conv"}),
-    "h3": MixerSpec(H3Config, H3, {"implementation": "long_conv"}),
+    "h3": MixerSpec(H3Config, H3, {"implementation": "long_conv", "short_conv_implementation": "short_conv"}),
     "hyena": MixerSpec(HyenaConfig, Hyena, {"implementation": "long_conv", "short_conv_implementation": "short_conv"}),
 }
 
