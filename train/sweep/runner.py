@@ -64,12 +64,6 @@ def _describe(run: Run) -> str:
           f"L={run.state_len}")
 
 
-def _training_error() -> type[BaseException] | tuple:
-  from train import run as run_lib
-  # train() raises TrainingError (a RuntimeError) when a run cannot go on; nothing else is caught here.
-  return getattr(run_lib, "TrainingError", ())
-
-
 def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] = (0, 1), dry_run: bool = False,
               time_limit: float = 0.0, keep_checkpoints: bool = False,
               on_step: Callable[[str, int], None] | None = None, stream: TextIO = sys.stdout) -> int:
@@ -103,7 +97,6 @@ def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] =
         os.kill(os.getpid(), signal.SIGTERM)  # train() saves a checkpoint and returns, as on a real SIGTERM
     return step_hook
 
-  train_error = None
   for i, run in enumerate(runs):
     head = f"[{i + 1}/{len(runs)}] {run.name}"
     if run.name in finished:
@@ -127,12 +120,13 @@ def run_sweep(sweep: Sweep, *, only: str | None = None, shard: tuple[int, int] =
       say(f"{head}: ended before its result was recorded; recording it")
       wall = None
     else:
-      from train.run import train  # jax is imported only once the sweep is known to be valid
-      train_error = train_error or _training_error()
+      # jax is imported only once the sweep is known to be valid; a TrainingError (the run cannot go on, e.g. a
+      # learning rate that diverges) is the one failure recorded instead of raised.
+      from train.run import TrainingError, train
       say(f"{head}: {_describe(run)}")
       try:
         summary = train(run.config, on_step=hook(run.name))
-      except train_error as e:
+      except TrainingError as e:
         summary = results_lib.summary_of(run_dir) or {}
         summary["error"] = summary.get("error") or str(e)
         say(f"{head}: failed ({e}); recorded with its best accuracy so far")
