@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 from pallas_kernels.monarch import api, reference
 from tests.tolerances import assert_close, float64, normal, relative_error
 
-IMPLEMENTATIONS = ["reference"]
+IMPLEMENTATIONS = ["xla", "reference"]
 FORMS = {"einsum": reference.monarch_multiply, "dense": reference.monarch_dense_multiply}
 
 # (w1 shape [K, Q, P], w2 shape [L, S, R]) with L·R = K·Q.
