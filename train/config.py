@@ -117,6 +117,9 @@ class TrainConfig:
   # Stop with an error after this many consecutive steps with a non-finite loss or gradient (each is skipped:
   # parameters untouched); checked whenever metrics are fetched (every log.every steps). 0 = never stop.
   max_nonfinite_steps: int = 10
+  # Positions per chunk of the loss: > 0 computes logits and cross-entropy that many positions at a time
+  # (rematerialised in the backward), never [B, T, V] float32 at once; 0 = the whole logits tensor.
+  loss_chunk: int = 0
 
   def resolved_run_dir(self) -> str:
     return self.run_dir or os.path.join("runs", self.name)
@@ -177,7 +180,7 @@ CHOICES = {"data.kind": ("mqar", "text", "synthetic"), "log.progress": ("auto", 
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "batch_size": (1, None), "micro_batches": (1, None), "steps": (0, None), "epochs": (0, None),
     "eval_every": (0, None), "eval_batch_size": (0, None), "eval_batches": (0, None),
-    "early_stop_accuracy": (0.0, 1.0), "max_nonfinite_steps": (0, None),
+    "early_stop_accuracy": (0.0, 1.0), "max_nonfinite_steps": (0, None), "loss_chunk": (0, None),
     "optim.lr": (0.0, None), "optim.b1": (0.0, 1.0), "optim.b2": (0.0, 1.0), "optim.eps": (0.0, None),
     "optim.weight_decay": (0.0, None), "optim.warmup_steps": (0, None), "optim.min_lr_ratio": (0.0, 1.0),
     "optim.clip_norm": (0.0, None),

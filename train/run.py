@@ -180,7 +180,8 @@ def _resume(run: _Run) -> str | None:
 
 def _compile(run: _Run):
   """Step 4: the compiled train step and the jitted eval step."""
-  forward = make_forward(run.setup.graphdef, run.setup.rest, compute_dtype=run.spec.cast_dtype)
+  forward = make_forward(run.setup.graphdef, run.setup.rest, compute_dtype=run.spec.cast_dtype,
+                         loss_chunk=run.config.loss_chunk)
   step_fn = jax.jit(make_train_step(forward, run.optimizer, run.setup.shardings["params"], run.schedule),
                     out_shardings=(run.setup.shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(forward))

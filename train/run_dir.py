@@ -21,8 +21,8 @@ from train.config import ConfigError, TrainConfig, load_config, save_config, to_
 
 # Top-level keys that may differ when a run resumes: how long and how it is logged, evaluated, saved, laid out.
 RESUME_MAY_CHANGE = ("name", "run_dir", "steps", "epochs", "eval_every", "eval_batch_size", "eval_batches",
-                     "early_stop_accuracy", "max_nonfinite_steps", "micro_batches", "remat", "log", "checkpoint",
-                     "mesh")
+                     "early_stop_accuracy", "max_nonfinite_steps", "micro_batches", "remat", "loss_chunk", "log",
+                     "checkpoint", "mesh")
 
 
 def model_dict(config: TrainConfig) -> dict[str, Any]:

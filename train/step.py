@@ -13,7 +13,7 @@ Labels < 0 are ignored (MQAR's non-query positions, document boundaries of packe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,40 @@ def token_stats(logits_BTV: jax.Array, labels_BT: jax.Array) -> tuple[jax.Array,
   return loss, correct.astype(jnp.float32), mask.astype(jnp.float32)
 
 
+class Features(NamedTuple):
+  """A forward's output for the chunked loss: the final hidden states and the LM head, logits = x_BTE · w_EV."""
+  x_BTE: jax.Array
+  w_EV: jax.Array
+  chunk: int  # positions whose logits exist at once
+
+
+def chunked_token_stats(features: Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`token_stats` of x·w computed `chunk` positions at a time, each chunk under jax.checkpoint: at most
+  [B, chunk, V] float32 logits exist at once, in the forward and in the backward (which recomputes them), instead
+  of [B, T, V]. Per token the arithmetic is token_stats' own."""
+  x_BTE, w_EV, chunk = features
+  B, T, E = x_BTE.shape
+  pad = -T % chunk
+  x_BTE = jnp.pad(x_BTE, ((0, 0), (0, pad), (0, 0)))
+  labels_BT = jnp.pad(labels_BT, ((0, 0), (0, pad)), constant_values=IGNORE)
+  J = (T + pad) // chunk  # chunks
+  x_JBCE = x_BTE.reshape(B, J, chunk, E).swapaxes(0, 1)
+  labels_JBC = labels_BT.reshape(B, J, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(x_BCE, labels_BC):
+    logits_BCV = jnp.einsum("bce,ev->bcv", x_BCE, w_EV, preferred_element_type=jnp.float32)
+    return token_stats(logits_BCV, labels_BC)
+
+  stats = jax.lax.map(lambda pair: one_chunk(*pair), (x_JBCE, labels_JBC))
+  return tuple(y.swapaxes(0, 1).reshape(B, J * chunk)[:, :T] for y in stats)
+
+
+def per_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Loss, correctness and label mask per token of a forward's output: logits, or Features (chunked)."""
+  return chunked_token_stats(out, labels_BT) if isinstance(out, Features) else token_stats(out, labels_BT)
+
+
 def cast_floats(tree: Any, dtype: Any) -> Any:
   """Floating leaves cast to `dtype` (bf16 compute over float32 master weights); None leaves them."""
   if dtype is None:
@@ -45,11 +79,15 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_forward(graphdef: nnx.GraphDef, rest: Any, *, compute_dtype: Any = None
-                 ) -> Callable[[Any, Batch], jax.Array]:
-  """(params, batch) -> logits [B, T, V] float32; params are cast to `compute_dtype` unless it is None."""
+def make_forward(graphdef: nnx.GraphDef, rest: Any, *, compute_dtype: Any = None, loss_chunk: int = 0
+                 ) -> Callable[[Any, Batch], jax.Array | Features]:
+  """(params, batch) -> logits [B, T, V] float32, or with loss_chunk > 0 the model's Features (its `features` and
+  `head_EV`) for the chunked loss; params are cast to `compute_dtype` unless it is None."""
   def forward(params, batch):
     model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest)
+    if loss_chunk:
+      x_BTE = model.features(batch["inputs"], segment_ids=batch.get("segment_ids"))
+      return Features(x_BTE, model.head_EV(), loss_chunk)
     return model(batch["inputs"], segment_ids=batch.get("segment_ids"))
   return forward
 
@@ -63,7 +101,7 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
   """
 
   def summed_loss(params, micro):
-    loss, correct, mask = token_stats(forward(params, micro), micro["labels"])
+    loss, correct, mask = per_token_stats(forward(params, micro), micro["labels"])
     return loss.sum(), (mask.sum(), correct.sum())
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -110,6 +148,6 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
 def make_eval_step(forward: Callable) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """(params, batch[B, T]) -> per-row sums: loss, correct and labelled tokens ([B] each)."""
   def step(params, batch):
-    loss, correct, mask = token_stats(forward(params, batch), batch["labels"])
+    loss, correct, mask = per_token_stats(forward(params, batch), batch["labels"])
     return dict(loss=loss.sum(-1), correct=correct.sum(-1), tokens=mask.sum(-1))
   return step

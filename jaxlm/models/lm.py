@@ -173,14 +173,29 @@ class LM(nnx.Module):
     x = self.final_norm(x)
     return self.embed.attend(x) if self.head is None else self.head(x)
 
-  def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """logits [B, T, V] float32; with segment_ids, packed documents neither see each other nor share positions."""
+  def _hidden(self, tokens_BT: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """The last block's output [B, T, E], before the final norm."""
     B, T = tokens_BT.shape
     self._check_length(T)
     x = self._embed(tokens_BT, default_positions(B, T, segment_ids))
     for stack in self.stacks:
       x = stack(x, segment_ids)
-    return self._logits(x)
+    return x
+
+  def __call__(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """logits [B, T, V] float32; with segment_ids, packed documents neither see each other nor share positions."""
+    return self._logits(self._hidden(tokens_BT, segment_ids))
+
+  def features(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states [B, T, E] in the compute dtype: __call__'s logits are features · head_EV()
+    with float32 accumulation (train/step.py's chunked loss takes them so as never to hold [B, T, V] at once)."""
+    return self.final_norm(self._hidden(tokens_BT, segment_ids)).astype(self.dtype)
+
+  def head_EV(self) -> jax.Array:
+    """The LM head [E, V] in the compute dtype (the embedding's transpose when tied)."""
+    if self.head is None:
+      return self.embed.embedding[...].astype(self.dtype).T
+    return self.head.kernel[...].astype(self.dtype)
 
   def _check_length(self, length: int) -> None:
     if self.pos_embed is not None and length > self.config.max_length:
