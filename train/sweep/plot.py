@@ -136,17 +136,7 @@ def plot_width(lines: list[dict[str, Any]], path: str, metric: str) -> None:
     ax.set_title(_title(data, lines), fontsize=10)
     ax.set_xlabel("model width d_model")
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel(f"MQAR accuracy ({metric})")
-  handles, labels = axes[0].get_legend_handles_labels()
-  for ax in axes[1:]:
-    for h, lab in zip(*ax.get_legend_handles_labels()):
-      if lab not in labels:
-        handles.append(h)
-        labels.append(lab)
-  fig.legend(handles, labels, loc="center right", fontsize=9)
-  fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  _legend_and_save(plt, fig, axes, path, metric, legend_inches=1.4)
 
 
 def plot_state(lines: list[dict[str, Any]], path: str, metric: str) -> None:
@@ -170,6 +160,11 @@ def plot_state(lines: list[dict[str, Any]], path: str, metric: str) -> None:
     ax.set_title(_title(data, lines), fontsize=10)
     ax.set_xlabel(f"state size (numbers per sequence, L={pts[0]['state_len'] if pts else '?'})")
     ax.grid(alpha=0.3)
+  _legend_and_save(plt, fig, axes, path, metric, legend_inches=1.6)
+
+
+def _legend_and_save(plt, fig, axes, path: str, metric: str, legend_inches: float) -> None:
+  """One legend for every panel's lines (each label once, in order of appearance) right of the panels."""
   axes[0].set_ylabel(f"MQAR accuracy ({metric})")
   handles, labels = [], []
   for ax in axes:
@@ -178,7 +173,7 @@ def plot_state(lines: list[dict[str, Any]], path: str, metric: str) -> None:
         handles.append(h)
         labels.append(lab)
   fig.legend(handles, labels, loc="center right", fontsize=9)
-  fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+  fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))
   fig.savefig(path, dpi=130)
   plt.close(fig)
 
