@@ -28,6 +28,12 @@ class ModelSpec:
     return self.flops_fn(seq_len) if self.flops_fn else 6.0 * num_params
 
 
+def model_fields(config: TrainConfig) -> dict[str, Any]:
+  """The ModelConfig fields a run builds its model from: `compute_dtype` and `remat` fill the model's dtype and
+  remat unless the model section sets them (also what a run directory's model.yaml holds)."""
+  return {"dtype": config.compute_dtype, "remat": config.remat, **config.model}
+
+
 def build_model(config: TrainConfig) -> ModelSpec:
   """The jaxlm LM that `config.model` describes; `compute_dtype` and `remat` fill the model's dtype and
   per-layer remat policy unless the model section sets them itself."""
@@ -37,7 +43,7 @@ def build_model(config: TrainConfig) -> ModelSpec:
 
   if not config.model:
     raise ConfigError("model: required (ModelConfig fields, or a path to a model YAML)")
-  model_dict = {"dtype": config.compute_dtype, "remat": config.remat, **config.model}
+  model_dict = model_fields(config)
   try:
     model_config = ModelConfig.from_dict(model_dict)
   except (TypeError, ValueError) as e:

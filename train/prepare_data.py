@@ -135,7 +135,9 @@ def write_split(directory: str, split: str, docs: list[list[int]], dtype: np.dty
     tokens[start:start + len(doc)] = doc
   tokens.flush()
   np.save(os.path.join(directory, f"{split}.docs.npy"), starts)
-  return dict(tokens=int(starts[-1]), docs=len(docs))
+  # The largest id, so that training checks it against the model's vocabulary without reading the tokens again.
+  max_token = max((max(d) for d in docs if d), default=-1)
+  return dict(tokens=int(starts[-1]), docs=len(docs), max_token=int(max_token))
 
 
 def prepare(inputs: Sequence[str], output: str, tokenizer: str = "byte", eval_fraction: float = 0.01,

@@ -18,16 +18,12 @@ from typing import Any
 import yaml
 
 from train.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from train.models import model_fields
 
 # Top-level keys that may differ when a run resumes: how long and how it is logged, evaluated, saved, laid out.
 RESUME_MAY_CHANGE = ("name", "run_dir", "steps", "epochs", "eval_every", "eval_batch_size", "eval_batches",
                      "early_stop_accuracy", "max_nonfinite_steps", "micro_batches", "remat", "loss_chunk", "log",
                      "checkpoint", "mesh")
-
-
-def model_dict(config: TrainConfig) -> dict[str, Any]:
-  """The ModelConfig fields a run builds its model from (compute_dtype and remat fill dtype and remat)."""
-  return {"dtype": config.compute_dtype, "remat": config.remat, **config.model}
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -77,7 +73,7 @@ def record_run(config: TrainConfig, run_dir: str, describes_model: bool = True) 
   save_config(config, os.path.join(run_dir, "config.yaml"))
   if describes_model:
     with open(os.path.join(run_dir, "model.yaml"), "w") as f:
-      yaml.safe_dump(model_dict(config), f, sort_keys=False)
+      yaml.safe_dump(model_fields(config), f, sort_keys=False)
   if config.data.kind == "text":
     tokenizer = os.path.join(config.data.text.path, "tokenizer.json")
     if os.path.isfile(tokenizer):

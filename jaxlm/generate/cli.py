@@ -57,26 +57,25 @@ def run_model_config(run_dir: str) -> ModelConfig:
   path = os.path.join(run_dir, "model.yaml")
   if os.path.isfile(path):
     return load_model_config(path)
-  return _train_config_model(os.path.join(run_dir, "config.yaml"))
-
-
-def _train_config_model(path: str) -> ModelConfig:
-  with open(path) as f:
-    data = yaml.safe_load(f) or {}
-  model = data.get("model")
-  if not isinstance(model, dict):
+  path = os.path.join(run_dir, "config.yaml")
+  config = _train_config_model(path)
+  if config is None:
     raise UsageError(f"{path}: no model section")
-  fields = {"dtype": data.get("compute_dtype", "bfloat16"), "remat": data.get("remat", "none"), **model}
-  return ModelConfig.from_dict(fields)
+  return config
 
 
-def _is_train_config(path: str) -> bool:
-  """A training config (with a model section and training keys) rather than a model YAML."""
+def _train_config_model(path: str) -> ModelConfig | None:
+  """The model of a training config (a YAML with a `model:` mapping), None for any other file. compute_dtype and
+  remat fill the model's dtype and remat as train/models.py's model_fields does (jaxlm cannot import train/)."""
   if not path.endswith((".yaml", ".yml")) or not os.path.isfile(path):
-    return False
+    return None
   with open(path) as f:
     data = yaml.safe_load(f) or {}
-  return isinstance(data, dict) and isinstance(data.get("model"), dict)
+  model = data.get("model") if isinstance(data, dict) else None
+  if not isinstance(model, dict):
+    return None
+  return ModelConfig.from_dict({"dtype": data.get("compute_dtype", "bfloat16"), "remat": data.get("remat", "none"),
+                                **model})
 
 
 def resolve_source(args: argparse.Namespace) -> Source:
@@ -91,7 +90,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
     raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
   run_dir = find_run_dir(args.checkpoint) if args.checkpoint else None
   if args.config:
-    config = (_train_config_model(args.config) if _is_train_config(args.config) else load_preset(args.config))
+    config = _train_config_model(args.config) or load_preset(args.config)
   elif run_dir:
     config = run_model_config(run_dir)
   else:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels.long_conv import api, dft, pallas
-from pallas_kernels.long_conv import reference as ref
 from tests.tolerances import assert_close, normal, relative_error, tolerance
 
 # Three passes at small lengths: N = 1024 (L = 300) is N1 = 32 outer rows of an M = 32 point transform (8·4).

@@ -44,6 +44,7 @@ class TokenFile:
   def __init__(self, directory: str, split: str):
     meta = read_meta(directory)
     self.vocab_size = meta["vocab_size"]
+    self._max_token = meta.get("splits", {}).get(split, {}).get("max_token")  # absent in older directories
     self.tokens = np.memmap(os.path.join(directory, f"{split}.bin"), dtype=meta["dtype"], mode="r")
     self.doc_starts = np.load(os.path.join(directory, f"{split}.docs.npy"))
 
@@ -59,7 +60,10 @@ class TokenFile:
     return int(self.doc_starts[-1])  # the .bin holds one dummy token when a split is empty
 
   def max_token(self) -> int:
-    """The largest token id (-1 when empty), read in slices so that a large file never sits in memory whole."""
+    """The largest token id (-1 when empty): from meta.json, or for directories prepared before it was recorded,
+    read in slices so that a large file never sits in memory whole."""
+    if self._max_token is not None:
+      return self._max_token
     chunk, largest = 1 << 24, -1
     for start in range(0, self.num_tokens, chunk):
       largest = max(largest, int(self.tokens[start:min(start + chunk, self.num_tokens)].max()))

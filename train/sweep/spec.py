@@ -167,8 +167,9 @@ def _state(config: TrainConfig, tagged: list[tuple[str, str]], run_name: str, ca
   only in learning rate or seed share one)."""
   from jaxlm.models.config import ModelConfig
   from jaxlm.models.state_size import model_state_size
+  from train.models import model_fields
 
-  model_dict = {"dtype": config.compute_dtype, "remat": config.remat, **config.model}
+  model_dict = model_fields(config)
   length = max((s.seq_len for s in config.data.mqar.test), default=0) if config.data.kind == "mqar" else 0
   key = (json.dumps(model_dict, sort_keys=True, default=str), length)
   if key in cache:
