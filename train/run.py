@@ -180,8 +180,9 @@ def _resume(run: _Run) -> str | None:
 
 def _compile(run: _Run):
   """Step 4: the compiled train step and the jitted eval step."""
+  # MQAR labels a few positions per row: the LM head then runs at those alone (exact; see labelled_positions).
   forward = make_forward(run.setup.graphdef, run.setup.rest, compute_dtype=run.spec.cast_dtype,
-                         loss_chunk=run.config.loss_chunk)
+                         loss_chunk=run.config.loss_chunk, labelled=run.data.labels_per_row)
   step_fn = jax.jit(make_train_step(forward, run.optimizer, run.setup.shardings["params"], run.schedule),
                     out_shardings=(run.setup.shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(forward))

@@ -91,9 +91,10 @@ def test_schedule_warms_up_then_decays():
   assert float(schedule(60)) < 1.0 and abs(float(schedule(110)) - 0.1) < 1e-6
 
 
-def test_chunked_loss_equals_the_full_logits_loss(rng):
-  """loss_chunk > 0 (chunks that do not divide T, the last one padded) gives the same update as the whole logits
-  tensor: the LM's features · head_EV are its logits, tied and untied heads alike."""
+def test_chunked_and_labelled_losses_equal_the_full_logits_loss(rng):
+  """loss_chunk > 0 (chunks that do not divide T, the last one padded) and the labelled-positions loss (logits only
+  where rows have labels; rows with fewer labels padded) give the same update as the whole logits tensor: the LM's
+  features · head_EV are its logits, tied and untied heads alike."""
   from jaxlm.models import LM, load_preset
   from train.state import create_state
   from train.mesh import make_mesh
@@ -106,15 +107,30 @@ def test_chunked_loss_equals_the_full_logits_loss(rng):
     state, setup = create_state(lambda: LM(config, rngs=nnx.Rngs(0)), optimizer, make_mesh(MeshConfig()), 0)
     tokens = rng.integers(0, 256, (2, 2, 13))
     labels = rng.integers(0, 256, (2, 2, 13))
-    labels[rng.random(labels.shape) < 0.3] = IGNORE
+    labels[rng.random(labels.shape) < 0.6] = IGNORE
+    most = int((labels >= 0).sum(-1).max())
     batch = dict(inputs=jnp.asarray(tokens, jnp.int32), labels=jnp.asarray(labels, jnp.int32))
     results = {}
-    for chunk in (0, 4):
-      forward = make_forward(setup.graphdef, setup.rest, loss_chunk=chunk)
-      results[chunk] = jax.jit(make_train_step(forward, optimizer))(state, batch)
-    (full, m_full), (chunked, m_chunked) = results[0], results[4]
-    np.testing.assert_allclose(m_chunked["loss"], m_full["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m_chunked["grad_norm"], m_full["grad_norm"], rtol=1e-5)
-    assert float(m_chunked["tokens"]) == float(m_full["tokens"]) == (labels >= 0).sum()
-    for a, b in zip(jax.tree.leaves(chunked["params"]), jax.tree.leaves(full["params"])):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for chunk, labelled in ((0, 0), (4, 0), (0, most), (2, most)):
+      forward = make_forward(setup.graphdef, setup.rest, loss_chunk=chunk, labelled=labelled)
+      results[chunk, labelled] = jax.jit(make_train_step(forward, optimizer))(state, batch)
+    full, m_full = results.pop((0, 0))
+    for key, (other, m_other) in results.items():
+      np.testing.assert_allclose(m_other["loss"], m_full["loss"], rtol=1e-6, err_msg=str(key))
+      np.testing.assert_allclose(m_other["accuracy"], m_full["accuracy"], rtol=1e-6, err_msg=str(key))
+      np.testing.assert_allclose(m_other["grad_norm"], m_full["grad_norm"], rtol=1e-5, err_msg=str(key))
+      assert float(m_other["tokens"]) == float(m_full["tokens"]) == (labels >= 0).sum()
+      for a, b in zip(jax.tree.leaves(other["params"]), jax.tree.leaves(full["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_mqar_data_bounds_the_labels_per_row():
+  """The labelled-positions loss is exact only if no row has more labels than Data.labels_per_row."""
+  from train.config import TrainConfig, MQARDataConfig, MQARSetting, DataConfig
+  from train.data import build_data
+  settings = [MQARSetting(seq_len=32, num_kv_pairs=4, num_examples=64), MQARSetting(seq_len=64, num_kv_pairs=8,
+                                                                                     num_examples=64)]
+  config = TrainConfig(data=DataConfig(kind="mqar", mqar=MQARDataConfig(vocab_size=128, train=settings,
+                                                                        test=settings[:1])), batch_size=8)
+  data = build_data(config, 128)
+  assert data.labels_per_row == 8

@@ -48,6 +48,11 @@ class Data:
   evals: list[EvalSet]
   vocab_size: int
   seq_len: int
+  labels_per_row: int = 0  # the most labelled positions of any row (train and eval), 0 where unbounded
+
+
+def _most_labels(*label_arrays: np.ndarray) -> int:
+  return max(int((labels >= 0).sum(axis=1).max(initial=0)) for labels in label_arrays)
 
 
 def _rows_of(arrays: dict[str, np.ndarray]):
@@ -105,7 +110,8 @@ def build_data(config: TrainConfig, vocab_size: int) -> Data:
         train=RowLoader(len(train.inputs), _rows_of(dict(inputs=train.inputs, labels=train.labels)),
                         config.batch_size, d.seed),
         evals=[EvalSet("test", len(test.inputs), _rows_of(dict(inputs=test.inputs, labels=test.labels)), groups)],
-        vocab_size=d.mqar.vocab_size, seq_len=train.inputs.shape[1])
+        vocab_size=d.mqar.vocab_size, seq_len=train.inputs.shape[1],
+        labels_per_row=_most_labels(train.labels, test.labels))
   if d.kind == "text":
     return _text_data(config, vocab_size)
   if d.kind == "synthetic":
