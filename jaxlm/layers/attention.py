@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.layers.linear import LINEARS, build_linear
-from jaxlm.layers.rotary import apply_rotary, check_rotary_dim, default_positions
+from jaxlm.layers.rotary import RopeScaling, apply_rotary, check_rotary_dim, default_positions
 from pallas_kernels.attention import api as attention_api
 from pallas_kernels.common import validation
 
@@ -36,8 +36,10 @@ class AttentionConfig:
   head_dim: int | None = None  # None: d_model // num_heads
   rotary_dim: int | None = None  # rotated dims per head: None = head_dim, 0 = no RoPE, else partial
   rope_base: float = 10000.0  # θ of RoPE
+  rope_scaling: Any = None  # long-context RoPE: None, or {type: llama3 | linear, factor, ...} (rotary.RopeScaling)
   window: int | None = None  # keys each query sees, itself included; None = all earlier keys
   use_bias: bool = False  # biases on the q/k/v/out maps (GPT-2, H3)
+  qkv_bias: bool | None = None  # biases on the q/k/v maps only: None = use_bias; True with use_bias off: Qwen2
   projection: str = "dense"  # q/k/v/out maps: "dense" or "monarch"
   nblocks: int = 4  # Monarch blocks when projection = "monarch"
   softcap: float | None = None  # logits -> softcap·tanh(logits/softcap)
@@ -60,6 +62,10 @@ class AttentionConfig:
       check_rotary_dim(self.resolved_rotary_dim(), self.resolved_head_dim())
     except ValueError as e:
       raise ValueError(f"rotary_dim: {e}") from None
+    try:
+      object.__setattr__(self, "rope_scaling", RopeScaling.from_value(self.rope_scaling))  # frozen: hashable
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"rope_scaling: {e}") from None
     if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
       raise ValueError(f"window={self.window!r} must be an integer >= 1 (keys seen, itself included)")
     if self.projection not in LINEARS:
@@ -108,13 +114,14 @@ class Attention(nnx.Module):
     self.head_dim = config.resolved_head_dim()
     self.rotary_dim = config.resolved_rotary_dim()
     self.dtype = dtype
-    kw = dict(kind=config.projection, use_bias=config.use_bias, nblocks=config.nblocks, dtype=dtype,
-              param_dtype=param_dtype, implementation=config.monarch_implementation, rngs=rngs)
+    kw = dict(kind=config.projection, nblocks=config.nblocks, dtype=dtype, param_dtype=param_dtype,
+              implementation=config.monarch_implementation, rngs=rngs)
+    qkv_bias = config.use_bias if config.qkv_bias is None else config.qkv_bias
     e, q_width, kv_width = config.d_model, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    self.q_proj = build_linear(e, q_width, axes=("embed", "heads"), **kw)
-    self.k_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), **kw)
-    self.v_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), **kw)
-    self.out_proj = build_linear(q_width, e, axes=("heads", "embed"), **kw)
+    self.q_proj = build_linear(e, q_width, axes=("embed", "heads"), use_bias=qkv_bias, **kw)
+    self.k_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.v_proj = build_linear(e, kv_width, axes=("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.out_proj = build_linear(q_width, e, axes=("heads", "embed"), use_bias=config.use_bias, **kw)
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     """q [..., H, D], k and v [..., K, D] for x [..., E] at integer positions [...], RoPE applied."""
@@ -123,7 +130,7 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-    rope = dict(rotary_dim=self.rotary_dim, base=self.config.rope_base)
+    rope = dict(rotary_dim=self.rotary_dim, base=self.config.rope_base, scaling=self.config.rope_scaling)
     return apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope), v
 
   def _out(self, o: jax.Array) -> jax.Array:
