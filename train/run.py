@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -181,11 +182,12 @@ def _resume(run: _Run) -> str | None:
 def _compile(run: _Run):
   """Step 4: the compiled train step and the jitted eval step."""
   # MQAR labels a few positions per row: the LM head then runs at those alone (exact; see labelled_positions).
-  forward = make_forward(run.setup.graphdef, run.setup.rest, compute_dtype=run.spec.cast_dtype,
-                         loss_chunk=run.config.loss_chunk, labelled=run.data.labels_per_row)
-  step_fn = jax.jit(make_train_step(forward, run.optimizer, run.setup.shardings["params"], run.schedule),
+  forward = functools.partial(make_forward, run.setup.graphdef, run.setup.rest, compute_dtype=run.spec.cast_dtype,
+                              loss_chunk=run.config.loss_chunk)
+  step_fn = jax.jit(make_train_step(forward(labelled=run.data.train_labels_per_row), run.optimizer,
+                                    run.setup.shardings["params"], run.schedule),
                     out_shardings=(run.setup.shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(forward))
+  eval_fn = jax.jit(make_eval_step(forward(labelled=run.data.eval_labels_per_row)))
   if run.step >= run.total_steps:
     return None, eval_fn
   t0 = time.perf_counter()

@@ -125,7 +125,8 @@ def test_chunked_and_labelled_losses_equal_the_full_logits_loss(rng):
 
 
 def test_mqar_data_bounds_the_labels_per_row():
-  """The labelled-positions loss is exact only if no row has more labels than Data.labels_per_row."""
+  """The labelled-positions loss is exact only if no row has more labels than the data says (train and eval
+  apart: their settings differ)."""
   from train.config import TrainConfig, MQARDataConfig, MQARSetting, DataConfig
   from train.data import build_data
   settings = [MQARSetting(seq_len=32, num_kv_pairs=4, num_examples=64), MQARSetting(seq_len=64, num_kv_pairs=8,
@@ -133,4 +134,4 @@ def test_mqar_data_bounds_the_labels_per_row():
   config = TrainConfig(data=DataConfig(kind="mqar", mqar=MQARDataConfig(vocab_size=128, train=settings,
                                                                         test=settings[:1])), batch_size=8)
   data = build_data(config, 128)
-  assert data.labels_per_row == 8
+  assert (data.train_labels_per_row, data.eval_labels_per_row) == (8, 4)

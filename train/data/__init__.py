@@ -48,11 +48,13 @@ class Data:
   evals: list[EvalSet]
   vocab_size: int
   seq_len: int
-  labels_per_row: int = 0  # the most labelled positions of any row (train and eval), 0 where unbounded
+  # The most labelled positions of any row, 0 where unbounded: the loss computes logits only there (exact).
+  train_labels_per_row: int = 0
+  eval_labels_per_row: int = 0
 
 
-def _most_labels(*label_arrays: np.ndarray) -> int:
-  return max(int((labels >= 0).sum(axis=1).max(initial=0)) for labels in label_arrays)
+def _most_labels(labels: np.ndarray) -> int:
+  return int((labels >= 0).sum(axis=1).max(initial=0))
 
 
 def _rows_of(arrays: dict[str, np.ndarray]):
@@ -111,7 +113,7 @@ def build_data(config: TrainConfig, vocab_size: int) -> Data:
                         config.batch_size, d.seed),
         evals=[EvalSet("test", len(test.inputs), _rows_of(dict(inputs=test.inputs, labels=test.labels)), groups)],
         vocab_size=d.mqar.vocab_size, seq_len=train.inputs.shape[1],
-        labels_per_row=_most_labels(train.labels, test.labels))
+        train_labels_per_row=_most_labels(train.labels), eval_labels_per_row=_most_labels(test.labels))
   if d.kind == "text":
     return _text_data(config, vocab_size)
   if d.kind == "synthetic":
