@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One GPU call's work, by step name (several in one call: `bash gpu_session.sh lc_bench zoo:420+lc_tests`):
+#   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
+#   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
+#   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
+#                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT
+#   A+B                 A in the background while B runs (for steps that do not time anything)
+# Logs under $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
+nvidia-smi -L > $OUT/device.log; python3 -c "import jax; print(jax.__version__, jax.devices())" >> $OUT/device.log
+
+sweep() {  # $1 sweep name, $2 seconds
+  local dir=runs/$1-session
+  mkdir -p $dir; [ -f $dir/results.jsonl ] || cp docs/zoology/$1-session.jsonl $dir/results.jsonl 2>/dev/null
+  for i in 0 1 2 3; do
+    python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $2 \
+      --set log.progress=plain > $OUT/$1-$i.log 2>&1 &
+  done; wait
+  cp $dir/results.jsonl $OUT/$1-session.jsonl; wc -l $OUT/$1-session.jsonl
+}
+step() {
+  case "$1" in
+    lc_bench) timeout 200 python3 -m benchmarks long_conv --impls pallas reference direct 2>&1 \
+                | tail -30 | tee $OUT/long_conv_bench.log ;;
+    lc_tests) timeout 240 python3 -m pytest -v -p no:xdist -p no:cacheprovider -m gpu \
+                tests/pallas_kernels/test_long_conv_kernel.py tests/pallas_kernels/test_long_conv_layers.py \
+                tests/jaxlm/test_mixers_recurrent.py > $OUT/long_conv_tests.log 2>&1
+              grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/long_conv_tests.log | tail -25 ;;
+    zoo:*) sweep figure2_zoology ${1#zoo:} ;;
+    based:*) sweep figure2_based ${1#based:} ;;
+    *) echo "unknown step $1"; exit 2 ;;
+  esac
+}
+for s in "$@"; do
+  if [[ $s == *+* ]]; then step "${s%%+*}" & bg=$!; step "${s#*+}"; wait $bg; else step "$s"; fi
+done
