@@ -23,7 +23,8 @@ def _pallas_supports(*, head_dim: int, **_) -> str | None:
 
 # The chunked (online-softmax) oracle is only taken by name: it mirrors a flash kernel's recurrence for tests.
 ATTENTION = Dispatcher("attention", (
-    # The Mosaic GPU forward: sm90 only, 16-bit inputs, head dim 64 or 128; the portable kernel covers the rest.
+    # The Mosaic GPU kernels: sm90 only, 16-bit inputs, head dim up to 128 (other than 64/128 zero-padded to the next
+    # of them, so every preset's head dim runs here); the portable kernel covers the rest.
     Implementation("hopper", hopper.flash_attention, supports=hopper.supports, backends=("gpu",), per_shard=True,
                    block_sizes=hopper.BlockSizes),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.

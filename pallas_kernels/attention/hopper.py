@@ -1,6 +1,7 @@
 """FlashAttention forward for Hopper (sm90) in Mosaic GPU: TMA, wgmma and warp specialisation (FA3, Shah et al.
 2024), with reference.py's masks, GQA/MQA, soft-cap and segment ids; its custom_vjp backward is
-hopper_backward.py's (separate dQ and dK/dV kernels in the same style).
+hopper_backward.py's (separate dQ and dK/dV kernels in the same style). The tiles take head dims 64 and 128; the
+wrapper zero-pads other head dims up to 128 to the next of them (head_dim.py says why that is exact).
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 
@@ -53,13 +54,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention import head_dim as head_dims
 from pallas_kernels.attention import hopper_backward
 from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import cdiv, round_up
 
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (64, 128)  # what the tiles take (128-byte swizzled rows); smaller head dims are zero-padded to one
+# Head dims above 128 would pad to 192 or 256, which the backward cannot hold: at D=256 its owned tiles and ring
+# need (4·64 + 2·2·64)·256·2 bytes = 256 KiB of shared memory (227 KiB usable), and its float32 dK, dV
+# accumulators 2·64·256/128 = 256 registers a thread (a consumer has 232). The portable kernel takes them.
+MAX_HEAD_DIM = max(_HEAD_DIMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,11 +404,19 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                     kv_segment_ids=None, scale=None, softcap=None, return_lse=False,
                     block_sizes: BlockSizes | None = None):
   """FlashAttention forward on sm90 with reference.py's semantics (api.py validates the rest of the inputs);
-  gradients come from the Hopper backward kernels (hopper_backward.py), tuned by block_sizes.backward."""
+  gradients come from the Hopper backward kernels (hopper_backward.py), tuned by block_sizes.backward. Head dims
+  up to 128 other than 64/128 run zero-padded to the next of those (head_dim.py), at the padded size's cost;
+  block_sizes then tune the padded call."""
   dtype, head_dim = jnp.dtype(q_BTHD.dtype), q_BTHD.shape[-1]
-  if not mosaic.is_16bit(dtype) or head_dim not in _HEAD_DIMS:
-    raise ValueError(f"the Hopper kernel takes bfloat16/float16 inputs with head dim in {_HEAD_DIMS}, got "
-                     f"{dtype} and {head_dim=}")
+  if not mosaic.is_16bit(dtype) or head_dim > MAX_HEAD_DIM:
+    raise ValueError(f"the Hopper kernel takes bfloat16/float16 inputs with head dim at most {MAX_HEAD_DIM} "
+                     f"(padded to one of {_HEAD_DIMS}), got {dtype} and {head_dim=}")
+  kernel_dim = head_dims.padded_head_dim(head_dim, _HEAD_DIMS)
+  if kernel_dim != head_dim:
+    return head_dims.with_padded_head_dim(
+        flash_attention, q_BTHD, k_BSKD, v_BSKD, padded_dim=kernel_dim, scale=scale, return_lse=return_lse,
+        causal=causal, window=window, window_right=window_right, segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids, softcap=softcap, block_sizes=block_sizes)
   if segment_ids is not None and kv_segment_ids is None:
     kv_segment_ids = segment_ids
   options = _Options(causal=bool(causal), window=window, window_right=window_right,
@@ -418,6 +432,7 @@ def supports(*, backend: str, head_dim: int | None = None, dtype=None, **_) -> s
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
       require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
-      require(head_dim in _HEAD_DIMS, f"{head_dim=} not in {_HEAD_DIMS}"),
+      require(head_dim is not None and head_dim <= MAX_HEAD_DIM,
+              f"{head_dim=} > {MAX_HEAD_DIM}: the backward's tiles would not fit shared memory and registers"),
       require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"),
   )

@@ -13,6 +13,7 @@ PAPER_PARAMS = {
     "transformer-125m": 125e6,  # GPT-3 Small's size (Brown et al. 2020, Table 2.1)
     "transformer-360m": 360e6,  # BASED paper's Transformer++ 360M
     "transformer-1.3b": 1.3e9,  # BASED paper's Transformer++ 1.3B
+    "transformer-1.3b-fla": 1.44e9,  # flame's transformer_1B.json layout (1.365B) with our 50288 vocabulary
     "based-360m": 360e6,  # BASED 360M
     "based-1.3b": 1.35e9,  # BASED "1.3b": the released layout (based-1b.yaml) holds 1.35B
     "h3-125m": 125e6,  # H3 paper, hybrid H3 125M
