@@ -1,5 +1,9 @@
 """Public Monarch functions: `monarch_linear` (validated, dispatched over implementations), its initialiser, and
 conversions to and from dense matrices. The math and the letters (N, M, K, P, Q, L, R, S) are in reference.py.
+
+Implementations: "pallas" (pallas.py: both factors and the permutation fused in one kernel; by name only until it
+has run on a GPU), "xla" (xla.py: 16-bit operands, float32 accumulation; auto's choice) and "reference" (the
+float32 oracle). `block_sizes=` tunes the kernel (pallas.BlockSizes).
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import AUTO, Dispatcher, Implementation
-from pallas_kernels.monarch import reference, xla
+from pallas_kernels.monarch import pallas, reference, xla
 
 # auto takes the XLA form (16-bit operands, float32 accumulation) everywhere: the float32 oracle ran the
 # GPT-2-Monarch MLPs five times slower than dense ones on the H100 (issue 19); by name the oracle still runs.
 DISPATCHER = Dispatcher("monarch", (
+    # By name only (fail-closed): the fused kernel is tested in interpret mode and lowered for Triton and TPU on
+    # CPU, never run on a GPU. Once tests/pallas_kernels/test_monarch_kernel.py's gpu tests pass on the H100 and
+    # `python -m benchmarks monarch` shows it ahead of "xla" there, auto should take it on GPU: in_auto=True,
+    # auto_backends=("gpu",) (and "tpu" once run there).
+    Implementation("pallas", pallas.monarch_multiply, supports=pallas.supports, in_auto=False, per_shard=True,
+                   block_sizes=pallas.BlockSizes),
     Implementation("xla", xla.monarch_multiply),
     Implementation("reference", reference.monarch_multiply),
 ))
@@ -36,9 +46,11 @@ def check_factors(w1: jax.Array, w2: jax.Array) -> None:
                      f"w2.shape[0]·w2.shape[2] = {l}·{r} = {l * r}, w2 shape {w2.shape}")
 
 
-def monarch_linear(x: jax.Array, w1: jax.Array, w2: jax.Array, *, implementation: str = AUTO) -> jax.Array:
+def monarch_linear(x: jax.Array, w1: jax.Array, w2: jax.Array, *, implementation: str = AUTO,
+                   block_sizes: pallas.BlockSizes | None = None) -> jax.Array:
   """y[..., M] = Monarch(w1, w2) x[..., N]: block-diagonal w1, the reshape-transpose permutation, block-diagonal
-  w2 (see reference.py); output in the dtype of x."""
+  w2 (see reference.py); output in the dtype of x. block_sizes must be the running implementation's (name it),
+  None its defaults for the shape."""
   validation.check_dtype("x", x)
   check_factors(w1, w2)
   k, q, p = w1.shape
@@ -49,7 +61,12 @@ def monarch_linear(x: jax.Array, w1: jax.Array, w2: jax.Array, *, implementation
   options = dict(batch_shape=tuple(x.shape[:-1]), in_features=k * p, out_features=l * s, nblocks=k,
                  out_nblocks=l, block_in=p, block_mid=q, block_mid_in=r, block_out=s,
                  dtype=jnp.dtype(x.dtype), weight_dtype=jnp.dtype(w1.dtype))
-  return DISPATCHER(implementation, options, x, w1, w2)
+  # Tokens are independent and the factors whole: under a mesh the kernel runs per shard, x's leading axis over
+  # the data axes (the factors' letters avoid B, H and K, the ones sharding.py splits).
+  x_layout = "B" + "T" * (x.ndim - 2) + "N" if x.ndim >= 2 else "N"
+  return DISPATCHER.run(implementation, options, positional=("x", "w1", "w2"), arrays=dict(x=x, w1=w1, w2=w2),
+                        layouts=dict(x=x_layout, w1="LQP", w2="LSR"), out_layouts=x_layout, static={},
+                        block_sizes=block_sizes)
 
 
 def check_features(in_features: int, out_features: int, nblocks: int) -> None:
