@@ -69,7 +69,8 @@ def window_masks(length: int, window: int) -> tuple[jax.Array, jax.Array]:
   return (s <= t) & (s > t - window), s <= t - window
 
 
-def _factors(window_factor, linear_factor, heads: int, dtype):
+def term_factors(window_factor, linear_factor, heads: int, dtype) -> tuple[jax.Array, jax.Array]:
+  """(a, b) [H] in dtype: the factors, 1 where None."""
   ones = jnp.ones((heads,), dtype)
   a = ones if window_factor is None else jnp.asarray(window_factor, dtype) * ones
   b = ones if linear_factor is None else jnp.asarray(linear_factor, dtype) * ones
@@ -90,7 +91,7 @@ def lolcats_quadratic(q_BTHD, k_BTKD, v_BTKD, fq_BTHX, fk_BTHX, *, window: int =
   heads, length = q_BTHD.shape[2], q_BTHD.shape[1]
   q, fq, fk = (x.astype(dtype) for x in (q_BTHD, fq_BTHX, fk_BTHX))
   k, v = (_repeat_kv(x.astype(dtype), heads) for x in (k_BTKD, v_BTKD))
-  a_H, b_H = _factors(window_factor, linear_factor, heads, dtype)
+  a_H, b_H = term_factors(window_factor, linear_factor, heads, dtype)
   in_window_TS, in_linear_TS = window_masks(length, window)
   s_BHTS = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
   s_BHTS = jnp.where(in_window_TS, s_BHTS, -jnp.inf)
@@ -138,7 +139,7 @@ def lolcats_step(q_BHD, k_BKD, v_BKD, fq_BHX, fk_evicted_BHX, state: LolcatsStat
 
   q, fq = q_BHD.astype(dtype), fq_BHX.astype(dtype)
   k_BSHD, v_BSHD = (_repeat_kv(x.astype(dtype), heads) for x in (k_ring, v_ring))
-  a_H, b_H = _factors(window_factor, linear_factor, heads, dtype)
+  a_H, b_H = term_factors(window_factor, linear_factor, heads, dtype)
   filled_BS = jnp.arange(slots)[None, :] < jnp.minimum(lengths_B, slots)[:, None]
   s_BHS = jnp.einsum("bhd,bshd->bhs", q, k_BSHD) / math.sqrt(d)
   s_BHS = jnp.where(filled_BS[:, None, :], s_BHS, -jnp.inf)
