@@ -76,11 +76,8 @@ def evaluate(eval_fn: Callable, params: Any, eval_set: EvalSet, mesh, batch_size
   n = eval_set.num_rows
   loss, correct, tokens = np.zeros(n), np.zeros(n), np.zeros(n)
   seen = np.zeros(n, bool)
-  p, hosts = jax.process_index(), jax.process_count()
-  share = batch_size // hosts
-  for rows, host in eval_set.batches(batch_size, limit):
-    local = {k: v[p * share:(p + 1) * share] for k, v in host.items()}  # each host feeds its slice of rows
-    out = _gather(eval_fn(params, to_global(local, mesh)))
+  for rows, local in eval_set.batches(batch_size, limit, jax.process_index(), jax.process_count()):
+    out = _gather(eval_fn(params, to_global(local, mesh)))  # each host read and feeds only its slice of rows
     k = len(rows)
     loss[rows], correct[rows], tokens[rows] = out["loss"][:k], out["correct"][:k], out["tokens"][:k]
     seen[rows] = True

@@ -26,16 +26,18 @@ class EvalSet:
   read_rows: Callable[[np.ndarray], HostBatch]
   groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
-  def batches(self, batch_size: int, limit: int = 0):
-    """(rows, host batch) in order; the last batch is padded with ignored rows to `batch_size`."""
+  def batches(self, batch_size: int, limit: int = 0, process_index: int = 0, process_count: int = 1):
+    """(rows, this process's part of the batch) in order: the last batch is padded to `batch_size` by repeating
+    its last row with labels ignored, and process p reads only rows [p*B/P, (p+1)*B/P) of the padded batch."""
     count = 0
+    share = batch_size // process_count
     for start in range(0, self.num_rows, batch_size):
       rows = np.arange(start, min(start + batch_size, self.num_rows))
-      batch = self.read_rows(rows)
-      if len(rows) < batch_size:
-        pad = batch_size - len(rows)
-        batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
-        batch["labels"][len(rows):] = IGNORE
+      padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
+      batch = self.read_rows(padded[process_index * share:(process_index + 1) * share])
+      is_pad = np.arange(process_index * share, (process_index + 1) * share) >= len(rows)
+      if is_pad.any():
+        batch["labels"][is_pad] = IGNORE
       yield rows, batch
       count += 1
       if limit and count >= limit:
