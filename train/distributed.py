@@ -27,8 +27,6 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-import jax
-
 DEFAULT_INIT_TIMEOUT_S = 300
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
@@ -109,7 +107,9 @@ def initialize(cluster: Cluster, *, force: bool = False) -> bool:
 
   Must run before anything touches a jax backend: the device counts and the coordination client are fixed then.
   """
-  if cluster.cpu_devices:
+  import jax  # here, not at the top: `python -m train` reads its flags and config before jax loads
+
+  if cluster.cpu_devices and jax.config.jax_num_cpu_devices != cluster.cpu_devices:
     jax.config.update("jax_num_cpu_devices", cluster.cpu_devices)
   if jax.distributed.is_initialized():
     return True

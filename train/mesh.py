@@ -10,7 +10,6 @@ Batches split over `data` x `fsdp`; the sequence stays whole.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels.common.sharding import BATCH_AXES, dividing_axes
+from train import distributed
 from train.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
@@ -41,10 +41,9 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 
 def maybe_initialize_distributed(config: MeshConfig) -> None:
-  """`jax.distributed.initialize()` when the config asks or the launcher set JAX_COORDINATOR_ADDRESS."""
-  if config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
+  """Joins the other processes (train/distributed.py) when the config asks or the environment names a
+  coordinator or a process count; a no-op once joined (`python -m train` joins first, from its flags)."""
+  distributed.initialize(distributed.cluster_from(), force=config.distributed)
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
