@@ -219,7 +219,9 @@ def _dims(layout, q, v, fq):
 def _specs(layout, t_pad: int, groups: int, widths: tuple[int, ...], kv: tuple[bool, ...]):
   """[T_pad, width] tiles of one head per program: the query head's own, or its kv head's where kv."""
   own = lambda b, h: (b, h, 0)
-  shared = lambda b, h: (b, h // groups, 0)
+  # lax.div, not //: floor division lowers through sign, whose Mosaic rule asks for the TPU generation (unknown
+  # when exporting from a CPU); h and groups are non-negative, so truncation is the same.
+  shared = lambda b, h: (b, lax.div(h, groups), 0)
   return [layout.tile(t_pad, w, None, shared if is_kv else own) for w, is_kv in zip(widths, kv)]
 
 

@@ -12,6 +12,7 @@ from pallas_kernels.attention import pallas as attention_pallas
 from pallas_kernels.based import pallas as based_pallas
 from pallas_kernels.based import parallel as based_parallel
 from pallas_kernels.long_conv import pallas as long_conv_pallas
+from pallas_kernels.lolcats import pallas as lolcats_pallas
 
 
 def _lowers(fn, args, platform: str) -> str:
@@ -114,3 +115,21 @@ def test_long_conv_lowers(platform, name):
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   passes = 2 if length < 4096 else 3 + 4  # forward and backward; three passes: 3 forward, 4 backward
   assert text.count(marker) >= passes, f"expected {passes} kernels in the {platform} module"
+
+
+# lolcats: GQA with a D that Triton pads (96 -> 128) and hedgehog features X = 2·64, and MHA at the smallest window.
+LOLCATS_OPTIONS = {"gqa_w64": (64, 4, 2, 96, 128), "mha_w16": (16, 2, 2, 64, 32)}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("name", LOLCATS_OPTIONS)
+def test_lolcats_lowers(platform, name):
+  window, heads, kv_heads, d, x = LOLCATS_OPTIONS[name]
+  batch, seq = 2, 256
+  q = jax.ShapeDtypeStruct((batch, seq, heads, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, seq, kv_heads, d), jnp.bfloat16)
+  f = jax.ShapeDtypeStruct((batch, seq, heads, x), jnp.bfloat16)
+  kernel = functools.partial(lolcats_pallas.lolcats_chunked, window=window)
+  text = _lowers(_forward_and_backward(kernel), (q, kv, kv, f, f), platform)
+  marker = "tpu_custom_call" if platform == "tpu" else "triton"
+  assert text.count(marker) >= 3, f"expected forward, dq and dkv kernels in the {platform} module"
