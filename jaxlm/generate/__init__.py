@@ -2,6 +2,10 @@
 `lax.while_loop` (no Python loop per token). The command line (`python -m jaxlm.generate`) is cli.py, the
 prefill/decode timing benchmark.py.
 
+With `prefill_chunk=P` the prompt is prefilled P tokens per row at a time, each piece continuing the caches the
+previous one left (`LM.extend`), so prefill memory is bounded by the piece rather than the prompt; the tokens are
+those of the one-shot prefill (up to float rounding of the logits).
+
 Prompts are right-padded with per-row lengths, so ragged rows decode side by side, each from its own position.
 A row is done once it samples a stop token; its later tokens are `pad_id` and the loop ends when every row is
 done or `max_new_tokens` are out. Sampling is seeded: the same seed, prompts and model give the same tokens.
@@ -32,12 +36,31 @@ class Generation(NamedTuple):
   num_tokens_B: jax.Array  # tokens generated per row, its stop token included
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length", "chunk"))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, prompt_BT: jax.Array, lengths_B: jax.Array, *,
-             max_length: int):
+            max_length: int, chunk: int | None = None):
+  """(logits [B, V] after each row's prompt, the cache to decode from). chunk=None: the prompt in one parallel
+  pass; chunk=P: pieces of P tokens per row in order (`LM.extend`), so activations are bounded by the piece."""
   model = nnx.merge(graphdef, state)
-  cache = model.init_cache(prompt_BT.shape[0], max_length)
-  return model.prefill(prompt_BT, cache, lengths_B)
+  batch, length = prompt_BT.shape
+  cache = model.init_cache(batch, max_length)
+  if chunk is None:
+    return model.prefill(prompt_BT, cache, lengths_B)
+  pieces = -(-length // chunk)
+  # The last piece is padded (its padding is not real for any row, so no cache sees it).
+  prompt_BT = jnp.pad(prompt_BT, ((0, 0), (0, pieces * chunk - length)))
+
+  def piece(i, carry):
+    logits_BV, cache = carry
+    valid_B = lengths_B - i * chunk  # real tokens of each row in this piece (<= 0: the row's prompt is over)
+    piece_logits_BV, cache = model.extend(jax.lax.dynamic_slice_in_dim(prompt_BT, i * chunk, chunk, axis=1), cache,
+                                          valid_B)
+    # A row's last piece with a real token holds its last prompt token; later pieces leave its logits alone.
+    return jnp.where((valid_B > 0)[:, None], piece_logits_BV, logits_BV), cache
+
+  logits_BV = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
+  # A loop, not an unrolled Python one: one piece's activations are live at a time.
+  return jax.lax.fori_loop(0, pieces, piece, (logits_BV, cache))
 
 
 # The prefill's cache is donated and returned (advanced), so the loop updates that buffer in place instead of
@@ -92,18 +115,27 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
 
 def generate(model: LM, prompt_BT: Any, lengths_B: Any = None, *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (), seed: int = 0,
-             pad_id: int = 0) -> Generation:
-  """Up to `max_new_tokens` tokens after each row's prompt (right-padded [B, T]; lengths default to T)."""
+             pad_id: int = 0, prefill_chunk: int | None = None) -> Generation:
+  """Up to `max_new_tokens` tokens after each row's prompt (right-padded [B, T]; lengths default to T).
+  prefill_chunk=P prefills P prompt tokens per row at a time (same tokens, memory bounded by the piece)."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  check_prefill_chunk(prefill_chunk)
   prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
   batch, length = prompt_BT.shape
   lengths_B = jnp.full((batch,), length, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
   graphdef, state = nnx.split(model)
-  logits_BV, cache = prefill(graphdef, state, prompt_BT, lengths_B, max_length=length + max_new_tokens)
+  logits_BV, cache = prefill(graphdef, state, prompt_BT, lengths_B, max_length=length + max_new_tokens,
+                             chunk=prefill_chunk)
   generation, _ = decode_loop(graphdef, state, logits_BV, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
                           sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id)
   return generation
+
+
+def check_prefill_chunk(prefill_chunk: int | None) -> None:
+  if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk must be a positive integer (tokens per row per piece) or None, got "
+                     f"{prefill_chunk!r}")
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> LM:

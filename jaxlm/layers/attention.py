@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers import cached_attention
 from jaxlm.layers.linear import LINEARS, build_linear
 from jaxlm.layers.rotary import RopeScaling, apply_rotary, check_rotary_dim, default_positions
 from pallas_kernels.attention import api as attention_api
@@ -183,3 +184,15 @@ class Attention(nnx.Module):
                                        jnp.minimum(lengths, S), softcap=self.config.softcap,
                                        implementation=self.config.decode_implementation)
     return self._out(o), KVCache(k_cache, v_cache, lengths)
+
+  def extend(self, x_BTE: jax.Array, cache: KVCache, valid_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Chunked prefill: a piece of tokens at positions lengths[b]..., the first valid[b] of them real, attending
+    over the ring and the piece (jaxlm/layers/cached_attention.py); rows with valid[b] <= 0 keep their cache."""
+    B, T, _ = x_BTE.shape
+    seen_B = cache.lengths_B
+    q, k, v = self._qkv(x_BTE, seen_B[:, None] + jnp.arange(T, dtype=jnp.int32))
+    o = cached_attention.attend_cache_and_piece(q, k, v, cache.k_BSKD, cache.v_BSKD, seen_B,
+                                                window=self.config.window, softcap=self.config.softcap)
+    valid_B = jnp.clip(valid_B, 0, T).astype(jnp.int32)
+    return self._out(o), KVCache(cached_attention.write_piece(cache.k_BSKD, k, seen_B, valid_B),
+                                 cached_attention.write_piece(cache.v_BSKD, v, seen_B, valid_B), seen_B + valid_B)

@@ -132,6 +132,16 @@ class BaseConv(nnx.Module):
     y_BTE, a_BTI = self._forward(x_BTE)
     return y_BTE, tokens_before(a_BTI, lengths_B, self.config.kernel_size - 1).astype(cache.dtype)
 
+  def extend(self, x_BTE: jax.Array, cache: jax.Array, valid_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Chunked prefill: the conv runs over [the cached W-1 inputs ; the piece], so the piece's first taps reach
+    into the previous piece; the state becomes the W-1 inputs before valid[b] (kept where valid[b] <= 0)."""
+    width = self.config.kernel_size
+    a_BTI, g_BTI = self._halves(x_BTE)
+    a_BLI = jnp.concatenate([cache.astype(a_BTI.dtype), a_BTI], axis=1)  # L = W-1 + T
+    c_BTI = short_conv(a_BLI, *self._conv_params(), implementation=self.config.implementation)[:, width - 1:]
+    state = tokens_before(a_BLI, width - 1 + jnp.clip(valid_B, 0, x_BTE.shape[1]), width - 1).astype(cache.dtype)
+    return self._output(c_BTI, g_BTI), jnp.where((valid_B > 0)[:, None, None], state, cache)
+
   def decode(self, x_BE: jax.Array, cache: jax.Array) -> tuple[jax.Array, jax.Array]:
     a_BI, g_BI = self._halves(x_BE)
     c_BI, cache = short_conv_step(a_BI.astype(cache.dtype), cache, *self._conv_params(),

@@ -117,18 +117,33 @@ class Based(nnx.Module):
   def prefill(self, x_BTE: jax.Array, cache: BasedState, lengths_B: jax.Array) -> tuple[jax.Array, BasedState]:
     """The parallel form over right-padded prompts, and the state after exactly lengths[b] tokens of row b.
 
-    Starts from an empty state (`cache` only fixes the layout). Padded tokens get k = v = 0, so phi(k) = [1, 0, 0]
-    adds nothing to S and one count per padded token to z's order-0 term, which is taken back afterwards.
-    Outputs at padded positions are meaningless.
+    Starts from an empty state (`cache` only fixes the layout). Outputs at padded positions are meaningless.
     """
     del cache
-    batch, length = x_BTE.shape[:2]
-    validation.check_lengths("lengths_B", lengths_B, batch, length)
+    validation.check_lengths("lengths_B", lengths_B, *x_BTE.shape[:2])
+    return self._attend_prefix(x_BTE, lengths_B, None)
+
+  def extend(self, x_BTE: jax.Array, cache: BasedState, valid_B: jax.Array) -> tuple[jax.Array, BasedState]:
+    """Chunked prefill: the state after the first valid[b] tokens of this piece, continued from `cache`; rows with
+    valid[b] <= 0 keep theirs."""
+    y_BTE, state = self._attend_prefix(x_BTE, jnp.clip(valid_B, 0, x_BTE.shape[1]), cache)
+    keep_B = valid_B <= 0
+    return y_BTE, jax.tree.map(lambda old, new: jnp.where(keep_B.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
+                               cache, state)
+
+  def _attend_prefix(self, x_BTE: jax.Array, lengths_B: jax.Array, initial_state: BasedState | None
+                     ) -> tuple[jax.Array, BasedState]:
+    """Outputs over x, and the state after the first lengths[b] tokens (from initial_state, None = empty).
+
+    Padded tokens get k = v = 0, so phi(k) = [1, 0, 0] adds nothing to S and one count per padded token to z's
+    order-0 term, which is taken back afterwards.
+    """
+    length = x_BTE.shape[1]
     q, k, v = self._qkv(x_BTE)
     valid_BT11 = (jnp.arange(length)[None, :] < lengths_B[:, None])[:, :, None, None]
     k = jnp.where(valid_BT11, k, jnp.zeros((), k.dtype))
     v = jnp.where(valid_BT11, v, jnp.zeros((), v.dtype))
-    y_BTHD, state = self._attend(q, k, v, return_final_state=True)
+    y_BTHD, state = self._attend(q, k, v, initial_state=initial_state, return_final_state=True)
     padded_B = (length - lengths_B).astype(state.z0_BH.dtype)
     state = state._replace(z0_BH=state.z0_BH - padded_B[:, None])
     return self._output(y_BTHD), state

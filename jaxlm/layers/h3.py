@@ -156,6 +156,41 @@ class H3(nnx.Module):
                                     precision=jax.lax.Precision.HIGHEST)
     return y_BTE, H3Cache(shift_BNE.astype(cache.shift_BNE.dtype), ssm_BEM.astype(cache.ssm_BEM.dtype))
 
+  def extend(self, x_BTE: jax.Array, cache: H3Cache, valid_B: jax.Array) -> tuple[jax.Array, H3Cache]:
+    """Chunked prefill: both SSMs continued from `cache` over a piece whose first valid[b] tokens are real (rows
+    with valid[b] <= 0 keep their cache).
+
+    The shift SSM runs over [the cached N keys ; the piece]. The S4D output of piece token t adds the carried
+    state's response 2·Re(C·Ā^{t+1} x_0) to the piece's own convolution, and the state becomes
+    Ā^n x_0 + Σ_{j<n} Ā^j B̄ u[n-1-j] for the n = valid[b] real tokens (exp(n·log Ā): integer powers).
+    """
+    n = self.config.state_dim
+    length = x_BTE.shape[1]
+    shift_skip_E, skip_E = self._skips()
+    q, k, v = self._qkv(x_BTE)
+    k_BLE = jnp.concatenate([cache.shift_BNE[:, ::-1].astype(k.dtype), k], axis=1)  # L = N + T, oldest first
+    k_shift = self._shift(k_BLE, shift_skip_E)[:, n:]
+    diag_TE = s4d_kernel(self._s4d(), length, self.config.discretization)
+    diag_TE = diag_TE.at[0].add(skip_E.astype(diag_TE.dtype))
+    y = long_conv(k_shift, diag_TE, in_gate=v, out_gate=q, implementation=self.config.implementation)
+    A_bar_EM, B_bar_EM, C_EM = s4d_discretize(self._s4d(), self.config.discretization)
+    log_A_EM = jnp.log(A_bar_EM)
+    steps_T11 = jnp.arange(1, length + 1, dtype=jnp.float32)[:, None, None]
+    carried_BTE = 2 * jnp.einsum("bem,tem->bte", cache.ssm_BEM, C_EM[None] * jnp.exp(steps_T11 * log_A_EM[None]),
+                                 precision=jax.lax.Precision.HIGHEST).real
+    y = y + (q.astype(jnp.float32) * carried_BTE).astype(y.dtype)
+    valid_B = jnp.clip(valid_B, 0, length)
+    u_BTE = k_shift * v
+    reversed_BTE = tokens_before(u_BTE, valid_B, length)[:, ::-1].astype(jnp.float32)
+    powers_TEM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * log_A_EM[None])
+    fresh_BEM = B_bar_EM * jnp.einsum("bte,tem->bem", reversed_BTE.astype(powers_TEM.dtype), powers_TEM,
+                                      precision=jax.lax.Precision.HIGHEST)
+    ssm_BEM = jnp.exp(valid_B.astype(jnp.float32)[:, None, None] * log_A_EM[None]) * cache.ssm_BEM + fresh_BEM
+    shift_BNE = tokens_before(k_BLE, n + valid_B, n)[:, ::-1]
+    keep_B11 = (valid_B <= 0)[:, None, None]
+    return self.out_proj(y), H3Cache(jnp.where(keep_B11, cache.shift_BNE, shift_BNE.astype(cache.shift_BNE.dtype)),
+                                     jnp.where(keep_B11, cache.ssm_BEM, ssm_BEM.astype(cache.ssm_BEM.dtype)))
+
   def decode(self, x_BE: jax.Array, cache: H3Cache) -> tuple[jax.Array, H3Cache]:
     """One token per row: one step of the shift SSM, then of the S4D recurrence."""
     shift_skip_E, skip_E = self._skips()

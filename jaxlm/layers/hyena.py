@@ -159,6 +159,40 @@ class Hyena(nnx.Module):
     history_OBSE = jnp.stack([tokens_before(u_BTE, lengths_B, cache_length)[:, ::-1] for u_BTE in inputs])
     return y_BTE, HyenaCache(conv_BWP.astype(cache.conv_BWP.dtype), history_OBSE.astype(cache.history_OBSE.dtype))
 
+  def extend(self, x_BTE: jax.Array, cache: HyenaCache, valid_B: jax.Array) -> tuple[jax.Array, HyenaCache]:
+    """Chunked prefill: the short conv over [cached W-1 projections ; the piece], each long conv over [the stored
+    history, oldest first ; the piece's inputs u_o] (its output at the piece only), the history then advanced by
+    the first valid[b] inputs (rows with valid[b] <= 0 keep their cache).
+
+    The history is as long as the cache (S), so a piece costs one long conv of S + T: Hyena's prefill memory is
+    bounded by its cache plus the piece, as its cache already grows with max_length.
+    """
+    c = self.config
+    length, width = x_BTE.shape[1], c.short_kernel
+    slots = cache.history_OBSE.shape[2]
+    valid_B = jnp.clip(valid_B, 0, length)
+    p_BTP = self.in_proj(x_BTE.astype(self.dtype))
+    p_BLP = jnp.concatenate([cache.conv_BWP.astype(p_BTP.dtype), p_BTP], axis=1)  # L = W-1 + T
+    z_BTP = short_conv(p_BLP, *self._short_conv_params(), implementation=c.short_conv_implementation)[:, width - 1:]
+    gates, v = self._split(z_BTP)
+    # Lags past the filters' max_length only ever pair a piece token with history slots before position 0
+    # (zeros), as every real position is below max_length; zero taps there.
+    filters_LOE = self._filters(min(slots + length, c.max_length))
+    filters_LOE = jnp.pad(filters_LOE, ((0, slots + length - filters_LOE.shape[0]), (0, 0), (0, 0)))
+    bias_OE = self.filter_bias_OE[...].astype(self.dtype)
+    filters_LOE = filters_LOE.at[0].add(bias_OE.astype(filters_LOE.dtype))
+    history = []
+    for o, gate in enumerate(reversed(gates[1:])):
+      u_BLE = jnp.concatenate([cache.history_OBSE[o][:, ::-1].astype(self.dtype), gate * v], axis=1)
+      v = long_conv(u_BLE, filters_LOE[:, o], implementation=c.implementation)[:, slots:]
+      history.append(tokens_before(u_BLE, slots + valid_B, slots)[:, ::-1])
+    keep = valid_B <= 0
+    conv_BWP = tokens_before(p_BLP, width - 1 + valid_B, width - 1).astype(cache.conv_BWP.dtype)
+    history_OBSE = jnp.stack(history).astype(cache.history_OBSE.dtype)
+    return self.out_proj(gates[0] * v), HyenaCache(jnp.where(keep[:, None, None], cache.conv_BWP, conv_BWP),
+                                                   jnp.where(keep[None, :, None, None], cache.history_OBSE,
+                                                             history_OBSE))
+
   def decode(self, x_BE: jax.Array, cache: HyenaCache) -> tuple[jax.Array, HyenaCache]:
     """One token per row: short-conv step, then each long conv as a dot product over the stored history."""
     p_BP = self.in_proj(x_BE.astype(self.dtype))

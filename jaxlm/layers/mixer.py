@@ -9,13 +9,17 @@ per op it calls (`implementation` for its main op, `decode_implementation`, `<op
 it validates itself in `__post_init__`, raising ValueError naming the field. jaxlm/models/registry.py imports each
 mixer and names the op behind each implementation field, so a model config can fill them.
 
-A mixer has three entry points that must compute the same function:
+A mixer has these entry points, which must compute the same function:
 - `__call__(x_BTE, *, segment_ids=None)`: the parallel (training) form.
 - `init_cache(batch, max_length, dtype)`: an empty decode cache (a pytree of arrays: KV cache, recurrent state,
   conv state, ...); its size is what generation memory costs for this mixer.
 - `prefill(x_BTE, cache, lengths_B) -> (y_BTE, cache)`: the parallel form over a (right-padded) prompt that also
   fills the cache so that decoding continues after `lengths[b]` tokens of row b.
 - `decode(x_BE, cache) -> (y_BE, cache)`: one new token per row.
+- `extend(x_BTE, cache, valid_B) -> (y_BTE, cache)`: chunked prefill, one piece of a prompt continuing `cache`
+  (which holds the tokens before the piece): the first valid[b] tokens of row b are real, and a row with
+  valid[b] <= 0 keeps its cache. Pieces in order compute what one `prefill` over the whole prompt does, with
+  memory bounded by the piece. Optional: the LM refuses chunked prefill for a mixer without it.
 Decode-equals-parallel tests check `prefill` + repeated `decode` against `__call__` on the full sequence.
 """
 

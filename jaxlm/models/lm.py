@@ -8,7 +8,7 @@ The residual stream is float32; mixers and MLPs compute in the config's dtype. R
 layers are built stacked (`nnx.vmap`, a leading "layers" axis on every parameter) and run with `jax.lax.scan`
 over the split state, so compile time grows with the number of runs, not of layers. Decode keeps one cache per
 layer and unrolls the layers, so each step updates the caches in place; `LMCache.lengths_B` counts the tokens
-seen per row.
+seen per row. `extend` continues the caches by a piece of a prompt (chunked prefill), unrolled the same way.
 
 Each layer's mixer is built as `Mixer(config, *, dtype, param_dtype, rngs)` from the class that
 jaxlm/models/registry.py's MIXERS names (imported there directly) and the config `ModelConfig.mixer_configs()`
@@ -73,6 +73,10 @@ class Block(nnx.Module):
     y, cache = self.mixer.decode(self.mixer_norm(x_BE), cache)
     return self._mlp(x_BE + y.astype(x_BE.dtype)), cache
 
+  def extend(self, x_BTE: jax.Array, cache: Any, valid_B: jax.Array) -> tuple[jax.Array, Any]:
+    y, cache = self.mixer.extend(self.mixer_norm(x_BTE), cache, valid_B)
+    return self._mlp(x_BTE + y.astype(x_BTE.dtype)), cache
+
 
 def remat_policy(name: str) -> Any:
   """A jax.checkpoint policy by name (the names train/ uses): full, dots, names:<a>,<b>."""
@@ -136,12 +140,21 @@ class LayerStack(nnx.Module):
 
   def decode(self, x_BE: jax.Array, caches: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
     """The layers unrolled (the weights' static slices are loop-invariant: XLA hoists them out of the loop)."""
+    return self._unrolled(lambda block, x, cache: block.decode(x, cache), x_BE, caches)
+
+  def extend(self, x_BTE: jax.Array, caches: tuple[Any, ...], valid_B: jax.Array) -> tuple[jax.Array, Any]:
+    """One piece of a chunked prefill, the layers unrolled as in decode: each cache is updated in place, where
+    prefill's stacked scan would copy them all into one array and back every piece."""
+    return self._unrolled(lambda block, x, cache: block.extend(x, cache, valid_B), x_BTE, caches)
+
+  def _unrolled(self, step: Callable[[Block, jax.Array, Any], tuple[jax.Array, Any]], x: jax.Array,
+                caches: tuple[Any, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
     graphdef, state = nnx.split(self.blocks)
     updated = []
     for i, cache in enumerate(caches):
-      x_BE, cache = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)).decode(x_BE, cache)
+      x, cache = step(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), x, cache)
       updated.append(cache)
-    return x_BE, tuple(updated)
+    return x, tuple(updated)
 
 
 class LM(nnx.Module):
@@ -219,6 +232,25 @@ class LM(nnx.Module):
       layers.append(layer_cache)
     last_BE = jnp.take_along_axis(x, jnp.maximum(lengths_B - 1, 0)[:, None, None], axis=1)[:, 0]
     return self._logits(last_BE), LMCache(tuple(layers), lengths_B)
+
+  def extend(self, tokens_BT: jax.Array, cache: LMCache, valid_B: jax.Array) -> tuple[jax.Array, LMCache]:
+    """One piece of a chunked prefill: tokens at positions lengths[b]..., the first valid[b] of them real (rows
+    with valid[b] <= 0 keep their cache): (logits [B, V] float32 at each row's last real token of the piece, the
+    advanced cache). Pieces in order equal one prefill over their concatenation."""
+    T = tokens_BT.shape[1]
+    missing = sorted({type(stack.blocks.mixer).__name__ for stack in self.stacks
+                      if not hasattr(stack.blocks.mixer, "extend")})
+    if missing:
+      raise ValueError(f"chunked prefill (prefill_chunk) needs every mixer to continue a cache from a partial "
+                       f"prompt (an `extend` method); {missing} cannot")
+    valid_B = jnp.clip(jnp.asarray(valid_B, jnp.int32), 0, T)
+    x = self._embed(tokens_BT, cache.lengths_B[:, None] + jnp.arange(T, dtype=jnp.int32))
+    layers = []
+    for stack, layer_cache in zip(self.stacks, cache.layers):
+      x, layer_cache = stack.extend(x, layer_cache, valid_B)
+      layers.append(layer_cache)
+    last_BE = jnp.take_along_axis(x, jnp.maximum(valid_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return self._logits(last_BE), LMCache(tuple(layers), cache.lengths_B + valid_B)
 
   def decode(self, tokens_B: jax.Array, cache: LMCache) -> tuple[jax.Array, LMCache]:
     """One token per row at position lengths[b]: (logits [B, V] float32, the advanced cache)."""
