@@ -18,6 +18,7 @@ same distribution as numpy's sequential `choice(replace=False, p=p)` that Zoolog
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -97,8 +98,11 @@ def multiquery_ar(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs
   return inputs.astype(np.int32), labels.astype(np.int32)
 
 
+@functools.lru_cache(maxsize=4)
 def build(config: MQARDataConfig, seed: int, split: str) -> MQARData:
-  """The train or test mixture: every setting generated with its own seed, padded to the longest length."""
+  """The train or test mixture: every setting generated with its own seed, padded to the longest length.
+  Kept for the next call with the same arguments (read-only arrays): a sweep's runs share their data, which
+  takes seconds to draw, as long as compiling their step."""
   settings = config.train if split == "train" else config.test
   if not settings:
     raise ValueError(f"data.mqar.{split}: no settings")
@@ -112,7 +116,10 @@ def build(config: MQARDataConfig, seed: int, split: str) -> MQARData:
     inputs.append(np.pad(x, ((0, 0), (0, pad))))
     labels.append(np.pad(y, ((0, 0), (0, pad)), constant_values=IGNORE))
     which.append(np.full(s.num_examples, i, np.int32))
-  return MQARData(np.concatenate(inputs), np.concatenate(labels), np.concatenate(which), tuple(settings))
+  arrays = [np.concatenate(inputs), np.concatenate(labels), np.concatenate(which)]
+  for a in arrays:
+    a.flags.writeable = False
+  return MQARData(*arrays, tuple(settings))
 
 
 def setting_name(s: MQARSetting) -> str:
