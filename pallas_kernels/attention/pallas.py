@@ -7,6 +7,9 @@ sum l and the unnormalised output in float32 (online softmax); it writes O and l
 Backward (recomputation, no T×S matrix in memory): dQ programs loop over key blocks; dK/dV programs own a key
 block of one kv head and loop over the query heads of its GQA group and the query blocks that see it, so repeated
 K/V are never materialised. delta = rowsum(dO ⊙ O) comes from XLA.
+Packed documents (segment ids): each pass also reads, per owned block, the [lo, hi) blocks that hold its
+documents (documents.py, computed in the wrapper) and loops over their intersection with the causal/window range,
+so tiles of other documents are never loaded or computed.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, G = H / K, D head dim.
 The kernels see 2-D [rows, D] refs cut by pallas_kernels/common/layout.py.
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.attention import documents
 from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common.layout import Layout, round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
@@ -92,13 +97,22 @@ def _k_positions(k_start, cols: int):
   return k_start + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, *, mask: MaskSpec, block_k: int):
+def _within_documents(lo, hi, range_ref):
+  """[lo, hi) narrowed to the blocks that hold this block's documents (a [1, 2] tile of documents.py's ranges)."""
+  if range_ref is None:
+    return lo, hi
+  lo = jnp.maximum(lo, range_ref[0, 0])
+  return lo, jnp.maximum(lo, jnp.minimum(hi, range_ref[0, 1]))
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, range_ref, o_ref, lse_ref, *, mask: MaskSpec,
+                block_k: int):
   block_q = q_ref.shape[0]
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]
   q_pos = _q_positions(mask, q_start, block_q)
   q_seg = _q_segments(q_seg_ref, 0, block_q)
-  lo, hi = mask.kv_block_range(q_start, block_q, block_k)
+  lo, hi = _within_documents(*mask.kv_block_range(q_start, block_q, block_k), range_ref)
 
   def body(j, carry):
     m, l, acc = carry  # running max and sum are [block_q, 1] columns
@@ -136,7 +150,7 @@ def _dscores(p, dp, delta, capped, mask: MaskSpec):
   return ds * mask.scale
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                mask: MaskSpec, block_k: int):
   block_q = q_ref.shape[0]
   q_start = pl.program_id(2) * block_q
@@ -144,7 +158,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
   precision = exact_precision(q.dtype)
   q_pos = _q_positions(mask, q_start, block_q)
   q_seg = _q_segments(q_seg_ref, 0, block_q)
-  lo, hi = mask.kv_block_range(q_start, block_q, block_k)
+  lo, hi = _within_documents(*mask.kv_block_range(q_start, block_q, block_k), range_ref)
 
   def body(j, dq):
     k_start = j * block_k
@@ -160,8 +174,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                mask: MaskSpec, block_q: int, group: int, layout: Layout):
+def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, mask: MaskSpec, block_q: int, group: int, layout: Layout):
   """q_ref/do_ref: the kv head's G query heads, all rows; lse_ref/delta_ref: [G, T, 1]; k/v/dk/dv: [block_k, D]."""
   block_k = k_ref.shape[0]
   k_start = pl.program_id(2) * block_k
@@ -169,7 +183,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delt
   precision = exact_precision(k.dtype)
   k_pos = _k_positions(k_start, block_k)
   k_seg = _k_segments(k_seg_ref, 0, block_k)
-  lo, hi = mask.q_block_range(k_start, block_k, block_q)
+  lo, hi = _within_documents(*mask.q_block_range(k_start, block_k, block_q), range_ref)
   num_q_blocks = hi - lo
 
   def body(i, carry):
@@ -223,8 +237,28 @@ class _Plan:
     return [pl.BlockSpec((None, q_rows, 1), lambda *g: (*q_index(*g), 0)),
             pl.BlockSpec((None, 1, k_cols), lambda *g: (k_index(*g)[0], 0, k_index(*g)[1]))]
 
+  def range_spec(self, index):
+    """The [1, 2] tile of document block ranges [B, blocks, 1, 2] of the program's block (batch, block)."""
+    return pl.BlockSpec((None, None, 1, 2), lambda *g: (*index(*g), 0, 0)) if self.has_segments else None
 
-def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
+
+class _Ranges(NamedTuple):
+  """Document block ranges (documents.py) of each pass: key blocks per query block for the forward and dQ,
+  query blocks per key block for dK/dV."""
+  fwd: jax.Array
+  dq: jax.Array
+  dkv: jax.Array
+
+  @classmethod
+  def for_blocks(cls, ids_BT, ids_BS, blocks: BlockSizes, t_pad: int, s_pad: int) -> "_Ranges":
+    keys = lambda bq, bk: documents.block_ranges(ids_BT, ids_BS, own_block=bq, other_block=bk,
+                                                 num_own_blocks=t_pad // bq)
+    return cls(fwd=keys(blocks.block_q, blocks.block_k), dq=keys(blocks.block_q_dq, blocks.block_k_dq),
+               dkv=documents.block_ranges(ids_BS, ids_BT, own_block=blocks.block_k_dkv,
+                                          other_block=blocks.block_q_dkv, num_own_blocks=s_pad // blocks.block_k_dkv))
+
+
+def _forward(plan: _Plan, q, k, v, q_seg, k_seg, ranges: _Ranges | None):
   lay, bq, bk, g = plan.layout, plan.blocks.block_q, plan.blocks.block_k, plan.group
   batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
   grid = (batch, plan.heads, t_pad // bq)
@@ -234,14 +268,15 @@ def _forward(plan: _Plan, q, k, v, q_seg, k_seg):
   return plan.call(
       kernel, grid=grid,
       in_specs=[q_tile, kv_tile, kv_tile,
-                *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0))],
+                *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0)),
+                plan.range_spec(lambda b, h, i: (b, i))],
       out_specs=[q_tile, pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, plan.heads, t_pad, 1), jnp.float32)],
-      name="flash_attention_fwd")(q, k, v, q_seg, k_seg)
+      name="flash_attention_fwd")(q, k, v, q_seg, k_seg, None if ranges is None else ranges.fwd)
 
 
-def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
+def _backward(plan: _Plan, q, k, v, q_seg, k_seg, ranges: _Ranges | None, do, lse, delta):
   lay, g = plan.layout, plan.group
   batch, t_pad, s_pad, d = q.shape[0], lay.seq_len(q), lay.seq_len(k), q.shape[-1]
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
@@ -252,9 +287,9 @@ def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
       functools.partial(_dq_kernel, mask=plan.mask, block_k=bk), grid=(batch, plan.heads, t_pad // bq),
       in_specs=[q_tile, kv_tile, kv_tile,
                 *plan.segment_specs(bq, s_pad, lambda b, h, i: (b, i), lambda b, h, i: (b, 0)),
-                q_tile, row_stat, row_stat],
+                plan.range_spec(lambda b, h, i: (b, i)), q_tile, row_stat, row_stat],
       out_specs=q_tile, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      name="flash_attention_dq")(q, k, v, q_seg, k_seg, do, lse, delta)
+      name="flash_attention_dq")(q, k, v, q_seg, k_seg, None if ranges is None else ranges.dq, do, lse, delta)
 
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
   group_tile = lay.tile(t_pad, d, g, lambda b, h, j: (b, h, 0))
@@ -265,36 +300,36 @@ def _backward(plan: _Plan, q, k, v, q_seg, k_seg, do, lse, delta):
       grid=(batch, plan.kv_heads, s_pad // bk),
       in_specs=[group_tile, k_tile, k_tile,
                 *plan.segment_specs(t_pad, bk, lambda b, h, j: (b, 0), lambda b, h, j: (b, j)),
-                group_tile, group_stat, group_stat],
+                plan.range_spec(lambda b, h, j: (b, j)), group_tile, group_stat, group_stat],
       out_specs=[k_tile, k_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      name="flash_attention_dkv")(q, k, v, q_seg, k_seg, do, lse, delta)
+      name="flash_attention_dkv")(q, k, v, q_seg, k_seg, None if ranges is None else ranges.dkv, do, lse, delta)
   return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan: _Plan, q, k, v, q_seg, k_seg):
-  return _forward(plan, q, k, v, q_seg, k_seg)
+def _attention(plan: _Plan, q, k, v, q_seg, k_seg, ranges):
+  return _forward(plan, q, k, v, q_seg, k_seg, ranges)
 
 
-def _attention_fwd(plan, q, k, v, q_seg, k_seg):
-  o, lse = _forward(plan, q, k, v, q_seg, k_seg)
-  return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
+def _attention_fwd(plan, q, k, v, q_seg, k_seg, ranges):
+  o, lse = _forward(plan, q, k, v, q_seg, k_seg, ranges)
+  return (o, lse), (q, k, v, q_seg, k_seg, ranges, o, lse)
 
 
-def _backward_from_residuals(plan: _Plan, q, k, v, q_seg, k_seg, o, lse, do, dlse):
+def _backward_from_residuals(plan: _Plan, q, k, v, q_seg, k_seg, ranges, o, lse, do, dlse):
   """dq, dk, dv from the forward's o and lse (row statistics as [B, H, T, 1] columns) and the cotangents."""
   # d lse / d logits = P, so an lse cotangent enters exactly like a shift of delta.
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
   if not plan.layout.heads_major:
     delta = jnp.swapaxes(delta, 1, 2)  # row statistics are [B, H, T, 1] columns in both layouts
-  return _backward(plan, q, k, v, q_seg, k_seg, do, lse, delta[..., None] - dlse)
+  return _backward(plan, q, k, v, q_seg, k_seg, ranges, do, lse, delta[..., None] - dlse)
 
 
 def _attention_bwd(plan, residuals, cotangents):
-  q, k, v, q_seg, k_seg, o, lse = residuals
-  dq, dk, dv = _backward_from_residuals(plan, q, k, v, q_seg, k_seg, o, lse, *cotangents)
-  return dq, dk, dv, None, None
+  q, k, v, q_seg, k_seg, ranges, o, lse = residuals
+  dq, dk, dv = _backward_from_residuals(plan, q, k, v, q_seg, k_seg, ranges, o, lse, *cotangents)
+  return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -302,8 +337,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, window_right, scale, softcap,
            block_sizes: BlockSizes | None, interpret: bool | None):
-  """The plan of one call, a function that pads and arranges [B, rows, heads, D] arrays for the kernels, and the
-  padded segment ids (None without segments)."""
+  """The plan of one call, a function that pads and arranges [B, rows, heads, D] arrays for the kernels, the
+  padded segment ids and the document block ranges (None without segments)."""
   target = Target.current(interpret)
   batch, q_len, heads, head_dim = q_BTHD.shape
   kv_len, kv_heads = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -318,16 +353,18 @@ def _setup(q_BTHD, k_BSKD, segment_ids, kv_segment_ids, *, causal, window, windo
     x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, d_pad - x.shape[3])))
     return target.layout.arrange(x)
 
-  q_seg = k_seg = None
+  q_seg = k_seg = ranges = None
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - q_len)))[:, :, None]
     k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - kv_len)))[:, None, :]
+    ranges = _Ranges.for_blocks(segment_ids, kv_segment_ids, blocks, t_pad, s_pad)
   mask = MaskSpec.for_call(q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal=causal, window=window,
                            window_right=window_right, scale=scale, softcap=softcap)
   plan = _Plan(mask=mask, blocks=blocks, target=target, heads=heads, kv_heads=kv_heads,
                has_segments=q_seg is not None)
-  return plan, functools.partial(prepare, rows=t_pad), functools.partial(prepare, rows=s_pad), q_seg, k_seg
+  return (plan, functools.partial(prepare, rows=t_pad), functools.partial(prepare, rows=s_pad), q_seg, k_seg,
+          ranges)
 
 
 def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window_right=None, segment_ids=None,
@@ -335,10 +372,10 @@ def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, causal=False, window=None, window
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None):
   """FlashAttention with the reference's semantics (pallas_kernels/attention/reference.py); inputs validated by
   api.py. Pads the sequence to whole blocks and, for Triton, the head dim to a power of two (>= 16)."""
-  plan, q_rows, kv_rows, q_seg, k_seg = _setup(
+  plan, q_rows, kv_rows, q_seg, k_seg, ranges = _setup(
       q_BTHD, k_BSKD, segment_ids, kv_segment_ids, causal=causal, window=window, window_right=window_right,
       scale=scale, softcap=softcap, block_sizes=block_sizes, interpret=interpret)
-  o, lse = _attention(plan, q_rows(q_BTHD), kv_rows(k_BSKD), kv_rows(v_BSKD), q_seg, k_seg)
+  o, lse = _attention(plan, q_rows(q_BTHD), kv_rows(k_BSKD), kv_rows(v_BSKD), q_seg, k_seg, ranges)
   q_len, head_dim = q_BTHD.shape[1], q_BTHD.shape[3]
   o = plan.layout.restore(o)[:, :q_len, :, :head_dim]
   return (o, lse[:, :, :q_len, 0]) if return_lse else o

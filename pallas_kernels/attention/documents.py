@@ -1,0 +1,48 @@
+"""Document-aware tile ranges for packed rows: which blocks of the other side hold a block's documents, so that a
+kernel never loads or computes the tiles in between (with 8 documents in a row, 7/8 of the tiles).
+
+Query t sees key s only if their segment ids are equal. Take the blocks of one side (the "own" rows: query blocks
+for the forward and dQ, key blocks for dK/dV) and the ids of the other side. If the other side's ids are sorted
+(non-decreasing) along the row, as a packing loader numbers its documents, the positions whose id lies in
+[min, max] of the block's ids form one run, from the first id >= min to the last id <= max, and every position
+the block can see is inside it: the range is exact whatever the block's own ids are. If the other side's ids are
+not sorted, documents may interleave and the row falls back to every block (the causal/window bounds still
+apply, and the element mask keeps it exact, at the masked-tile cost).
+
+The ranges are small int32 arrays [B, own blocks, 1, 2] computed with jnp in the wrapper; kernels read them as a
+[1, 2] input tile and intersect them with the causal/window block range (a [1, 2] tile is legal on TPU, Triton and
+interpret mode, where scalar prefetch is not available to the portable kernel).
+
+Letters: B batch, N own positions (padded to whole blocks), M the other side's positions, J own blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common.layout import cdiv
+
+
+def _edge_pad(ids_BN: jax.Array, length: int) -> jax.Array:
+  """Padding positions repeat the last id, so they never widen a block's [min, max]."""
+  return jnp.pad(ids_BN, ((0, 0), (0, length - ids_BN.shape[1])), mode="edge")
+
+
+def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
+                 num_own_blocks: int) -> jax.Array:
+  """[B, J, 1, 2] int32: for own block j, the [lo, hi) blocks of the other side (of `other_block` positions)
+  that hold every position whose id equals an id in block j; [0, all blocks) in rows whose other ids are unsorted.
+  J = num_own_blocks covers own_ids (the last blocks may be padding)."""
+  own_ids_BN, other_ids_BM = own_ids_BN.astype(jnp.int32), other_ids_BM.astype(jnp.int32)
+  batch, length = other_ids_BM.shape
+  blocks_BJC = _edge_pad(own_ids_BN, num_own_blocks * own_block).reshape(batch, num_own_blocks, own_block)
+  lo_id_BJ, hi_id_BJ = jnp.min(blocks_BJC, axis=2), jnp.max(blocks_BJC, axis=2)
+  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
+  first_BJ = find(other_ids_BM, lo_id_BJ, "left")  # first position with id >= the block's smallest id
+  stop_BJ = find(other_ids_BM, hi_id_BJ, "right")  # one past the last position with id <= its largest
+  lo_BJ, hi_BJ = first_BJ // other_block, cdiv(stop_BJ, other_block)
+  sorted_B1 = jnp.all(other_ids_BM[:, 1:] >= other_ids_BM[:, :-1], axis=1, keepdims=True)
+  lo_BJ = jnp.where(sorted_B1, lo_BJ, 0)
+  hi_BJ = jnp.where(sorted_B1, jnp.maximum(hi_BJ, lo_BJ), -(-length // other_block))
+  return jnp.stack([lo_BJ, hi_BJ], axis=-1)[:, :, None, :].astype(jnp.int32)
