@@ -19,9 +19,11 @@ from jaxlm.layers.base_conv import BaseConv, BaseConvConfig
 from jaxlm.layers.based import Based, BasedConfig
 from jaxlm.layers.h3 import H3, H3Config
 from jaxlm.layers.hyena import Hyena, HyenaConfig
+from jaxlm.layers.lolcats import Lolcats, LolcatsConfig
 
 # Ops whose implementation a model config may choose (pallas_kernels/<op>/api.py).
-OPS = ("attention", "attention_decode", "based", "based_decode", "long_conv", "short_conv", "monarch")
+OPS = ("attention", "attention_decode", "based", "based_decode", "long_conv", "short_conv", "monarch", "lolcats",
+       "lolcats_decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,8 @@ MIXERS: dict[str, MixerSpec] = {
     "base_conv": MixerSpec(BaseConvConfig, BaseConv, {"implementation": "short_conv"}),
     "h3": MixerSpec(H3Config, H3, {"implementation": "long_conv", "short_conv_implementation": "short_conv"}),
     "hyena": MixerSpec(HyenaConfig, Hyena, {"implementation": "long_conv", "short_conv_implementation": "short_conv"}),
+    "lolcats": MixerSpec(LolcatsConfig, Lolcats, {"implementation": "lolcats",
+                                                  "decode_implementation": "lolcats_decode"}),
 }
 
 

@@ -13,6 +13,8 @@ Counted in numbers (floats) per sequence, one layer at a time, for generation af
                                    modes per channel = N floats); Zoology's code counts only the second (N·d)
   Hyena            (order-1)·d·L    a long convolution keeps its whole input history (d·L at order 2; no
                                    recurrence)
+  LoLCATs          H·X·(D+1) + 2·K·D·min(w, L)   the linear state over X features and its normaliser, and the
+                                   keys and values of the softmax window
 
 Zoology reports the model total at the longest test length (`log_model`, zoology/logger.py) and multiplies by 4
 (float32 bytes) in `LanguageModel.state_size`; these functions return numbers, not bytes.
@@ -65,6 +67,15 @@ def based_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
   return state + (heads * expanded if config.normalize else 0)
 
 
+def lolcats_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
+  """H·X·(D+1) for the linear state over the feature width X, plus 2·K·D·min(window, L) for the ring of keys and
+  values in the softmax window."""
+  _positive("seq_len", seq_len)
+  kv_heads, head_dim = _attention_dims(config, d_model)
+  return (config.num_heads * config.feature_width() * (head_dim + 1)
+          + 2 * kv_heads * head_dim * min(config.window, seq_len))
+
+
 def base_conv_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
   """W·I: kernel taps times the width the convolution runs over (expand·d_model)."""
   del seq_len
@@ -90,6 +101,7 @@ STATE_SIZES: dict[str, Callable[..., int]] = {
     "base_conv": base_conv_state_size,
     "h3": h3_state_size,
     "hyena": hyena_state_size,
+    "lolcats": lolcats_state_size,
 }
 
 
