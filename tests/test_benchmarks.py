@@ -94,6 +94,9 @@ def test_visible_pairs_counts_the_reference_mask(name, seq_len):
     mask &= s <= t
   if shape.window is not None:
     mask &= t - s < shape.window
+  if shape.documents:
+    ids = attention.segment_ids(shape)
+    mask &= ids[:, None] == ids[None, :]
   assert attention.visible_pairs(shape) == mask.sum()
 
 
