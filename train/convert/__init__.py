@@ -1,0 +1,12 @@
+"""Converters between jaxlm run directories and other formats, one module per format, run as
+`python -m train.convert <subcommand> ...` (__main__.py lists the subcommands).
+
+  hf_config.py   Hugging Face config.json (Llama, Mistral, Qwen2) <-> our ModelConfig fields
+  hf_weights.py  safetensors shards <-> our parameter tree (placed shard by shard under a mesh)
+  hf_import.py   `hf-import`: a Hugging Face directory -> a run directory generate and training read
+  hf_export.py   `hf-export`: a run directory -> a Hugging Face directory transformers loads
+"""
+
+
+class ConvertError(ValueError):
+  """An input cannot be converted; the message names the file, key or value and why."""
