@@ -4,6 +4,7 @@
   python -m benchmarks based --impls reference pallas --peer fla:fused_chunk_based --modes fwd
   python -m benchmarks attention_decode --impls reference pallas     # GB/s against the device's copy rate
   python -m benchmarks long_conv --impls pallas reference             # GB/s against the copy rate, vs XLA's FFT
+  python -m benchmarks monarch --impls pallas xla                     # the Monarch MLP against the dense one
   python -m benchmarks matmul                                         # the bf16 8192³ matmul rate (a yardstick)
 
 Progress goes to stderr as rows complete; stdout ends with the table. Exit status 1 when a row failed with an
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-OPS = ("attention", "based", "attention_decode", "based_decode", "long_conv", "matmul")
+OPS = ("attention", "based", "attention_decode", "based_decode", "long_conv", "monarch", "matmul")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import attention, attention_decode, based, based_decode, harness, long_conv, matmul, report
+from benchmarks import attention, attention_decode, based, based_decode, harness, long_conv, matmul, monarch, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,13 +39,14 @@ def _table_rows(stdout: str) -> list[list[str]]:
     ("attention_decode", ["--impls", "reference", "pallas"]),
     ("based_decode", ["--impls", "reference", "pallas"]),
     ("long_conv", ["--impls", "reference", "pallas", "direct"]),
+    ("monarch", ["--impls", "reference", "pallas", "xla"]),
 ])
 def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
   result = _run_cli(op, "--shapes", "tiny", "--repeats", "2", *extra, out=tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = _table_rows(result.stdout)
   suite = {"attention": attention.SUITE, "based": based.SUITE, "attention_decode": attention_decode.SUITE,
-           "based_decode": based_decode.SUITE, "long_conv": long_conv.SUITE}[op]
+           "based_decode": based_decode.SUITE, "long_conv": long_conv.SUITE, "monarch": monarch.SUITE}[op]
   tiny = suite.shape_sets["tiny"]
   ours = [r for r in rows if r[0] == "reference"]
   assert {(r[1], r[2]) for r in ours} == {(s, m) for s in tiny for m in suite.modes}
@@ -61,6 +62,9 @@ def test_cli_prints_table_last_and_appends_json_lines(op, extra, tmp_path):
     assert all(float(r[4]) > 0 for r in rows if r[0] in ("pallas", "direct"))
     copy = {r[2]: r for r in rows if r[0] == "xla:copy"}
     assert float(copy["fwd"][4]) > 0 and copy["fwd_bwd"][6].startswith("unsupported")
+  if op == "monarch":  # the fused kernel and the XLA form timed beside the dense MLP, ratios against it
+    assert [r[5] for r in rows if r[0] == "xla:dense"] == ["1.00x"] * 2 * len(tiny)
+    assert all(float(r[4]) > 0 for r in rows if r[0] in ("pallas", "xla"))
 
   files = list(tmp_path.glob(f"{op}-*.jsonl"))
   assert len(files) == 1, files
@@ -136,6 +140,21 @@ def test_long_conv_bytes_count_the_signals():
   assert long_conv.long_conv_bytes(shape, "fwd_bwd", 2) == 7 * signal
   assert set(long_conv.SUITE.shape_sets["default"]) == {"B64-D768-L1024", "B16-D768-L4096", "B4-D768-L16384",
                                                          "B1-D768-L65536"}
+
+
+def test_monarch_flops_count_each_factor_entry_once_per_token():
+  """2 FLOPs per factor entry and token forward (every entry multiplies one value), 3x that with the gradients;
+  the dense MLP does 3.2x the forward's FLOPs at E 2048 nb4, 6.4x at nb8."""
+  for nblocks, dense_ratio in ((4, 3.2), (8, 6.4)):
+    shape = monarch.SHAPES[f"T16384-E2048-I8192-nb{nblocks}"]
+    inputs, out = monarch.array_shapes(shape)
+    assert inputs[0] == out == (16384, 2048)
+    fwd = monarch.monarch_mlp_flops(shape, "fwd")
+    assert fwd == 2 * shape.tokens * sum(np.prod(s) for s in inputs[1:5])
+    assert monarch.monarch_mlp_flops(shape, "fwd_bwd") == 3 * fwd
+    dense = 2 * shape.tokens * (np.prod(inputs[5]) + np.prod(inputs[6]))
+    assert dense / fwd == pytest.approx(dense_ratio)
+  assert len(monarch.SUITE.shape_sets["default"]) == 12  # tokens 16k, 64k; E 1024, 2048, 4096; nb 4, 8
 
 
 def test_brief_shapes_exist():
