@@ -80,3 +80,25 @@ def test_kernel_matches_reference(rng, case, implementation):
     assert np.all(np.asarray(g[:, t0 + 1:]) == 0), f"{name} leaks from the future"
     if length > window or name not in ("dfq", "dfk"):  # no linear term while every key is in the window
       assert np.any(np.asarray(g[:, :t0 + 1]) != 0), f"{name} is zero"
+
+
+# LoLCATs' own shapes (Llama 3 8B-like head: D 128, hedgehog F 64 -> X 128, window 64, GQA 4:1), long enough that
+# the linear state carries over many chunks; Triton only (interpret mode would take minutes).
+GPU_CASES = {
+    "llama_head_bf16": dict(B=2, T=1000, H=8, K=2, D=128, F=64, window=64, dtype=jnp.bfloat16),
+    "llama_head_f32": dict(B=1, T=515, H=4, K=1, D=128, F=64, window=64),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_kernel_matches_reference_gpu(rng, case):
+  args, window, dtype = _inputs(rng, **GPU_CASES[case])
+  length = args[0].shape[1]
+  cotangent = normal(rng, args[0].shape, jnp.float32)
+  grads, y = _grads(_kernel("pallas"), window, args, cotangent)
+  want_grads, want_y = _grads(ref.lolcats_quadratic, window, tuple(x.astype(jnp.float32) for x in args), cotangent)
+  assert_close(y, want_y, dtype=dtype, reduction_len=length, name="y", scale=2.0)
+  for name, g, w in zip(_NAMES, grads, want_grads):
+    n = length * (args[0].size // length if "factor" in name else 1)
+    assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
