@@ -6,7 +6,8 @@ wrapper zero-pads other head dims up to 128 to the next of them (head_dim.py say
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 
 Schedule. A CTA owns 2·block_q query rows of one (batch, head) and reads the key blocks [lo, hi) they can see
-(causal/window bounds; the other blocks are never loaded). It runs three warpgroups:
+(causal/window bounds and, with segment ids, the blocks that hold its documents, from documents.py; the other
+blocks are never loaded). It runs three warpgroups:
 
   producer  (wg 2)     TMA-loads K_j and V_j of the shared kv head (GQA: never repeated) into slot
                        (j - lo) % num_stages of a shared-memory ring; each load completes the slot's `k_ready` /
@@ -54,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention import documents
 from pallas_kernels.attention import head_dim as head_dims
 from pallas_kernels.attention import hopper_backward
 from pallas_kernels.attention.masking import LOG2E, MaskSpec
@@ -111,13 +113,17 @@ class _Plan:
     return mosaic.CONSUMERS * self.blocks.block_q
 
 
-def _key_blocks(plan: _Plan, q_start):
-  """(lo, full_lo, full_hi, hi): the CTA reads key blocks [lo, hi) and blocks [full_lo, full_hi) need no mask.
+def _key_blocks(plan: _Plan, q_start, doc_range=None):
+  """(lo, full_lo, full_hi, hi): the CTA reads key blocks [lo, hi) and blocks [full_lo, full_hi) need no mask;
+  doc_range: the (lo, hi) key blocks that hold the CTA's documents (documents.py), or None.
 
   [lo, hi) is never empty: a CTA whose rows see nothing still masks one block, so its rows come out 0 / -inf
   through the normal path. full_lo > lo: the first block always applies the mask (see _consumer)."""
   mask, bk, rows = plan.mask, plan.blocks.block_k, plan.rows
   lo, hi = mask.kv_block_range(q_start, rows, bk)
+  if doc_range is not None:
+    lo = jnp.maximum(lo, doc_range[0])
+    hi = jnp.maximum(lo, jnp.minimum(hi, doc_range[1]))
   lo = jnp.minimum(lo, plan.kv_blocks - 1)
   hi = jnp.maximum(hi, lo + 1)
   p_first = mask.q_offset + q_start  # position of the CTA's first row
@@ -322,22 +328,24 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
 
 
 def _kernel(*refs, plan: _Plan):
-  """refs: q, k, v, (q_ids, k_ids if segmented), o, lse, _Shared."""
+  """refs: q, k, v, (q_ids, k_ids, document ranges [B, q_blocks, 2] if segmented), o, lse, _Shared."""
   q_ref, k_ref, v_ref, *seg_refs = refs[:-3]
   o_ref, lse_ref, shared = refs[-3:]
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
-  q_start = (plan.q_blocks - 1 - lax.axis_index("q_blocks")) * plan.rows
-  cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), q_start, *_key_blocks(plan, q_start),
+  q_block = plan.q_blocks - 1 - lax.axis_index("q_blocks")
+  q_start, batch = q_block * plan.rows, lax.axis_index("batch")
+  doc_range = (seg_refs[2][batch, q_block, 0], seg_refs[2][batch, q_block, 1]) if seg_refs else None
+  cta = _Cta(batch, lax.axis_index("heads"), q_start, *_key_blocks(plan, q_start, doc_range),
              stages=plan.blocks.num_stages)
   mosaic.warp_specialized(lambda: _producer(plan, cta, k_ref, v_ref, shared),
                           lambda wg: _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared))
 
 
-def _forward(plan: _Plan, q, k, v, q_ids, k_ids):
-  """(o [B, T_pad, H, D], lse [B, H, T_pad]) from padded q [B, T_pad, H, D], k, v [B, S_pad, K, D] and segment
-  ids [B, T_pad], [B, S_pad] (or None)."""
+def _forward(plan: _Plan, q, k, v, q_ids, k_ids, ranges):
+  """(o [B, T_pad, H, D], lse [B, H, T_pad]) from padded q [B, T_pad, H, D], k, v [B, S_pad, K, D], segment
+  ids [B, T_pad], [B, S_pad] and the CTAs' document key-block ranges [B, q_blocks, 2] (or None)."""
   batch, t_pad = q.shape[:2]
-  segments = () if q_ids is None else (q_ids, k_ids)
+  segments = () if q_ids is None else (q_ids, k_ids, ranges)
   return mosaic.launch(
       functools.partial(_kernel, plan=plan), q, k, v, *segments, name="flash_attention_hopper_fwd",
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -373,9 +381,12 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
                dtype=jnp.dtype(q_BTHD.dtype), q_blocks=t_pad // rows, kv_blocks=s_pad // blocks.block_k,
                segmented=ids_BT is not None)
   pad = lambda x, n: x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  ranges = None
   if ids_BT is not None:
+    ranges = documents.block_ranges(ids_BT, ids_BS, own_block=rows, other_block=blocks.block_k,
+                                    num_own_blocks=plan.q_blocks)[:, :, 0]
     ids_BT, ids_BS = pad(ids_BT.astype(jnp.int32), t_pad), pad(ids_BS.astype(jnp.int32), s_pad)
-  o, lse = _forward(plan, pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), ids_BT, ids_BS)
+  o, lse = _forward(plan, pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), ids_BT, ids_BS, ranges)
   return o[:, :q_len], lse[:, :, :q_len]
 
 

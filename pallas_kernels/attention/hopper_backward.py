@@ -22,6 +22,8 @@ and two consumers (wg 0, 1) that each own 64 rows of the wgmma M dimension, load
          delta, and a float32 dQ accumulator, and walks the key blocks its CTA sees, streaming K_j, V_j (of the
          shared kv head: never repeated). Per step: S = Q·K_jᵀ with dP = dO·V_jᵀ, P, dS, dQ += dS·K_j.
 
+With segment ids, each CTA's streamed range is also narrowed to the blocks that hold its documents (documents.py's
+ranges, [B, CTAs, 2], read as two scalars), so tiles of other documents are never loaded.
 Blocks that every (row, key) pair of a consumer's tile sees whole skip the element mask (per consumer: the two
 warpgroups walk the same blocks but may mask different ones); the rest apply it (always with segment ids).
 The outputs are staged in the consumers' own (dead) input tiles and TMA-stored in the input dtype.
@@ -45,6 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention import documents
 from pallas_kernels.attention.masking import LOG2E, MaskSpec
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import cdiv, round_up
@@ -296,14 +299,23 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
   _store_own(plan, [(dk * plan.mask.scale, k_tile, dk_ref.at[own]), (dv, v_tile, dv_ref.at[own])])
 
 
+def _within_documents(lo, hi, seg_refs, batch, block):
+  """[lo, hi) narrowed to the CTA's document range (the third of seg_refs: [B, CTAs, 2]), if segmented."""
+  if not seg_refs:
+    return lo, hi
+  lo = jnp.maximum(lo, seg_refs[2][batch, block, 0])
+  return lo, jnp.maximum(lo, jnp.minimum(hi, seg_refs[2][batch, block, 1]))
+
+
 def _dkv_kernel(*refs, plan: _Plan):
-  """refs: q, k, v, do, lse2, delta, (q_ids, k_ids if segmented), dk, dv, _Shared."""
+  """refs: q, k, v, do, lse2, delta, (q_ids, k_ids, document query-block ranges if segmented), dk, dv, _Shared."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-3]
   dk_ref, dv_ref, sh = refs[-3:]
   bq, group = plan.blocks.block_q_dkv, plan.group
-  start = lax.axis_index("k_blocks") * mosaic.CTA_ROWS
-  cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), start,
-             *plan.mask.q_block_range(start, mosaic.CTA_ROWS, bq))
+  block, batch = lax.axis_index("k_blocks"), lax.axis_index("batch")
+  start = block * mosaic.CTA_ROWS
+  cta = _Cta(batch, lax.axis_index("heads"), start,
+             *_within_documents(*plan.mask.q_block_range(start, mosaic.CTA_ROWS, bq), seg_refs, batch, block))
   n_blocks = cta.hi - cta.lo
 
   def rows(n):  # step n: query head g of the group, query block i
@@ -378,14 +390,16 @@ def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
 
 
 def _dq_kernel(*refs, plan: _Plan):
-  """refs: q, k, v, do, lse2, delta, (q_ids, k_ids if segmented), dq, _Shared."""
+  """refs: q, k, v, do, lse2, delta, (q_ids, k_ids, document key-block ranges if segmented), dq, _Shared."""
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_refs = refs[:-2]
   dq_ref, sh = refs[-2:]
   bk, rows = plan.blocks.block_k_dq, mosaic.CTA_ROWS
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
-  start = (plan.t_pad // rows - 1 - lax.axis_index("q_blocks")) * rows
+  block, batch = plan.t_pad // rows - 1 - lax.axis_index("q_blocks"), lax.axis_index("batch")
+  start = block * rows
   head = lax.axis_index("heads")
-  cta = _Cta(lax.axis_index("batch"), head, start, *plan.mask.kv_block_range(start, rows, bk))
+  cta = _Cta(batch, head, start, *_within_documents(*plan.mask.kv_block_range(start, rows, bk), seg_refs, batch,
+                                                    block))
   kv_head = lax.div(head, plan.group)
   keys = lambda n: (cta.batch, pl.ds((cta.lo + n) * bk, bk), kv_head)
 
@@ -427,16 +441,22 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
   lse2_BHT = jnp.where(lse_BHT == -jnp.inf, jnp.inf, lse_BHT.astype(jnp.float32) * LOG2E)
   args = (pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), pad(do_BTHD, t_pad),
           pad(lse2_BHT, t_pad, axis=2, value=jnp.inf), pad(delta_BHT, t_pad, axis=2))
+  dq_args = dkv_args = args
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     args += (pad(segment_ids.astype(jnp.int32), t_pad), pad(kv_segment_ids.astype(jnp.int32), s_pad))
+    # Per CTA of 128 rows: key blocks (dQ) and query blocks (dK/dV) that hold its documents, [B, CTAs, 2].
+    ranges = lambda own, other, step, length: documents.block_ranges(
+        own, other, own_block=cta_rows, other_block=step, num_own_blocks=length // cta_rows)[:, :, 0]
+    dq_args = args + (ranges(segment_ids, kv_segment_ids, blocks.block_k_dq, t_pad),)
+    dkv_args = args + (ranges(kv_segment_ids, segment_ids, blocks.block_q_dkv, s_pad),)
 
-  dq = mosaic.launch(functools.partial(_dq_kernel, plan=plan), *args, name="flash_attention_hopper_dq",
+  dq = mosaic.launch(functools.partial(_dq_kernel, plan=plan), *dq_args, name="flash_attention_hopper_dq",
                      out_type=jax.ShapeDtypeStruct(args[0].shape, plan.dtype),
                      scratch=_shared_types(plan, blocks.block_k_dq),
                      grid=dict(heads=heads, q_blocks=t_pad // cta_rows, batch=batch))
   kv_type = jax.ShapeDtypeStruct(args[1].shape, plan.dtype)
-  dk, dv = mosaic.launch(functools.partial(_dkv_kernel, plan=plan), *args, name="flash_attention_hopper_dkv",
+  dk, dv = mosaic.launch(functools.partial(_dkv_kernel, plan=plan), *dkv_args, name="flash_attention_hopper_dkv",
                          out_type=(kv_type, kv_type), scratch=_shared_types(plan, blocks.block_q_dkv),
                          grid=dict(heads=kv_heads, k_blocks=s_pad // cta_rows, batch=batch))
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]

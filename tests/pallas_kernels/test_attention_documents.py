@@ -4,7 +4,8 @@ The ranges (documents.py) cover every same-document pair and, for sorted ids, ar
 reference in outputs, lse and all three gradients for ragged and equal-length documents, a document spanning many
 tiles, many documents in one tile, and non-contiguous ids (the masked fallback), with causal, window and GQA;
 and tiles of other documents are never computed: NaNs planted in another document's whole tiles do not reach a
-document's outputs or gradients (a masked tile would still multiply 0 by NaN).
+document's outputs or gradients (a masked tile would still multiply 0 by NaN). The same checks run the Hopper
+kernels on an sm90 GPU (marked gpu); on CPU they lower for sm90 in test_attention_hopper.py.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim, J blocks.
 """
@@ -14,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import documents, pallas
+from pallas_kernels.attention import api, documents, pallas
 from pallas_kernels.attention import reference as ref
+from tests.pallas_kernels.test_attention_hopper import _on_sm90
 from tests.pallas_kernels.test_attention_kernel import _check_against_reference
 from tests.tolerances import assert_close, normal
 
@@ -82,27 +84,59 @@ def test_packed_documents_match_reference(rng, case):
   _check_against_reference(rng, kernel_fn, case)
 
 
-def test_tiles_of_other_documents_are_never_computed(rng):
-  """Documents on tile boundaries, [0, 32) and [32, 80): every q, k, v, and output cotangent of the second is NaN.
-  The first document's outputs, lse and gradients stay finite and equal the reference run on it alone, so no
-  tile of the second was computed for it (a masked tile multiplies its P = 0 by V = NaN)."""
-  B, T, H, K, D, first = 1, 80, 2, 1, 32, 32
-  ids = _ids([[first, T - first]])
-  q, k, v = normal(rng, (B, T, H, D)), normal(rng, (B, T, K, D)), normal(rng, (B, T, K, D))
-  d_out = normal(rng, (B, T, H, D))
+def _never_computes_other_documents(rng, attention, *, first: int, length: int, dtype):
+  """Documents on tile boundaries, [0, first) and [first, length): every q, k, v, and output cotangent of the second
+  is NaN. The first document's outputs, lse and gradients stay finite and equal the reference run on it alone, so
+  no tile of the second was computed for it (a masked tile multiplies its P = 0 by V = NaN)."""
+  B, H, K, D = 1, 2, 1, 64 if dtype != jnp.float32 else 32
+  ids = _ids([[first, length - first]])
+  q, k, v = (normal(rng, (B, length, h, D), dtype) for h in (H, K, K))
+  d_out = normal(rng, (B, length, H, D))
   poison = lambda x: x.at[:, first:].set(jnp.nan)
 
   def outputs_and_grads(attention, q, k, v, d_out, **options):
     def loss(q, k, v):
       out, lse = attention(q, k, v, return_lse=True, **options)
-      return jnp.sum(out * d_out), (out, lse)
+      return jnp.sum(out.astype(jnp.float32) * d_out), (out, lse)
     grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return out, lse, grads
 
-  got = outputs_and_grads(lambda *a, **kw: pallas.flash_attention(*a, block_sizes=BLOCKS, **kw),
-                          poison(q), poison(k), poison(v), poison(d_out), causal=False, segment_ids=ids)
+  got = outputs_and_grads(attention, poison(q), poison(k), poison(v), poison(d_out), causal=False, segment_ids=ids)
   cut = lambda x: x[:, :first]
-  want = outputs_and_grads(ref.attention, cut(q), cut(k), cut(v), cut(d_out), causal=False)
+  upcast = lambda x: cut(x).astype(jnp.float32)
+  want = outputs_and_grads(ref.attention, upcast(q), upcast(k), upcast(v), cut(d_out), causal=False)
   for name, g, w in zip(("out", "dq", "dk", "dv"), (got[0], *got[2]), (want[0], *want[2])):
-    assert_close(cut(g), w, dtype=jnp.float32, reduction_len=first, name=name, scale=4.0)
-  assert_close(got[1][:, :, :first], want[1], dtype=jnp.float32, reduction_len=first, name="lse")
+    assert_close(cut(g), w, dtype=dtype, reduction_len=first, name=name, scale=4.0)
+  assert_close(got[1][:, :, :first], want[1], dtype=dtype, reduction_len=first, name="lse")
+
+
+def test_tiles_of_other_documents_are_never_computed(rng):
+  _never_computes_other_documents(rng, lambda *a, **kw: pallas.flash_attention(*a, block_sizes=BLOCKS, **kw),
+                                  first=32, length=80, dtype=jnp.float32)
+
+
+# The Hopper kernels' CTAs own 128 rows and stream 128 (forward) or 64 (backward) keys: documents at this scale.
+GPU_CASES = {
+    "ragged_causal_gqa": dict(causal=True, T=700, S=700, H=8, K=2, ids=[[3, 60, 5, 1, 400, 131, 100], [700]]),
+    "eight_equal_window": dict(causal=True, window=100, T=1024, S=1024, ids=[[128] * 8, [128] * 8]),
+    "ragged_suffix_queries": dict(causal=True, T=300, S=700, ids=[[3, 60, 5, 1, 400, 131, 100]] * 2),
+    "noncontiguous_noncausal": dict(T=300, S=300, ids="unsorted"),
+}
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_hopper_packed_documents_match_reference(rng, case):
+  case = dict(GPU_CASES[case])
+  ids, T = case.pop("ids"), case["T"]
+  kv_ids = _unsorted(rng, 2, case["S"]) if ids == "unsorted" else _ids(ids)
+  case.update(D=128, dtype=jnp.bfloat16, segment_ids=kv_ids[:, kv_ids.shape[1] - T:], kv_segment_ids=kv_ids)
+  _check_against_reference(rng, lambda *a, **kw: api.attention(*a, implementation="hopper", **kw), case)
+
+
+@pytest.mark.gpu
+@_on_sm90
+def test_hopper_never_computes_other_documents(rng):
+  _never_computes_other_documents(rng, lambda *a, **kw: api.attention(*a, implementation="hopper", **kw),
+                                  first=256, length=640, dtype=jnp.bfloat16)
