@@ -1,6 +1,13 @@
 """Prefill and decode timing of a model (`python -m jaxlm.generate --benchmark`): milliseconds to prefill, tokens
-per second to decode, device-synchronised after a warm-up, at each requested batch; `max` is the largest 64·2^k
-batch whose compiled programs fit the device's memory, found from their memory analysis without running them.
+per second to decode, device-synchronised after a warm-up, at each requested batch and setting (prompt length +
+new tokens: SETTINGS, or --prompt-len/--new-tokens), with the decode step's memory roofline: the bytes a step
+moves (weights once, caches and states read and written per row, logits), the bandwidth that implies, and its
+fraction of the device's HBM rate (a table by device kind) and of the same run's device copy rate.
+
+`max` is the largest batch whose weights, caches and per-row activations fit the device's memory with a margin
+(roofline.py gives the formula), then checked against the compiled programs' memory analysis without running
+them. With --prefill-chunk the prompt is prefilled that many tokens per row at a time, so prefill activations
+are bounded by the piece and the cache (or state) decides the batch.
 
 Letters: B batch, T prompt length, V vocabulary.
 """
@@ -11,25 +18,30 @@ import argparse
 import functools
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlm.generate import decode_loop, prefill
+from jaxlm.generate import decode_loop, prefill, roofline
 from jaxlm.models import LM
 from jaxlm.sampling import SamplingConfig
 
+# Named (prompt length, new tokens) settings: the issue's 1024 + 1024, and long generations from short prompts,
+# where a constant-size state pays most (LoLCATs measures prompt 128, 4096 new tokens).
+SETTINGS = {"1024+1024": (1024, 1024), "128+2048": (128, 2048), "128+4096": (128, 4096)}
 
-def benchmark(model: LM, *, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, seed: int = 0
-              ) -> dict[str, float]:
+
+def benchmark(model: LM, *, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, seed: int = 0,
+              prefill_chunk: int | None = None) -> dict[str, float]:
   """Prefill time and decode throughput on random prompts, after a warm-up call compiles both."""
   prompt_BT = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, model.config.vocab_size)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
   graphdef, state = nnx.split(model)
   run_prefill = functools.partial(prefill, graphdef, state, prompt_BT, lengths_B,
-                                  max_length=prompt_len + new_tokens)
+                                  max_length=prompt_len + new_tokens, chunk=prefill_chunk)
   run_decode = functools.partial(decode_loop, graphdef, state, max_new_tokens=new_tokens,
                                  sampling=SamplingConfig(0.0), stop_tokens=(), pad_id=0)
   prefill_s, decode_s = [], []
@@ -43,17 +55,20 @@ def benchmark(model: LM, *, batch: int, prompt_len: int, new_tokens: int, repeat
     del logits_BV, cache
   prefill_s, decode_s = prefill_s[1:], decode_s[1:]
   prefill_t, decode_t = float(np.median(prefill_s)), float(np.median(decode_s))
+  # The loop runs new_tokens - 1 forward passes (the last token needs none): the roofline's steps.
   return dict(prefill_ms=1e3 * prefill_t, decode_s=decode_t, decode_tokens_per_s=batch * new_tokens / decode_t,
-              decode_ms_per_step=1e3 * decode_t / new_tokens)
+              decode_ms_per_step=1e3 * decode_t / max(new_tokens - 1, 1))
 
 
-def peak_bytes(model: LM, *, batch: int, prompt_len: int, new_tokens: int) -> int:
+def peak_bytes(model: LM, *, batch: int, prompt_len: int, new_tokens: int, prefill_chunk: int | None = None
+               ) -> int:
   """Device bytes that prefill and the decode loop need at once at most (weights, caches, temporaries), from the
   compiled programs' memory analysis: no run, so the largest batch is found without running out of memory."""
   graphdef, state = nnx.split(model)
   prompt_BT = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
   lengths_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  lowered_prefill = prefill.lower(graphdef, state, prompt_BT, lengths_B, max_length=prompt_len + new_tokens)
+  lowered_prefill = prefill.lower(graphdef, state, prompt_BT, lengths_B, max_length=prompt_len + new_tokens,
+                                  chunk=prefill_chunk)
   logits_BV, cache = lowered_prefill.out_info
   lowered_decode = decode_loop.lower(graphdef, state, logits_BV, cache, jax.random.key(0), max_new_tokens=new_tokens,
                          sampling=SamplingConfig(0.0), stop_tokens=(), pad_id=0)
@@ -72,35 +87,84 @@ def device_bytes() -> int:
   return int(stats["bytes_limit"])
 
 
-def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float]) -> None:
+class BatchSizes(NamedTuple):
+  """The terms of the --batch max formula, in bytes (roofline.py)."""
+  weights: int  # W: parameters (and their compute-dtype copies)
+  fixed: int  # max(W, the compiled programs' batch-independent part)
+  cache: int  # C: one row's cache
+  activations: int  # A: one row's activations, the programs' per-row growth less C
+
+
+def batch_sizes(model: LM, *, prompt_len: int, new_tokens: int, prefill_chunk: int | None = None,
+                batches: tuple[int, int] = (8, 16)) -> BatchSizes:
+  """W and C from the shapes; A and the fixed part from the larger compiled program's peak at two small batches
+  (a line through them: its slope per row less C, its intercept)."""
+  small, large = batches
+  kw = dict(prompt_len=prompt_len, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+  peak_small, peak_large = peak_bytes(model, batch=small, **kw), peak_bytes(model, batch=large, **kw)
+  slope = int(np.ceil((peak_large - peak_small) / (large - small)))
+  weights = roofline.weight_bytes(model)
+  cache = roofline.cache_bytes_per_row(model, prompt_len + new_tokens)
+  return BatchSizes(weights, max(weights, peak_small - small * slope), cache, max(slope - cache, 0))
+
+
+def largest_fitting_batch(model: LM, args: argparse.Namespace) -> int:
+  """roofline.largest_batch from batch_sizes, then stepped down (by 64, or 8 below 64) while the compiled
+  programs would not fit the device's memory less half the margin."""
+  kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
+  limit = device_bytes()
+  sizes = batch_sizes(model, **kw)
+  batch = roofline.largest_batch(limit, sizes.fixed, sizes.cache + sizes.activations)
+  print(f"batch max: ({1 - roofline.MARGIN:.2f} x {limit / 2**30:.2f} GiB - fixed {sizes.fixed / 2**30:.3f} GiB "
+        f"(weights {sizes.weights / 2**30:.3f})) / (cache {sizes.cache / 2**20:.3f} MiB + activations "
+        f"{sizes.activations / 2**20:.3f} MiB per row) -> {batch}", flush=True)
+  while batch > 0:
+    need = peak_bytes(model, batch=batch, **kw)
+    print(f"batch {batch}: the compiled programs need {need / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB", flush=True)
+    if need <= (1 - roofline.MARGIN / 2) * limit:
+      break
+    batch -= 64 if batch > 64 else 8
+  return batch
+
+
+def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float],
+            bandwidth: dict[str, float | None]) -> None:
+  chunk = f" in pieces of {args.prefill_chunk}" if args.prefill_chunk else ""
   print(f"{name} on {jax.devices()[0].device_kind}, batch {batch}, {model.config.dtype}: prefill "
-        f"{args.prompt_len} tokens {stats['prefill_ms']:.1f} ms; decode {args.new_tokens} tokens "
+        f"{args.prompt_len} tokens{chunk} {stats['prefill_ms']:.1f} ms; decode {args.new_tokens} tokens "
         f"{stats['decode_tokens_per_s']:.1f} tokens/s ({stats['decode_ms_per_step']:.2f} ms/step)", flush=True)
+  moved = roofline.decode_step_bytes(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+  rate = moved["total"] / (stats["decode_ms_per_step"] / 1e3)
+  fractions = [f"{100 * rate / bandwidth[key]:.0f}% of the {label} {bandwidth[key] / 1e9:.0f} GB/s"
+               for key, label in (("peak", "data sheet's"), ("copy", "measured copy rate")) if bandwidth[key]]
+  print(f"  roofline: {moved['total'] / 1e6:.1f} MB per decode step (weights {moved['weights'] / 1e6:.1f}, caches "
+        f"{moved['caches'] / 1e6:.1f}, logits {moved['logits'] / 1e6:.1f}) -> {rate / 1e9:.1f} GB/s = "
+        + ", ".join(fractions), flush=True)
 
 
-def _largest_batch(model: LM, start: int, args: argparse.Namespace) -> int:
-  """Doubles the batch from `start` while the compiled programs fit the device's memory (with 5% to spare for
-  fragmentation)."""
-  limit, fitted, batch = 0.95 * device_bytes(), 0, start
-  while True:
-    need = peak_bytes(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-    if need > limit:
-      print(f"largest batch that fits: {fitted} (batch {batch} needs {need / 2**30:.1f} GiB of "
-            f"{limit / 2**30:.1f} GiB)", flush=True)
-      return fitted
-    fitted, batch = batch, 2 * batch
+def measure_bandwidth() -> dict[str, float | None]:
+  """The data sheet's HBM rate for this device kind (None if unknown) and a copy rate measured now."""
+  stats = jax.devices()[0].memory_stats() or {}
+  size = min(1 << 30, stats["bytes_limit"] // 16) if "bytes_limit" in stats else 64 << 20
+  copy = roofline.copy_rate(size)
+  peak = roofline.peak_bandwidth(jax.devices()[0].device_kind)
+  print(f"device {jax.devices()[0].device_kind}: copy rate {copy / 1e9:.1f} GB/s (x + 1 over {size / 2**20:.0f} MiB)"
+        + (f", data sheet {peak / 1e9:.0f} GB/s" if peak else ", no data-sheet rate for this kind"), flush=True)
+  return dict(peak=peak, copy=copy)
 
 
 def run_benchmarks(model: LM, args: argparse.Namespace) -> None:
-  """Each requested batch in turn; 'max' is the largest power-of-two multiple of 64 that fits the device."""
+  """Each requested setting, each requested batch in turn ('max': roofline.largest_batch, checked)."""
   name = os.path.basename(args.run or args.config or args.checkpoint)
-  largest = 0
-  for batch in args.batch:
-    if batch == "max":
-      batch = _largest_batch(model, max(64, 2 * largest), args)
-      if batch == 0:
-        raise SystemExit("--batch max: not even batch 64 fits the device")
-    stats = benchmark(model, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                      repeats=args.repeats, seed=args.seed)
-    _report(name, model, batch, args, stats)
-    largest = max(largest, batch)
+  bandwidth = measure_bandwidth()
+  settings = [SETTINGS[s] for s in args.setting] if args.setting else [(args.prompt_len, args.new_tokens)]
+  for prompt_len, new_tokens in settings:
+    args.prompt_len, args.new_tokens = prompt_len, new_tokens
+    for batch in args.batch:
+      if batch == "max":
+        batch = largest_fitting_batch(model, args)
+        if batch == 0:
+          raise SystemExit("--batch max: not even batch 8 fits the device")
+      stats = benchmark(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
+                        seed=args.seed, prefill_chunk=args.prefill_chunk)
+      _report(name, model, batch, args, stats, bandwidth)

@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from jaxlm.generate import generate, init_model, pad_prompts
+from jaxlm.generate.benchmark import SETTINGS
 from jaxlm.models import ModelConfig, load_preset
 from jaxlm.models.config import load_model_config
 from jaxlm.sampling import SamplingConfig
@@ -149,16 +150,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (and the random init's)")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="override the config's compute dtype")
   p.add_argument("--benchmark", action="store_true", help="time prefill and decode on random prompts")
+  p.add_argument("--prefill-chunk", type=int, default=None,
+                 help="prefill the prompt this many tokens per row at a time (memory bounded by the piece)")
   p.add_argument("--batch", nargs="+", default=["1"], type=_batch_arg,
-                 help="benchmark batch sizes; 'max': the largest 64·2^k whose compiled programs fit the device")
+                 help="benchmark batch sizes; 'max': the largest that fits the device (jaxlm/generate/roofline.py)")
   p.add_argument("--prompt-len", type=int, default=1024)
   p.add_argument("--new-tokens", type=int, default=1024)
+  p.add_argument("--setting", nargs="+", choices=tuple(SETTINGS),
+                 help="benchmark settings (prompt length + new tokens), run in turn; replace --prompt-len/--new-tokens")
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args(argv)
   if not args.benchmark and not args.prompt:
     p.error("give --prompt TEXT (or --benchmark)")
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if args.prefill_chunk is not None and args.prefill_chunk < 1:
+    p.error(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
   return args
 
 
@@ -188,7 +195,7 @@ def _generate(args: argparse.Namespace) -> None:
   prompt_BT, lengths_B = pad_prompts(prompts)
   out = generate(model, prompt_BT, lengths_B, max_new_tokens=args.max_new_tokens,
                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p), stop_tokens=stop,
-                 seed=args.seed)
+                 seed=args.seed, prefill_chunk=args.prefill_chunk)
   tokens_BN, num_B = np.asarray(out.tokens_BN), np.asarray(out.num_tokens_B)
   for i, (text, row, n) in enumerate(zip(args.prompt, tokens_BN, num_B), 1):
     print(f"[sample {i}/{len(args.prompt)}: {n} new tokens]")

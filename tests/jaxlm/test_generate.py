@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 
 from jaxlm.checkpoint import load_params, save_params
-import jaxlm.generate.benchmark as generate_benchmark
 from jaxlm.generate import generate, pad_prompts
 from jaxlm.generate.cli import main
 from jaxlm.models import LM, load_preset
@@ -132,18 +131,7 @@ def test_cli_generates_from_a_tiny_config():
 
 def test_cli_benchmark_reports_prefill_and_decode(capsys):
   main(["--config", "transformer-tiny", "--benchmark", "--batch", "2", "3", "--prompt-len", "8", "--new-tokens",
-        "4", "--repeats", "1"])
+        "4", "--repeats", "1", "--prefill-chunk", "3"])
   out = capsys.readouterr().out
-  assert "batch 2," in out and "batch 3," in out and "prefill 8 tokens" in out and "tokens/s" in out
-
-
-def test_cli_batch_max_is_the_largest_batch_that_fits(monkeypatch, capsys):
-  """--batch max doubles from 64 while the compiled programs fit: fake device memory, real memory analysis."""
-  model = LM(load_preset("transformer-tiny"), rngs=nnx.Rngs(0))
-  need = {b: generate_benchmark.peak_bytes(model, batch=b, prompt_len=8, new_tokens=4) for b in (64, 128)}
-  assert need[128] > need[64] > 0
-  monkeypatch.setattr(generate_benchmark, "device_bytes", lambda: (need[64] + need[128]) // 2)
-  main(["--config", "transformer-tiny", "--benchmark", "--batch", "1", "max", "--prompt-len", "8", "--new-tokens",
-        "4", "--repeats", "1"])
-  out = capsys.readouterr().out
-  assert "largest batch that fits: 64 (batch 128 needs" in out and "batch 64," in out and "batch 1," in out
+  assert "batch 2," in out and "batch 3," in out and "prefill 8 tokens in pieces of 3" in out and "tokens/s" in out
+  assert "copy rate" in out and out.count("MB per decode step") == 2 and "of the measured copy rate" in out
