@@ -182,3 +182,29 @@ def test_mesh_import_places_parameters_sharded(tmp_path):
                                                               "shard": [2, 16, 32]}
   assert placement["stacks/0/blocks/mlp/down/kernel"]["shard"] == [2, 36, 16]
   _assert_logits_close(np.array(result["logits"]), _hf_logits(hf, tokens), "mesh import")
+
+
+def test_train_config_import_is_a_run_training_resumes(tmp_path, capsys):
+  """--train-config writes a step-0 training run; `python -m train` on its config.yaml resumes it, so with a zero
+  learning rate its next checkpoint still holds exactly the imported model (a fresh init would not)."""
+  from jaxlm.checkpoint import load_params
+  from train.__main__ import main as train_main
+  hf = _hf_model("gqa_tied", seed=4)
+  hf.save_pretrained(tmp_path / "hf")
+  mqar = "[{seq_len: 16, num_kv_pairs: 2, num_examples: 16}]"
+  overrides = [f"data.mqar.vocab_size={VOCAB}", f"data.mqar.train={mqar}", f"data.mqar.test={mqar}", "batch_size=4",
+               "steps=1", "compute_dtype=float32", "optim.lr=0.0", "log.progress=none", "log.tensorboard=false",
+               "eval_batches=1"]
+  config_path = tmp_path / "train.yaml"
+  config_path.write_text("name: hf_finetune\n")
+  run = tmp_path / "run"
+  assert convert_main(["hf-import", "--hf", str(tmp_path / "hf"), "--out", str(run), "--train-config",
+                       str(config_path), *overrides]) == 0
+  assert yaml.safe_load((run / "config.yaml").read_text())["run_dir"] == str(run)
+  assert train_main(["--config", str(run / "config.yaml")]) == 0
+  assert sorted(os.listdir(run / "checkpoints")) == ["0", "1"]
+  assert "resumed from step 0" in capsys.readouterr().out
+  model = import_hf(str(tmp_path / "hf"), str(tmp_path / "plain"))
+  assert load_params(model, str(run)) == 1
+  tokens = np.random.default_rng(1).integers(0, VOCAB, (2, T))
+  _assert_logits_close(np.asarray(model(jnp.asarray(tokens))), _hf_logits(hf, tokens), "trained run")
