@@ -19,12 +19,13 @@ The largest batch (`--batch max`):
 
   need(B) = W + B·(C + A) <= (1 - margin)·M,   so   B_max = floor(((1 - margin)·M - W) / (C + A))
 
-with W the parameter bytes (plus their compute-dtype copies when the dtypes differ), C the cache bytes per row
-(from init_cache's shapes at the run's max_length), A the activation bytes per row of the larger of the two
-programs (prefill, or one prefill piece when chunked, and the decode loop): the growth of XLA's memory analysis
-(temporaries and outputs other than the cache) between two small batches, per row, since fusion decides what
-is materialised. M is the device's memory limit, margin 10% for fragmentation and the runtime. B_max is rounded
-down to a multiple of 64 (of 8 below 64).
+with C the cache bytes per row (from init_cache's shapes at the run's max_length), W the larger of the parameter
+bytes (plus their compute-dtype copies when the dtypes differ) and the compiled programs' batch-independent
+part, and A the activation bytes per row of the larger of the two programs (prefill, or one prefill piece when
+chunked, and the decode loop). A and the fixed part come from a line through XLA's memory analysis of the
+programs at two small batches (its slope less C, its intercept), since fusion decides what is materialised.
+M is the device's memory limit, margin 10% for fragmentation and the runtime. B_max is rounded down to a
+multiple of 64 (of 8 below 64); jaxlm/generate/benchmark.py then checks the programs compiled at B_max.
 
 Letters: B batch, V vocabulary, S cache slots.
 """
