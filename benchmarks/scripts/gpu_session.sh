@@ -4,6 +4,8 @@
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT
+#   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
+#   new_tests           the new kernels' GPU tests: attention (documents, head dims, Hopper), monarch, lolcats
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
 set -o pipefail
@@ -27,6 +29,17 @@ step() {
                 tests/pallas_kernels/test_long_conv_kernel.py tests/pallas_kernels/test_long_conv_layers.py \
                 tests/jaxlm/test_mixers_recurrent.py > $OUT/long_conv_tests.log 2>&1
               grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/long_conv_tests.log | tail -25 ;;
+    new_bench)
+      timeout 150 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
+        | tail -24 | tee $OUT/attention_documents_bench.log
+      timeout 120 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
+        | tail -16 | tee $OUT/monarch_bench.log ;;
+    new_tests) timeout 300 python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu \
+                 tests/pallas_kernels/test_attention_documents.py tests/pallas_kernels/test_attention_head_dims.py \
+                 tests/pallas_kernels/test_attention_hopper.py tests/pallas_kernels/test_monarch_kernel.py \
+                 tests/pallas_kernels/test_lolcats_kernel.py > $OUT/new_tests.log 2>&1
+               grep -E " PASSED| FAILED| ERROR" $OUT/new_tests.log | sed 's/.*\] //' | awk '{print $1}' | sort | uniq -c
+               grep -E "FAILED|ERROR" $OUT/new_tests.log | head -30 ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;
