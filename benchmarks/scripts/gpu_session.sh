@@ -23,18 +23,18 @@ sweep() {  # $1 sweep name, $2 seconds
 }
 step() {
   case "$1" in
-    lc_bench) timeout 200 python3 -m benchmarks long_conv --impls pallas reference direct 2>&1 \
+    lc_bench) timeout 120 python3 -m benchmarks long_conv --impls pallas reference direct 2>&1 \
                 | tail -30 | tee $OUT/long_conv_bench.log ;;
     lc_tests) timeout 240 python3 -m pytest -v -p no:xdist -p no:cacheprovider -m gpu \
                 tests/pallas_kernels/test_long_conv_kernel.py tests/pallas_kernels/test_long_conv_layers.py \
                 tests/jaxlm/test_mixers_recurrent.py > $OUT/long_conv_tests.log 2>&1
               grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/long_conv_tests.log | tail -25 ;;
     new_bench)
-      timeout 150 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
+      timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
         | tail -24 | tee $OUT/attention_documents_bench.log
-      timeout 120 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
+      timeout 80 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
         | tail -16 | tee $OUT/monarch_bench.log ;;
-    new_tests) timeout 300 python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu \
+    new_tests) timeout 270 python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu \
                  tests/pallas_kernels/test_attention_documents.py tests/pallas_kernels/test_attention_head_dims.py \
                  tests/pallas_kernels/test_attention_hopper.py tests/pallas_kernels/test_monarch_kernel.py \
                  tests/pallas_kernels/test_lolcats_kernel.py > $OUT/new_tests.log 2>&1
