@@ -10,10 +10,11 @@ processes never joined), 128 + N stopped by signal N after saving a checkpoint."
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from train import distributed
+from train import distributed, overlap
 from train.config import ConfigError, load_config
 
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
   parser.add_argument("--config", help="a YAML training config (configs/mqar/*.yaml, configs/train/*.yaml)")
   parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 steps=100")
+  parser.add_argument("--overlap", action="store_true",
+                      help="add XLA's GPU flags that overlap collectives with compute (train/overlap.py) "
+                           "[JAXLM_OVERLAP=1]")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   try:
@@ -29,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, ValueError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  # jax's backends start only once the config is known to be valid; joining the other processes comes first
+  # jax's backends start only once the config is known to be valid; XLA_FLAGS and joining the others come first
+  if args.overlap or os.environ.get("JAXLM_OVERLAP") == "1":
+    overlap.apply()
   try:
     distributed.initialize(cluster, force=config.mesh.distributed)
   except Exception as e:  # jax raises its runtime error type for a coordinator that never answers
