@@ -4,7 +4,8 @@ FSDP gathers each layer's weights before its matmuls and reduce-scatters its gra
 may run those collectives between the matmuls instead of beside them. These flags ask the GPU compiler to schedule
 them asynchronously behind compute (the latency-hiding scheduler), to start the next scanned layer's gathers and
 the previous layer's reductions one loop iteration early (pipelined collectives, double-buffered while loops),
-and to batch small collectives into fewer large ones. They are the set public JAX GPU stacks recommend for FSDP.
+to reduce accumulated gradients after the micro-batch loop rather than in it, and to batch small collectives into
+fewer large ones. They are the set public JAX GPU stacks recommend for FSDP.
 
 Opt-in and untimed here: issue 21 measures them on the multi-GPU machines. Every flag below exists in jaxlib
 0.10.2's XLA; a jaxlib that dropped one refuses to start ("Unknown flags in XLA_FLAGS"), which names it. XLA
@@ -23,6 +24,9 @@ GPU_FLAGS: tuple[str, ...] = (
   "--xla_gpu_enable_pipelined_reduce_scatter=true",
   "--xla_gpu_enable_pipelined_all_reduce=true",
   "--xla_gpu_enable_while_loop_double_buffering=true",
+  # Gradient accumulation: the micro-batch scan's body reduce-scatters each micro-batch's gradients (seen in the
+  # compiled CPU program); this lets XLA hoist the reduce-scatter out of the loop, once per step.
+  "--xla_gpu_enable_while_loop_reduce_scatter_code_motion=true",
   f"--xla_gpu_all_gather_combine_threshold_bytes={COMBINE_BYTES}",
   f"--xla_gpu_reduce_scatter_combine_threshold_bytes={COMBINE_BYTES}",
   f"--xla_gpu_all_reduce_combine_threshold_bytes={COMBINE_BYTES}",
