@@ -15,9 +15,10 @@ processes there are and which one it is, by CLI flags (`python -m train --coordi
 Left unset, the address, count and id fall to jax's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU).
 
 A dead peer: the coordination service misses its heartbeats and, after the heartbeat timeout, every other
-process is terminated with an error naming the missing task, instead of waiting forever in a collective; a
-collective whose peer's socket closed fails sooner. `initialization_timeout` bounds the wait at start-up for a
-process that never comes.
+process is terminated (SIGABRT) with an error saying a task died, instead of waiting forever in a collective.
+Nothing else ends that wait: on CPU a gloo collective whose peer was killed still blocks until the heartbeat
+timeout (tests/train/test_multiprocess.py fails with jax's 100 s default). The init timeout bounds the wait at
+start-up for a process that never comes (or a coordinator that never answers).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from train import run_dir as run_dir_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, TrainConfig
 from train.data import Data, EvalSet, build_data
-from train.data.loader import to_global
+from train.data.loader import process_rows, to_global
 from train.logs import RunLog
 from train.mesh import batch_axis_size, make_mesh, maybe_initialize_distributed
 from train.models import ModelSpec, build_model
@@ -61,6 +61,15 @@ def _check_batch(config: TrainConfig, mesh) -> None:
   eval_bs = config.eval_batch_size or config.batch_size
   if eval_bs % shards:
     raise ConfigError(f"eval_batch_size: {eval_bs} must be a multiple of data x fsdp = {shards}")
+  hosts, p = jax.process_count(), jax.process_index()
+  if hosts > 1:  # each process reads the p-th share of every batch: its devices must hold exactly those rows
+    for name, size in (("batch_size", config.batch_size), ("eval_batch_size", eval_bs)):
+      share, held = size // hosts, process_rows(mesh, size)
+      if held != (p * share, (p + 1) * share):
+        raise ConfigError(f"mesh: {dict(mesh.shape)} over {hosts} processes gives process {p} rows "
+                          f"{list(held) if held else 'in several blocks'} of a "
+                          f"{name} of {size}, not its share [{p * share}, {(p + 1) * share}); keep `tensor` "
+                          f"within a process's devices so data x fsdp splits over the processes")
 
 
 def _gather(tree: Any) -> Any:

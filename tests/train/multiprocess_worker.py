@@ -25,7 +25,7 @@ distributed.initialize(CLUSTER)  # before any backend exists
 import jax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from train.config import load_config  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
 from train.data import EvalSet  # noqa: E402
 from train.data.loader import RowLoader  # noqa: E402
 from train.logs import read_metrics  # noqa: E402
@@ -91,9 +91,18 @@ def main() -> None:
   result: dict = dict(process_index=pid, process_count=jax.process_count(), devices=jax.device_count(),
                       local_devices=jax.local_device_count())
   run_dir = os.path.join(out, role)
+  if role == "peer":  # tensor across the processes: each would have to hold whole batches; refused by name
+    try:
+      train(config(os.path.join(out, "tensor8"), STEPS, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"))
+    except ConfigError as e:
+      result["tensor_across_processes"] = str(e)
   summary = train(config(run_dir))
+  state_dir = os.path.join(run_dir, "checkpoints", "2", "state")
   result["full"] = dict(reads=take_reads(), losses=losses(run_dir) if pid == 0 else None,
-                        eval_loss=summary["eval/test/loss"])
+                        eval_loss=summary["eval/test/loss"],
+                        # orbax: each process writes the shards it holds into a folder of its own
+                        shard_files={d: len(os.listdir(os.path.join(state_dir, d, "d"))) for d in
+                                     os.listdir(state_dir) if d.startswith("ocdbt.process_")})
   if role == "peer":
     # Resume from step 2 of a checkpoint every process wrote: process 0 drops step 4 and the log, all wait.
     if pid == 0:

@@ -107,14 +107,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert reference["devices"] == 8 and reference["process_count"] == 1
   for p, peer in enumerate(peers):
     assert (peer["process_index"], peer["process_count"], peer["devices"], peer["local_devices"]) == (p, 2, 8, 4)
-
-  # Losses: the same arithmetic up to the order of cross-device sums.
-  expected = reference["full"]["losses"]
-  assert len(expected) == 4 and expected["4"] < expected["1"]
-  np.testing.assert_allclose([peers[0]["full"]["losses"][s] for s in expected], list(expected.values()),
-                             rtol=2e-5, atol=0)
-  np.testing.assert_allclose(peers[0]["full"]["eval_loss"], reference["full"]["eval_loss"], rtol=2e-5)
-  assert peers[1]["full"]["eval_loss"] == peers[0]["full"]["eval_loss"]  # every process sees the gathered result
+    assert f"gives process {p} rows [0, 16] of a batch_size of 16" in peer.get("tensor_across_processes", ""), peer
 
   # Data: process p read exactly the p-th half of each batch the one-process run read, nothing else.
   for phase, steps in (("full", range(4)), ("resume", range(2, 4))):
@@ -132,7 +125,17 @@ def test_two_processes_train_like_one(tmp_path):
   assert [len(b) for b in expected_eval] == [8, 8]  # 12 rows: the second batch is padded
   assert [a + b for a, b in zip(*(peer["full"]["reads"]["eval"] for peer in peers))] == expected_eval
 
+  # Losses: the same arithmetic up to the order of cross-device sums.
+  expected = reference["full"]["losses"]
+  assert len(expected) == 4 and expected["4"] < expected["1"]
+  np.testing.assert_allclose([peers[0]["full"]["losses"][s] for s in expected], list(expected.values()),
+                             rtol=2e-5, atol=0)
+  np.testing.assert_allclose(peers[0]["full"]["eval_loss"], reference["full"]["eval_loss"], rtol=2e-5)
+  assert peers[1]["full"]["eval_loss"] == peers[0]["full"]["eval_loss"]  # every process sees the gathered result
+
   # Checkpoint: written by both processes at step 2, restored into the same (2, 2, 2) layout, steps 3 and 4 again.
+  files = peers[0]["full"]["shard_files"]
+  assert sorted(files) == ["ocdbt.process_0", "ocdbt.process_1"] and min(files.values()) > 0, files
   resumed = peers[0]["resume"]
   assert resumed["checkpoints"] == ["2", "4"]
   assert resumed["losses"] == {s: peers[0]["full"]["losses"][s] for s in ("3", "4")}

@@ -52,6 +52,15 @@ class RowLoader:
     return self.read_rows(np.sort(rows[process_index * share:(process_index + 1) * share]))
 
 
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int] | None:
+  """[start, stop) of a batch's rows that this process's devices hold (the rows it must supply), None if they
+  are not one block. `host_batch` reads the process_index-th equal share, which is right when the mesh gives each
+  process one block of the batch axes (jax.make_mesh does, while `tensor` stays within a process)."""
+  indices = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((batch_size,)).values()
+  rows = sorted({r for (s,) in indices for r in range(*s.indices(batch_size))})
+  return (rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
+
+
 def batch_spec(ndim: int, micro: bool) -> P:
   return P(None, BATCH_AXES, *([None] * (ndim - 1))) if micro else P(BATCH_AXES, *([None] * (ndim - 1)))
 
