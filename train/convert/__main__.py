@@ -3,6 +3,7 @@ only when that subcommand runs (so one converter's dependencies never load for a
 
   hf-import   Hugging Face Llama/Mistral/Qwen2 directory -> run directory   (train/convert/hf_import.py)
   hf-export   run directory -> Hugging Face directory                       (train/convert/hf_export.py)
+  gguf-import llama.cpp GGUF file (Llama) -> run directory, via hf-import     (train/convert/gguf_import.py)
   monarch     dense -> Monarch projections                                  (train/convert/monarch.py)
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "hf-import": "train.convert.hf_import",
     "hf-export": "train.convert.hf_export",
+    "gguf-import": "train.convert.gguf_import",
     "monarch": "train.convert.monarch",
 }
 
