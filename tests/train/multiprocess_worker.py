@@ -96,13 +96,14 @@ def main() -> None:
       train(config(os.path.join(out, "tensor8"), STEPS, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"))
     except ConfigError as e:
       result["tensor_across_processes"] = str(e)
-  summary = train(config(run_dir))
+  summary = train(config(run_dir, STEPS, *(["checkpoint.enabled=false"] if role == "reference" else [])))
   state_dir = os.path.join(run_dir, "checkpoints", "2", "state")
   result["full"] = dict(reads=take_reads(), losses=losses(run_dir) if pid == 0 else None,
                         eval_loss=summary["eval/test/loss"],
                         # orbax: each process writes the shards it holds into a folder of its own
                         shard_files={d: len(os.listdir(os.path.join(state_dir, d, "d"))) for d in
-                                     os.listdir(state_dir) if d.startswith("ocdbt.process_")})
+                                     os.listdir(state_dir) if d.startswith("ocdbt.process_")}
+                        if role == "peer" else None)
   if role == "peer":
     # Resume from step 2 of a checkpoint every process wrote: process 0 drops step 4 and the log, all wait.
     if pid == 0:

@@ -7,6 +7,7 @@ into the same layout and the resumed steps repeat the uninterrupted ones exactly
 other process fails within the heartbeat timeout instead of hanging. Workers: tests/train/multiprocess_worker.py.
 """
 
+import argparse
 import json
 import os
 import signal
@@ -16,11 +17,16 @@ import sys
 import time
 
 import numpy as np
+import pytest
+
+from train import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "train", "multiprocess_worker.py")
 PROCESSES = 2
-HEARTBEAT_S = 5  # a dead peer fails the others after this many seconds without its heartbeat
+# A dead peer fails the others after this many seconds without its heartbeat; not lower, so that a live process
+# starved of CPU on a busy 2-core machine is not declared dead.
+HEARTBEAT_S = 10
 DEADLINE_S = 300  # the whole test; no wait below is unbounded
 
 
@@ -145,3 +151,21 @@ def test_two_processes_train_like_one(tmp_path):
   assert end["returncode"] not in (0, 3), end
   assert "another task died" in end["log"] or "unhealthy" in end["log"], end["log"]
   assert end["seconds"] < HEARTBEAT_S + 30
+
+
+def test_cluster_from_flags_and_environment():
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
+         "JAX_LOCAL_DEVICE_IDS": "0,1", "JAXLM_HEARTBEAT_TIMEOUT_S": "7"}
+  cluster = distributed.cluster_from(None, env)
+  assert cluster == distributed.Cluster("10.0.0.1:8476", 4, 3, (0, 1), 0, distributed.DEFAULT_INIT_TIMEOUT_S, 7)
+  assert cluster.requested and not distributed.cluster_from(None, {}).requested
+  parser = argparse.ArgumentParser()
+  distributed.add_arguments(parser)
+  args = parser.parse_args(["--process-id", "1", "--cpu-devices", "2", "--init-timeout", "9"])
+  flagged = distributed.cluster_from(args, env)  # a flag wins over its variable; the rest still come from env
+  assert (flagged.process_id, flagged.num_processes, flagged.cpu_devices, flagged.init_timeout_s) == (1, 4, 2, 9)
+  for bad, match in (({"JAX_PROCESS_ID": "one"}, "JAX_PROCESS_ID='one'"),
+                     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "process_id must be in"),
+                     ({"JAX_COORDINATOR_ADDRESS": "localhost"}, "host:port")):
+    with pytest.raises(ValueError, match=match):
+      distributed.cluster_from(None, bad)
