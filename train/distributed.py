@@ -17,8 +17,8 @@ Left unset, the address, count and id fall to jax's cluster detection (SLURM, Op
 A dead peer: the coordination service misses its heartbeats and, after the heartbeat timeout, every other
 process is terminated (SIGABRT) with an error saying a task died, instead of waiting forever in a collective.
 Nothing else ends that wait: on CPU a gloo collective whose peer was killed still blocks until the heartbeat
-timeout (tests/train/test_multiprocess.py fails with jax's 100 s default). The init timeout bounds the wait at
-start-up for a process that never comes (or a coordinator that never answers).
+timeout (run with jax's 100 s default, tests/train/test_multiprocess.py sees the survivor still waiting 35 s
+after the kill). The init timeout bounds the wait at start-up for a process that never comes (or a coordinator that never answers).
 """
 
 from __future__ import annotations
