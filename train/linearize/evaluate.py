@@ -9,6 +9,7 @@ exp(mean token cross-entropy) over the eval split of a prepared data directory, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -24,14 +25,18 @@ from train.linearize.finetune import token_loss
 from train.linearize.models import load_run
 
 
+@functools.lru_cache(maxsize=8)
+def _loss_sums(graph: nnx.GraphDef, loss_chunk: int):
+  """The jitted (state, batch) -> (summed loss, tokens), one per model structure: the stages' models share it."""
+  return jax.jit(lambda state, batch: token_loss(nnx.merge(graph, state), batch["inputs"], batch["labels"],
+                                                 loss_chunk))
+
+
 def perplexity(model, eval_set: EvalSet, batch_size: int, batches: int = 0, loss_chunk: int = 0) -> dict:
   """loss (mean nats per labelled token), perplexity and the token count over the first `batches` batches (0: all)."""
   graph, state = nnx.split(model)
-
-  @jax.jit
-  def sums(state, batch):
-    return token_loss(nnx.merge(graph, state), batch["inputs"], batch["labels"], loss_chunk)
-
+  state = jax.device_put(state, jax.devices()[0])  # committed, as the batches are
+  sums = _loss_sums(graph, loss_chunk)
   total, tokens = 0.0, 0.0
   for _, host in eval_set.batches(batch_size, batches):
     loss_sum, count = sums(state, device_batch(host))

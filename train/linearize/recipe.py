@@ -147,7 +147,12 @@ def linearize(config: LinearizeConfig, stage: str = "all") -> dict[str, Any]:
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):  # refused before any training
       raise ConfigError(f"out: {run_dir} already holds checkpoints; choose a new directory")
   log = _Log(config.out)
-  summary: dict[str, Any] = dict(teacher=config.teacher, out=config.out, stage=stage)
+  summary: dict[str, Any] = dict(teacher=config.teacher, out=config.out)
+  previous = os.path.join(config.out, "summary.json")
+  if stage == "lora" and os.path.isfile(previous):  # keep what the stage-1 run recorded
+    with open(previous) as f:
+      summary = {**json.load(f), **summary}
+  summary["stage"] = stage
   save_linearize_config(config, os.path.join(config.out, "linearize.yaml"))
   try:
     if stage in ("all", "transfer"):
