@@ -79,10 +79,25 @@ def imported(tmp_path_factory):
   return model, theirs, load_tokenizer(str(root / "run" / "tokenizer.json")), root / "run"
 
 
+@pytest.fixture(scope="module")
+def hf_dir(imported):
+  return imported[3].parent / "hf"
+
+
 def _their_logits(model, tokens: np.ndarray) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.numpy()
+
+
+@smollm2
+def test_dequantised_weights_equal_transformers_bit_for_bit(imported, hf_dir):
+  """Our dequantiser (the gguf package) and un-permutation against transformers' own: the same float32 bits."""
+  from safetensors.numpy import load_file
+  ours, theirs = load_file(str(hf_dir / "model.safetensors")), imported[1].state_dict()
+  assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied: transformers lists the head, the file does not
+  for name, w in ours.items():
+    np.testing.assert_array_equal(w, theirs[name].numpy(), err_msg=name)
 
 
 @smollm2
