@@ -147,6 +147,8 @@ def test_lora_merge_equals_unmerged_forward():
 
 def test_bad_settings_name_the_key(teacher_and_data, tmp_path):
   base = ["teacher=t", "out=o", "data.path=d"]
+  config = load_linearize_config(CONFIG, base)  # a stage's optim is read over that stage's defaults
+  assert (config.lora.optim.lr, config.lora.optim.b2, config.transfer.optim.weight_decay) == (1e-3, 0.999, 0.0)
   with pytest.raises(ConfigError, match=r"^lolcats\.num_heads"):
     load_linearize_config(CONFIG, [*base, "lolcats.num_heads=2"])
   with pytest.raises(ConfigError, match=r"^lora\.targets"):

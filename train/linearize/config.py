@@ -110,6 +110,11 @@ def load_linearize_config(path: str | None, overrides: list[str] | tuple[str, ..
     apply_override(data, override)
   if isinstance(data.get("lolcats"), dict):
     data["lolcats"] = {**LOLCATS_DEFAULTS, **data["lolcats"]}
+  # A stage's `optim:` is read over that stage's defaults (LoLCATs' betas, lr, no decay), not OptimConfig's.
+  for stage, default in (("transfer", TransferConfig().optim), ("lora", LoraStageConfig().optim)):
+    section = data.get(stage)
+    if isinstance(section, dict) and isinstance(section.get("optim"), dict):
+      section["optim"] = {**to_dict(default), **section["optim"]}
   return check(from_dict(LinearizeConfig, data))
 
 
