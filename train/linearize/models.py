@@ -88,10 +88,6 @@ def student_from_teacher(teacher: LM, lolcats: dict[str, Any], seed: int) -> LM:
   return student
 
 
-def teacher_graphdef(teacher: LM) -> nnx.GraphDef:
-  return nnx.split(teacher)[0]
-
-
 def copy_tokenizer(src_run: str, dst_run: str) -> None:
   path = os.path.join(src_run, "tokenizer.json")
   if os.path.isfile(path):
