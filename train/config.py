@@ -59,6 +59,11 @@ class MQARDataConfig:
   power_a: float = 0.01  # query-gap power law exponent
   random_non_queries: bool = True  # fill non-query slots with random tokens instead of 0
 
+  def __post_init__(self):
+    # Tuples, so that a config is hashable (the built data is cached per config: train/data/mqar.py).
+    object.__setattr__(self, "train", tuple(self.train))
+    object.__setattr__(self, "test", tuple(self.test))
+
 
 @dataclasses.dataclass(frozen=True)
 class TextDataConfig:

@@ -242,6 +242,17 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
   assert "ended before its result was recorded" in log.getvalue()
   assert [line["name"] for line in read_results(out)] == [based, attention]
 
+  # A line written before a setting existed counts it at its default; at another value it is a change.
+  lines = [json.loads(r) for r in raw]
+  for line in lines:
+    del line["config"]["loss_chunk"]
+  with open(os.path.join(out, RESULTS), "w") as f:
+    f.write("".join(json.dumps(line) + "\n" for line in lines))
+  assert run_sweep(load_sweep(SMOKE, out_dir=out), on_step=lambda *_: pytest.fail("trained again"),
+                   stream=io.StringIO()) == 0
+  with pytest.raises(ConfigError, match=r"\(loss_chunk: 0 -> 8\)"):
+    run_sweep(load_sweep(SMOKE, out_dir=out, overrides=("loss_chunk=8",)), stream=io.StringIO())
+
   # A finished run with other settings is not silently reused.
   with pytest.raises(ConfigError, match=r"^based-L32_kv4-d16-lr3\.0e-03: finished .*\(steps: 24 -> 8\)"):
     run_sweep(load_sweep(SMOKE, out_dir=out, budget="tiny"), stream=io.StringIO())

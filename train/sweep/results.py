@@ -66,8 +66,12 @@ def check_same_config(line: dict[str, Any], config: TrainConfig) -> None:
   """ConfigError naming the keys when a finished run's line was made with other settings than `config`."""
   old = _flat({k: v for k, v in line.get("config", {}).items() if k not in UNCOMPARED})
   new = _flat({k: v for k, v in json.loads(json.dumps(to_dict(config))).items() if k not in UNCOMPARED})
-  changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)]
+  # A key one side lacks (a setting added to TrainConfig after the line was written) counts as its default,
+  # which is what the older run used.
+  defaults = _flat(json.loads(json.dumps(to_dict(TrainConfig()))))
+  value = lambda side, k: side.get(k, defaults.get(k, "(unset)"))
+  changed = [f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in sorted(set(old) | set(new))
+             if value(old, k) != value(new, k)]
   if changed:
     raise ConfigError(f"{line['name']}: finished in {RESULTS} with other settings ({'; '.join(changed[:3])}); "
                       f"write this sweep elsewhere (--out, --budget) or remove the run's line")
