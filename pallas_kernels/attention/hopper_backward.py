@@ -300,8 +300,8 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
 
 
 def _within_documents(lo, hi, seg_refs, batch, block):
-  """[lo, hi) narrowed to the CTA's document range (the third of seg_refs: [B, CTAs, 2]), if segmented."""
-  if not seg_refs:
+  """[lo, hi) narrowed to the CTA's document range (the third of seg_refs: [B, CTAs, 2]), if given."""
+  if len(seg_refs) < 3:
     return lo, hi
   lo = jnp.maximum(lo, seg_refs[2][batch, block, 0])
   return lo, jnp.maximum(lo, jnp.minimum(hi, seg_refs[2][batch, block, 1]))
@@ -414,7 +414,7 @@ def _dq_kernel(*refs, plan: _Plan):
 
 def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, dlse_BHT, *, causal=False,
                              window=None, window_right=None, segment_ids=None, kv_segment_ids=None, scale=None,
-                             softcap=None, block_sizes: BlockSizes | None = None):
+                             softcap=None, block_sizes: BlockSizes | None = None, skip_other_documents=False):
   """(dq, dk, dv) of hopper.flash_attention from its outputs o, lse and their cotangents do, dlse (None: zero);
   arrays unpadded, in the public layouts."""
   batch, q_len, heads, head_dim = q_BTHD.shape
@@ -441,10 +441,11 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
   lse2_BHT = jnp.where(lse_BHT == -jnp.inf, jnp.inf, lse_BHT.astype(jnp.float32) * LOG2E)
   args = (pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), pad(do_BTHD, t_pad),
           pad(lse2_BHT, t_pad, axis=2, value=jnp.inf), pad(delta_BHT, t_pad, axis=2))
-  dq_args = dkv_args = args
   if segment_ids is not None:
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     args += (pad(segment_ids.astype(jnp.int32), t_pad), pad(kv_segment_ids.astype(jnp.int32), s_pad))
+  dq_args = dkv_args = args
+  if segment_ids is not None and skip_other_documents:  # off by default: hopper.BlockSizes says why
     # Per CTA of 128 rows: key blocks (dQ) and query blocks (dK/dV) that hold its documents, [B, CTAs, 2].
     ranges = lambda own, other, step, length: documents.block_ranges(
         own, other, own_block=cta_rows, other_block=step, num_own_blocks=length // cta_rows)[:, :, 0]

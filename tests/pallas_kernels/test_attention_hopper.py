@@ -35,6 +35,8 @@ LOWERING = {
     "softcap_mqa": dict(softcap=30.0, K=1, D=64),
     "segments": dict(causal=True, segments=True, T=200, S=300),
     "gqa_segments_window_d64": dict(window=70, segments=True, T=300, S=300, H=8, K=2, D=64),
+    "segments_skipping_documents": dict(causal=True, segments=True, T=200, S=300,
+                                        block_sizes=hopper.BlockSizes(skip_other_documents=True)),
     "right_window_only_softcap": dict(window_right=40, softcap=20.0, T=130, S=190),
 }
 
