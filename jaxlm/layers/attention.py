@@ -29,8 +29,38 @@ from pallas_kernels.attention import api as attention_api
 from pallas_kernels.common import validation
 
 
+class HeadLayout:
+  """The head fields' resolution and checks, for every attention-shaped mixer config (fields d_model, num_heads,
+  num_kv_heads, head_dim, rotary_dim: AttentionConfig, and LolcatsConfig, whose projections load Attention's)."""
+
+  def check_heads(self) -> None:
+    """ValueError naming the field when the heads cannot be laid out."""
+    validation.check_positive("d_model", self.d_model)
+    if not isinstance(self.num_heads, int) or self.num_heads < 1:
+      raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)")
+    if self.head_dim is not None and self.head_dim < 1:
+      raise ValueError(f"head_dim={self.head_dim!r} must be positive")
+    if self.kv_heads() < 1 or self.num_heads % self.kv_heads():
+      raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be positive and divide num_heads={self.num_heads}")
+    try:
+      check_rotary_dim(self.resolved_rotary_dim(), self.resolved_head_dim())
+    except ValueError as e:
+      raise ValueError(f"rotary_dim: {e}") from None
+
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def resolved_head_dim(self) -> int:
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  def resolved_rotary_dim(self) -> int:
+    return self.resolved_head_dim() if self.rotary_dim is None else self.rotary_dim
+
+
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(HeadLayout):
   d_model: int  # E: the model width (the input and output of the layer)
   num_heads: int = 8  # query heads
   num_kv_heads: int | None = None  # key/value heads: None = num_heads (MHA), 1 = MQA, else GQA
@@ -50,19 +80,7 @@ class AttentionConfig:
 
   def __post_init__(self):
     """Raises ValueError naming the field when this config cannot build a layer."""
-    validation.check_positive("d_model", self.d_model)
-    if not isinstance(self.num_heads, int) or self.num_heads < 1:
-      raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer")
-    if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)")
-    if self.head_dim is not None and self.head_dim < 1:
-      raise ValueError(f"head_dim={self.head_dim!r} must be positive")
-    if self.kv_heads() < 1 or self.num_heads % self.kv_heads():
-      raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be positive and divide num_heads={self.num_heads}")
-    try:
-      check_rotary_dim(self.resolved_rotary_dim(), self.resolved_head_dim())
-    except ValueError as e:
-      raise ValueError(f"rotary_dim: {e}") from None
+    self.check_heads()
     try:
       object.__setattr__(self, "rope_scaling", RopeScaling.from_value(self.rope_scaling))  # frozen: hashable
     except (TypeError, ValueError) as e:
@@ -78,14 +96,6 @@ class AttentionConfig:
     if self.softcap is not None and self.softcap <= 0:
       raise ValueError(f"softcap={self.softcap!r} must be positive")
 
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  def resolved_head_dim(self) -> int:
-    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-  def resolved_rotary_dim(self) -> int:
-    return self.resolved_head_dim() if self.rotary_dim is None else self.rotary_dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.layers.attention import HeadLayout
 from jaxlm.layers.linear import build_linear
-from jaxlm.layers.rotary import apply_rotary, check_rotary_dim, default_positions
+from jaxlm.layers.rotary import apply_rotary, default_positions
 from pallas_kernels.common import validation
 from pallas_kernels.lolcats import (LolcatsState, evicted_key, lolcats_attention, lolcats_decode_step,
                                     lolcats_prefill_state)
@@ -39,7 +40,7 @@ MAX_TAYLOR_FEATURE_DIM = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class LolcatsConfig:
+class LolcatsConfig(HeadLayout):
   d_model: int  # E
   num_heads: int = 8  # query heads
   num_kv_heads: int | None = None  # None = num_heads (MHA), else GQA/MQA, as AttentionConfig
@@ -56,19 +57,7 @@ class LolcatsConfig:
   decode_implementation: str = "auto"  # the lolcats decode step
 
   def __post_init__(self):
-    validation.check_positive("d_model", self.d_model)
-    if not isinstance(self.num_heads, int) or self.num_heads < 1:
-      raise ValueError(f"num_heads={self.num_heads!r} must be a positive integer")
-    if self.head_dim is None and self.d_model % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)")
-    if self.head_dim is not None and self.head_dim < 1:
-      raise ValueError(f"head_dim={self.head_dim!r} must be positive")
-    if self.kv_heads() < 1 or self.num_heads % self.kv_heads():
-      raise ValueError(f"num_kv_heads={self.num_kv_heads!r} must be positive and divide num_heads={self.num_heads}")
-    try:
-      check_rotary_dim(self.resolved_rotary_dim(), self.resolved_head_dim())
-    except ValueError as e:
-      raise ValueError(f"rotary_dim: {e}") from None
+    self.check_heads()
     if not isinstance(self.window, int) or self.window < 1:
       raise ValueError(f"window={self.window!r} must be an integer >= 1 (keys seen, itself included)")
     validation.check_in("feature_map", self.feature_map, FEATURE_MAPS)
@@ -77,15 +66,6 @@ class LolcatsConfig:
     if self.feature_map == "taylor" and self.resolved_feature_dim() > MAX_TAYLOR_FEATURE_DIM:
       raise ValueError(f"feature_dim={self.resolved_feature_dim()} exceeds {MAX_TAYLOR_FEATURE_DIM} for the taylor "
                        f"map (X = 1 + F + F² features per head)")
-
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-  def resolved_head_dim(self) -> int:
-    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-  def resolved_rotary_dim(self) -> int:
-    return self.resolved_head_dim() if self.rotary_dim is None else self.rotary_dim
 
   def resolved_feature_dim(self) -> int:
     if self.feature_dim is not None:
