@@ -103,9 +103,62 @@ def test_refuses_what_it_cannot_convert():
     convert_monarch.monarch_fields(dict(DENSE_FIELDS, mlp="swiglu"), 4, False)
   with pytest.raises(ConvertError, match="not a multiple"):
     convert_monarch.project_map(jnp.ones((12, 24)), (4, 6, 3), (4, 6, 6))
+  with pytest.raises(SystemExit):  # key=value overrides without --train-config: argparse's usage error
+    convert_monarch.main(["--run", "dense", "--out", "monarch", "steps=2"])
 
 
 def test_cli_entry_point_lists_the_subcommand():
   from train.convert import __main__ as convert_main
   assert convert_main.SUBCOMMANDS["monarch"] == "train.convert.monarch"
   assert os.path.isfile(convert_monarch.__file__)
+
+
+def _mlp_w1(model):
+  return np.asarray(_params(model)["stacks"][0]["blocks"]["mlp"]["fc1"]["w1"])
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the raw restore of the step-0 state
+def test_train_config_writes_a_run_that_training_continues(tmp_path, capsys):
+  """--train-config: the Monarch model as a step-0 training run (train/convert/train_run.py, as hf-import's).
+  Before any step it holds exactly the params-only conversion (same logits) and the optimizer's fresh state;
+  `python -m train` on its config.yaml resumes at step 0 and trains 2 steps of finite loss that move the weights."""
+  import orbax.checkpoint as ocp
+
+  from train.__main__ import main as train_main
+  from train.logs import read_metrics
+  dense = convert_monarch._model(DENSE_FIELDS)
+  run = _write_run(tmp_path, DENSE_FIELDS, dense)
+  plain, out = tmp_path / "plain", tmp_path / "monarch_run"
+  assert convert_monarch.main(["--run", str(run), "--out", str(plain)]) == 0
+  # One batch of 4 examples (batch_size 4): both steps see the same batch, so the second loss is lower.
+  mqar = "[{seq_len: 16, num_kv_pairs: 2, num_examples: 4}]"
+  overrides = ["data.mqar.vocab_size=256", f"data.mqar.train={mqar}", f"data.mqar.test={mqar}", "batch_size=4",
+               "steps=2", "compute_dtype=float32", "optim.lr=1e-2", "log.every=1", "log.progress=none",
+               "log.tensorboard=false", "eval_batches=1"]
+  config_path = tmp_path / "train.yaml"
+  config_path.write_text("name: monarch_finetune\n")
+  assert convert_monarch.main(["--run", str(run), "--out", str(out), "--train-config", str(config_path),
+                               *overrides]) == 0
+  assert yaml.safe_load((out / "config.yaml").read_text())["run_dir"] == str(out)
+  assert (out / "monarch_errors.json").is_file()
+
+  fields = yaml.safe_load((out / "model.yaml").read_text())
+  assert fields["mlp"] == "monarch"
+  model = convert_monarch._model(fields)
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 256)
+  load_params(model, str(plain))
+  converted_logits, converted_w1 = model(tokens), _mlp_w1(model)
+  assert load_params(model, str(out)) == 0
+  np.testing.assert_array_equal(model(tokens), converted_logits)
+  state = ocp.PyTreeCheckpointer().restore(str(out / "checkpoints" / "0" / "state"))
+  assert int(state["step"]) == 0
+  moments = jax.tree.leaves(state["opt_state"])  # Adam's count, mu and nu: all zero before the first step
+  assert moments and all(not np.any(np.asarray(m)) for m in moments), "the optimizer state is not fresh"
+
+  assert train_main(["--config", str(out / "config.yaml")]) == 0
+  assert "resumed from step 0" in capsys.readouterr().out
+  assert sorted(os.listdir(out / "checkpoints")) == ["0", "2"]
+  losses = [float(r["loss"]) for r in read_metrics(str(out)) if "loss" in r]
+  assert len(losses) == 2 and np.all(np.isfinite(losses)) and losses[1] < losses[0], losses
+  assert load_params(model, str(out)) == 2
+  assert not np.array_equal(_mlp_w1(model), converted_w1)  # the Monarch factors themselves train

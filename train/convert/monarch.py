@@ -8,8 +8,15 @@ parameter are copied; with --attention the q/k/v/out projections are projected t
 ‖W − Monarch‖ / ‖W‖ of every map and layer is printed and written to OUT/monarch_errors.json.
 
 OUT gets model.yaml (DIR's with `mlp: monarch`, `mlp_nblocks`), checkpoints/0/params (jaxlm.checkpoint's
-save_params: what `python -m jaxlm.generate --run OUT` loads) and DIR's tokenizer.json. A training run does not yet
-start from it: `python -m train` resumes only its own full train states (optimizer included).
+save_params: what `python -m jaxlm.generate --run OUT` loads) and DIR's tokenizer.json.
+
+With `--train-config CONFIG [key=value ...]` OUT is instead a training run at step 0 (train/convert/train_run.py,
+as hf-import writes): config.yaml is CONFIG with the Monarch model, and checkpoints/0 the whole train state (the
+projected parameters, fresh optimizer state), so `python -m train --config OUT/config.yaml` fine-tunes the Monarch
+model from the projection, the paper's dense-to-sparse fine-tuning.
+
+SwiGLU MLPs are refused: jaxlm's Monarch MLP (jaxlm/layers/mlp.py) is the ungated GELU one, so a gated model has no
+Monarch counterpart to project onto.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from train.convert import ConvertError
+from train.convert import ConvertError, train_run
 
 _MLP_MAPS = ("fc1", "fc2")
 _ATTENTION_MAPS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -37,7 +44,7 @@ def monarch_fields(fields: dict[str, Any], nblocks: int, attention: bool) -> dic
   """The model fields of the Monarch model: the GELU MLP's maps (and the attention projections) Monarch."""
   if fields.get("mlp") != "gelu":
     raise ConvertError(f"mlp={fields.get('mlp')!r}: only GELU MLPs convert (the Monarch MLP is GPT-2's GELU MLP "
-                       f"with Monarch maps)")
+                       f"with Monarch maps; there is no gated Monarch MLP for a SwiGLU one)")
   out = dict(fields, mlp="monarch", mlp_nblocks=nblocks)
   if attention:
     options = dict(out.get("mixer_options") or {})
@@ -100,17 +107,21 @@ def convert_params(dense: dict, target: dict, maps: Sequence[str]) -> tuple[dict
   return walk(dense, target, ()), errors
 
 
-def _model(fields: dict[str, Any]):
+def _model(fields: dict[str, Any], *, abstract: bool = False):
+  """The LM of `fields`; `abstract`: shapes only (nnx.eval_shape), for a model whose every parameter is replaced."""
   from flax import nnx
 
   from jaxlm.models.config import ModelConfig
   from jaxlm.models.lm import LM
+  build = lambda: LM(ModelConfig.from_dict(fields), rngs=nnx.Rngs(0))  # noqa: E731
   with nnx.use_eager_sharding(False):
-    return LM(ModelConfig.from_dict(fields), rngs=nnx.Rngs(0))
+    return nnx.eval_shape(build) if abstract else build()
 
 
-def convert_run(run_dir: str, out_dir: str, *, nblocks: int = 4, attention: bool = False) -> dict[str, list[float]]:
-  """Writes OUT (module docstring) from the run directory's latest checkpoint; returns the errors by map."""
+def convert_run(run_dir: str, out_dir: str, *, nblocks: int = 4, attention: bool = False,
+                train_config=None) -> dict[str, list[float]]:
+  """Writes OUT (module docstring; a step-0 training run of `train_config` when given) from the run directory's
+  latest checkpoint; returns the errors by map."""
   from flax import nnx
 
   from jaxlm.checkpoint import load_params, save_params
@@ -124,25 +135,31 @@ def convert_run(run_dir: str, out_dir: str, *, nblocks: int = 4, attention: bool
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise ConvertError(f"--out {out_dir}: already holds checkpoints; choose a new directory")
   new_fields = monarch_fields(fields, nblocks, attention)
+  tokenizer = os.path.join(run_dir, "tokenizer.json")
+  if train_config is not None:  # refused before any conversion work when its data has another tokenizer
+    train_config = train_run.train_config_for(train_config, new_fields, out_dir, tokenizer)
   dense_model = _model(fields)
   step = load_params(dense_model, run_dir)
-  monarch_model = _model(new_fields)
+  monarch_model = _model(new_fields, abstract=True)  # the random init would be overwritten: skip it
   maps = _MLP_MAPS + (_ATTENTION_MAPS if attention else ())
   params = nnx.state(monarch_model, nnx.Param)
   converted, errors = convert_params(nnx.to_pure_dict(nnx.state(dense_model, nnx.Param)), nnx.to_pure_dict(params),
                                      maps)
-  nnx.replace_by_pure_dict(params, converted)
-  nnx.update(monarch_model, params)
   os.makedirs(out_dir, exist_ok=True)
-  save_params(monarch_model, checkpoints, step=0)
-  with open(os.path.join(out_dir, "model.yaml"), "w") as f:
-    yaml.safe_dump(new_fields, f, sort_keys=False)
+  if train_config is None:
+    nnx.replace_by_pure_dict(params, converted)
+    nnx.update(monarch_model, params)
+    save_params(monarch_model, checkpoints, step=0)
+    with open(os.path.join(out_dir, "model.yaml"), "w") as f:
+      yaml.safe_dump(new_fields, f, sort_keys=False)
+  else:
+    train_run.write_train_run(converted, train_config, out_dir)
   with open(os.path.join(out_dir, "monarch_errors.json"), "w") as f:
     json.dump({"run": os.path.abspath(run_dir), "step": step, "nblocks": nblocks, "relative_error": errors}, f,
               indent=2)
-  tokenizer = os.path.join(run_dir, "tokenizer.json")
-  if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
+  run_tokenizer = os.path.join(out_dir, "tokenizer.json")
+  if os.path.isfile(tokenizer) and not os.path.isfile(run_tokenizer):  # record_run may have copied the data's
+    shutil.copyfile(tokenizer, run_tokenizer)
   return errors
 
 
@@ -152,16 +169,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True, help="the run directory to write")
   p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks per factor")
   p.add_argument("--attention", action="store_true", help="also project the attention q/k/v/out projections")
+  train_run.add_arguments(p)
   args = p.parse_args(argv)
   try:
-    errors = convert_run(args.run, args.out, nblocks=args.nblocks, attention=args.attention)
+    errors = convert_run(args.run, args.out, nblocks=args.nblocks, attention=args.attention,
+                         train_config=train_run.config_from_arguments(args, p))
   except (ConvertError, ValueError, FileNotFoundError) as e:
     print(f"monarch: {e}", file=sys.stderr)
     return 2
   print("relative Frobenius error ‖W − Monarch(W)‖ / ‖W‖ per map (one value per layer):")
   for path, values in errors.items():
     print(f"  {path}: " + " ".join(f"{v:.4f}" for v in values))
-  print(f"wrote {args.out} (model.yaml, checkpoints/0/params, monarch_errors.json)")
+  if args.train_config:
+    print(f"wrote {args.out}: a step-0 training run; continue it with "
+          f"`python -m train --config {os.path.join(args.out, 'config.yaml')}`")
+  else:
+    print(f"wrote {args.out} (model.yaml, checkpoints/0/params, monarch_errors.json)")
   return 0
 
 
