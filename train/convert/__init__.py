@@ -5,6 +5,9 @@
   hf_weights.py  safetensors shards <-> our parameter tree (placed shard by shard under a mesh)
   hf_import.py   `hf-import`: a Hugging Face directory -> a run directory generate and training read
   hf_export.py   `hf-export`: a run directory -> a Hugging Face directory transformers loads
+  gguf_import.py `gguf-import`: a llama.cpp GGUF file (dequantised) -> a Hugging Face directory -> hf-import
+  monarch.py     `monarch`: a dense run -> a Monarch one (each weight's best Monarch factors, errors reported)
+  train_run.py   `--train-config` of the importers: converted weights -> a step-0 run `python -m train` continues
 """
 
 
