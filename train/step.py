@@ -1,11 +1,13 @@
 """The jitted train and eval steps, as pure functions of a state dict and a batch.
 
-Letters: M micro-batches, B rows, T length, V vocabulary.
+Letters: M micro-batches, B rows, T length, V vocabulary, R data replicas (the mesh's `data` axis).
 
 Train step: the batch arrives as [M, B/M, T]; `lax.scan` runs forward+backward per micro-batch and sums the
 token losses and gradients, then divides both by the total count of labelled tokens, so the result equals one
 big batch whatever M is (loss normalised by tokens, not by rows or micro-batches). A step whose loss or gradient
-norm is not finite leaves parameters and optimizer state untouched and increments `skipped`.
+norm is not finite leaves parameters and optimizer state untouched and increments `skipped`. With R > 1 data
+replicas and M > 1, each replica sums its own rows' gradients over the micro-batches and the replicas' sums are
+added once after the loop (`summed_grads_per_replica`), not once per micro-batch.
 
 Labels < 0 are ignored (MQAR's non-query positions, document boundaries of packed text, padding).
 """
@@ -19,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 IGNORE = -100
+DATA_AXIS = "data"  # the mesh axis of pure data parallelism (train/mesh.py): parameters are replicated over it
 
 State = dict[str, Any]  # {"params", "opt_state", "step", "rng", "skipped"}
 Batch = dict[str, jax.Array]  # {"inputs", "labels", optional "segment_ids"}
@@ -112,6 +116,36 @@ def make_forward(graphdef: nnx.GraphDef, rest: Any, *, compute_dtype: Any = None
   return forward
 
 
+def has_shard_map(jaxpr: Any) -> bool:
+  """Whether a jaxpr, or one nested in it, holds a shard_map (kernels run per shard: pallas_kernels/common)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      return True
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns") and has_shard_map(sub):
+          return True
+  return False
+
+
+def data_replicas(param_shardings: Any, batch: Batch, forward: Callable, params: Any) -> Any:
+  """The mesh whose `data` axis the step reduces gradients over once after the micro-batch loop, or None for one
+  reduction per micro-batch. Once needs a sharded state (the mesh comes from its shardings), a `data` axis > 1,
+  micro_batches > 1, micro-batch rows the axis divides, and a forward without per-shard kernels: their shard_map
+  would see the replica axis unsplit and reshard activations around every kernel (measured on the CPU mesh: the
+  data all-reduces came back into the loop). Finding those costs one more trace of the forward."""
+  leaves = jax.tree.leaves(param_shardings)
+  mesh = getattr(leaves[0], "mesh", None) if leaves else None
+  if mesh is None or mesh.shape.get(DATA_AXIS, 1) <= 1:
+    return None
+  micro_batches, rows = jax.tree.leaves(batch)[0].shape[:2]
+  if micro_batches <= 1 or rows % mesh.shape[DATA_AXIS]:
+    return None
+  micro = jax.tree.map(lambda x: x[0], batch)
+  return None if has_shard_map(jax.make_jaxpr(forward)(params, micro).jaxpr) else mesh
+
+
 def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, param_shardings: Any = None,
                     schedule: optax.Schedule | None = None
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
@@ -126,9 +160,9 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-  def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    params = state["params"]
-
+  def summed_grads(params, batch, layout):
+    """Gradients, loss, labelled tokens and correct tokens, each summed over the micro-batches; the gradient
+    accumulator is float32 in the parameters' `layout` (None: XLA's choice)."""
     def accumulate(carry, micro):
       grads, loss, tokens, correct = carry
       (l, (n, c)), g = grad_fn(params, micro)
@@ -136,10 +170,42 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
       return (grads, loss + l, tokens + n, correct + c), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    if param_shardings is not None:
-      zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    if layout is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, layout)
     init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-    (grads, loss_sum, tokens, correct), _ = jax.lax.scan(accumulate, init, batch)
+    return jax.lax.scan(accumulate, init, batch)[0]
+
+  def summed_grads_per_replica(params, batch, mesh):
+    """summed_grads with one gradient reduction over `data` per step instead of one per micro-batch (what XLA
+    compiles summed_grads to: the loop body all-reduces each micro-batch's gradients over `data`). Each
+    micro-batch's rows split into one group per data replica, data-major as the batch is laid out, so a group is
+    one replica's rows; the gradient is taken per group (vmap) into an accumulator with a leading replica axis over
+    `data`, where each device keeps its replica's partial sum; the sum over that axis after the loop is the one
+    reduction. Per device the accumulator is as big as summed_grads' (params/(fsdp*tensor) float32): the replica
+    axis is split over `data`, over which the parameters are replicated. The reduce-scatter over `fsdp` stays in
+    the loop: deferring it would cost an unsharded accumulator."""
+    R = mesh.shape[DATA_AXIS]
+    layout = jax.tree.map(lambda sharding: NamedSharding(mesh, P(DATA_AXIS, *sharding.spec)), param_shardings)
+    per_group = jax.vmap(grad_fn, in_axes=(None, 0))
+
+    def accumulate(carry, micro):
+      grads, loss, tokens, correct = carry
+      groups = jax.tree.map(lambda x: x.reshape(R, x.shape[0] // R, *x.shape[1:]), micro)
+      (l, (n, c)), g = per_group(params, groups)
+      grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+      return (grads, loss + l, tokens + n, correct + c), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros((R, *p.shape), jnp.float32), params)
+    init = (jax.lax.with_sharding_constraint(zeros, layout), *(jnp.zeros(R, jnp.float32),) * 3)
+    return jax.tree.map(lambda x: x.sum(0), jax.lax.scan(accumulate, init, batch)[0])
+
+  def step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    params = state["params"]
+    mesh = data_replicas(param_shardings, batch, forward, params)
+    if mesh is None:
+      grads, loss_sum, tokens, correct = summed_grads(params, batch, param_shardings)
+    else:
+      grads, loss_sum, tokens, correct = summed_grads_per_replica(params, batch, mesh)
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom

@@ -135,3 +135,27 @@ def test_mqar_data_bounds_the_labels_per_row():
                                                                         test=settings[:1])), batch_size=8)
   data = build_data(config, 128)
   assert (data.train_labels_per_row, data.eval_labels_per_row) == (8, 4)
+
+
+def test_accumulation_reduces_over_data_once_per_step():
+  """micro_batches=2 on a (data=2, fsdp=2, tensor=2) mesh of 8 host devices (a process of its own: XLA_FLAGS must
+  be set before jax starts): the compiled step reduces gradients over `data` only after the micro-batch loop, never
+  inside it, and its update equals micro_batches=1 on the same rows."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, os.path.join(root, "tests", "train", "accumulation_worker.py")],
+                        capture_output=True, text=True, env=env, timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  two, one = result["2"], result["1"]
+  assert two["reductions"]["inside"] == 0, two["reductions"]
+  assert two["reductions"]["outside"] > 0, two["reductions"]  # the parser does see reductions over `data`
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6)
+  np.testing.assert_allclose(two["grad_norm"], one["grad_norm"], rtol=1e-5)
+  for a, b in zip(two["params"], one["params"]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
