@@ -10,7 +10,8 @@ Letters: B batch, T length, E model width (d_model), H heads, F feature dim, D v
 
 phi is the second-order Taylor map of exp(q·k/√F) (pallas_kernels/based). The unnormalised variant grows with t,
 which is why it is paired with the per-head RMSNorm. The decode cache is the BasedState (S, z split by Taylor
-order, float32): its size does not grow with the sequence.
+order, float32, the order-2 products k_i·k_j kept once per pair i ≤ j: 1 + F + F(F+1)/2 rows of D per head,
+pallas_kernels/based/symmetric.py): its size does not grow with the sequence.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _RMS_EPS = 1e-6
 class BasedConfig:
   d_model: int
   num_heads: int
-  feature_dim: int = 16  # q/k width per head before the Taylor map (the state holds F²·D per head)
+  feature_dim: int = 16  # q/k width per head before the Taylor map (the state holds ~F²/2·D per head)
   normalize: bool = True  # divide by phi(q)·z, as softmax divides by its partition sum
   eps: float = 1e-6  # added to the normaliser
   chunk: int = 64  # tokens per chunk of the parallel form
@@ -49,8 +50,8 @@ class BasedConfig:
       raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
     validation.check_positive("feature_dim", self.feature_dim)
     if self.feature_dim > MAX_FEATURE_DIM:
-      raise ValueError(f"feature_dim={self.feature_dim} exceeds {MAX_FEATURE_DIM}: the state holds an F²·D "
-                       f"block per head")
+      raise ValueError(f"feature_dim={self.feature_dim} exceeds {MAX_FEATURE_DIM}: the state holds an "
+                       f"F(F+1)/2·D block per head")
     validation.check_positive("chunk", self.chunk)
     if not self.eps >= 0:
       raise ValueError(f"eps must be >= 0, got {self.eps!r}")

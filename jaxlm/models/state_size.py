@@ -6,8 +6,8 @@ Counted in numbers (floats) per sequence, one layer at a time, for generation af
 
   attention        2·K·D·L          keys and values of every token so far (K kv heads of width D; 2·d·L for MHA)
   sliding window   2·K·D·min(w, L)  keys and values of the last w tokens
-  BASED            H·D·(1+F+F²) + H·(1+F+F²)   the Taylor-feature state Σ φ(k)vᵀ and its normaliser Σ φ(k)
-                                   (the second term only with `normalize`)
+  BASED            H·D·X + H·X, X = 1+F+F(F+1)/2   the Taylor-feature state Σ φ(k)vᵀ and its normaliser Σ φ(k)
+                                   over the symmetric order-2 features (the second term only with `normalize`)
   BaseConv         W·I              kernel taps × conv width (Zoology counts W·d for its d-wide conv)
   H3               2·N·d            the shift SSM (last N keys per channel) and the diagonal SSM (N/2 complex
                                    modes per channel = N floats); Zoology's code counts only the second (N·d)
@@ -59,10 +59,12 @@ def sliding_window_state_size(config: Any, *, d_model: int, seq_len: int) -> int
 
 
 def based_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
-  """H·D·(1+F+F²), plus H·(1+F+F²) for the normaliser: the linear-attention state over Taylor features."""
+  """H·D·X, plus H·X for the normaliser, X = 1 + F + F(F+1)/2: the linear-attention state over Taylor features."""
   del seq_len  # the state does not grow with the sequence
   heads, features = config.num_heads, config.feature_dim
-  expanded = 1 + features + features * features  # φ(k) = [1, k, vec(k ⊗ k)] (up to scales)
+  # φ(k) = [1, k, k_i·k_j for i ≤ j] (up to scales): the order-2 products are symmetric, so each pair is kept once,
+  # as the BASED paper counts and as BasedState (pallas_kernels/based/symmetric.py) stores it.
+  expanded = 1 + features + features * (features + 1) // 2
   state = heads * (d_model // heads) * expanded
   return state + (heads * expanded if config.normalize else 0)
 

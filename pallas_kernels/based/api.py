@@ -10,7 +10,11 @@ forms, by name only, so tests reach every form through the api). Every implement
 the signature below; `block_sizes=` tunes the kernel that runs (hopper_parallel.BlockSizes, parallel.BlockSizes,
 hopper_chunked.BlockSizes, pallas.BlockSizes; decode.BlockSizes for the step).
 
-Letters: B batch, T length, H heads, F feature dim, D value head dim.
+States in and out are BasedState, the symmetric order-2 layout (symmetric.py: U = F(F+1)/2 order-2 rows, not F²);
+the decode step and the reference forms compute on it, the chunked kernels convert it at their boundary. A state
+in the old full layout (BasedFullState, or F² order-2 rows) is refused with the converter to use.
+
+Letters: B batch, T length, H heads, F feature dim, D value head dim, U = F(F+1)/2 order-2 pairs.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.based import decode, hopper_chunked, hopper_parallel, pallas, parallel, reference
-from pallas_kernels.based.reference import BasedState
+from pallas_kernels.based.symmetric import BasedFullState, BasedState, on_full_layout
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, first_reason, require
 
-# The Taylor map widens F to X = 1 + F + F² and the state holds an F²·D block per head, so cost and memory grow
+# The Taylor map widens F to X = 1 + F + F(F+1)/2 and the state holds a U·D block per head, so cost and memory grow
 # quadratically in F; Based uses F = 16, and beyond 64 the state would dwarf the values it summarises.
 MAX_FEATURE_DIM = 64
 
@@ -56,7 +60,7 @@ def _pallas_supports_decode(*, feature_dim: int, value_dim: int, **_) -> str | N
 
 
 # Layouts of the state's pieces for running kernels per shard (pallas_kernels/common/sharding.py).
-STATE_LAYOUT = BasedState("BHD", "BHFD", "BHFFD", "BH", "BHF", "BHFF")
+STATE_LAYOUT = BasedState("BHD", "BHFD", "BHUD", "BH", "BHF", "BHU")
 
 
 # The parallel kernel's work grows as T², the chunked kernel's as T. Measured on the H100 (B·T = 16k tokens, H16
@@ -94,7 +98,9 @@ DISPATCHER = Dispatcher("based", (
                    auto_prefers=_parallel_preferred, per_shard=True, block_sizes=parallel.BlockSizes),
     # The chunked form in Mosaic GPU (forward; the portable backward); auto takes it where its CTAs fill a wave
     # (hopper_chunked.preferred has the H100 timings against the portable kernel).
-    Implementation("hopper", hopper_chunked.based_chunked_hopper, supports=hopper_chunked.supports,
+    # It carries the full order-2 layout: the symmetric state is converted at its boundary (computing on it natively
+    # is the remaining step).
+    Implementation("hopper", on_full_layout(hopper_chunked.based_chunked_hopper), supports=hopper_chunked.supports,
                    backends=("gpu",), auto_prefers=hopper_chunked.preferred, per_shard=True,
                    block_sizes=hopper_chunked.BlockSizes),
     # Interpret mode is far slower than XLA on CPU, so auto takes the kernel only on GPU and TPU.
@@ -118,8 +124,8 @@ def _check_feature_dim(feature_dim: int | None, q: jax.Array) -> int:
   if feature_dim != width:
     raise ValueError(f"feature_dim={feature_dim!r} must equal q.shape[-1] ({width}); q has shape {q.shape}")
   if feature_dim > MAX_FEATURE_DIM:
-    raise ValueError(f"{feature_dim=} exceeds {MAX_FEATURE_DIM=}: the Taylor features have 1 + F + F² = "
-                     f"{1 + feature_dim + feature_dim ** 2} entries and the state an F²·D block per head")
+    raise ValueError(f"{feature_dim=} exceeds {MAX_FEATURE_DIM=}: the Taylor state has 1 + F + F(F+1)/2 = "
+                     f"{1 + feature_dim + feature_dim * (feature_dim + 1) // 2} rows of D per head")
   return feature_dim
 
 
@@ -142,7 +148,17 @@ def _check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, axes: tuple[str, ...]) 
 
 
 def _check_state(name: str, state: Any, batch: int, heads: int, feature_dim: int, value_dim: int) -> None:
-  """A BasedState of float32 arrays with the shapes BasedState.zeros(batch, heads, feature_dim, value_dim) has."""
+  """A BasedState of float32 arrays with the shapes BasedState.zeros(batch, heads, feature_dim, value_dim) has;
+  a state in the full order-2 layout gets its own message, naming the converter."""
+  convert = "pallas_kernels.based.symmetric.full_to_symmetric"
+  if isinstance(state, BasedFullState):
+    raise ValueError(f"{name} is a BasedFullState (the full order-2 layout, s2_BHFFD of shape "
+                     f"{tuple(state.s2_BHFFD.shape)}); states are BasedState in the symmetric layout now: convert "
+                     f"it with {convert}({name})")
+  if isinstance(state, BasedState) and jnp.ndim(state.s2_BHUD) == 5:
+    raise ValueError(f"{name}.s2_BHUD has shape {tuple(state.s2_BHUD.shape)}, the full order-2 layout [B, H, F, F, "
+                     f"D]; BasedState holds U = F(F+1)/2 symmetric rows: convert it with "
+                     f"{convert}(BasedFullState(*{name}))")
   if not isinstance(state, BasedState):
     raise ValueError(f"{name} must be a BasedState, got {type(state).__name__}")
   expected = jax.eval_shape(lambda: BasedState.zeros(batch, heads, feature_dim, value_dim))

@@ -71,7 +71,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.based import pallas as portable
 from pallas_kernels.based import sequence_split
-from pallas_kernels.based.reference import BasedState, taylor_scales
+from pallas_kernels.based.reference import taylor_scales
+# This kernel carries the full order-2 layout; api.py converts the symmetric BasedState at its boundary.
+from pallas_kernels.based.symmetric import BasedFullState as BasedState
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up

@@ -10,6 +10,8 @@ The order-2 features vec(x⊗x) are built on chip in groups of Fg leading featur
 to [C, Fg·F], 256 columns by default), so each order-2 product is one matmul with a deep contraction and the state
 S2 is carried as F/Fg tiles [Fg·F, Dc]. Matmul operands are the inputs' dtype (bf16/f16 at tensor-core rate, the
 float32 state rounded to it, as fla does), accumulation float32.
+The kernels carry the full layout (F² order-2 rows, symmetric.BasedFullState); `based_chunked` takes and returns
+the symmetric BasedState every api call uses, converted at the boundary in XLA (symmetric.on_full_layout).
 With segment ids, the carried state belongs to one segment: it reaches only tokens of that segment, and at a chunk
 end it is replaced by the sums of the chunk's last segment (plus the old state when that segment continues).
 
@@ -31,7 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.based import sequence_split
-from pallas_kernels.based.reference import BasedState, TaylorScaled
+from pallas_kernels.based.reference import TaylorScaled
+from pallas_kernels.based.symmetric import BasedFullState, on_full_layout
 from pallas_kernels.common.layout import round_up
 from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
 from pallas_kernels.common.target import Target
@@ -320,7 +323,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
 
 
 def _pack_state(state, f_pad: int):
-  """BasedState -> kernel tiles: s0 [B,H,1,D], s1 [B,H,F,D], s2 [B,H,F²,D], z0 [B,H,1,1], z1 [B,H,1,F],
+  """BasedFullState -> kernel tiles: s0 [B,H,1,D], s1 [B,H,F,D], s2 [B,H,F²,D], z0 [B,H,1,1], z1 [B,H,1,F],
   z2 [B,H,1,F²], float32, features zero-padded to f_pad."""
   s0, s1, s2, z0, z1, z2 = (x.astype(jnp.float32) for x in state)
   b, h, f, d = s1.shape
@@ -471,17 +474,17 @@ class _Call:
     seg = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, self.t_pad - self.seq_len)), mode="edge")
     return seg[:, :, None], seg[:, None, :]
 
-  def state_tiles(self, state: BasedState):
-    """A BasedState [B, ...] as the kernels' float32 tiles, D padded to d_pad."""
+  def state_tiles(self, state: BasedFullState):
+    """A BasedFullState [B, ...] as the kernels' float32 tiles, D padded to d_pad."""
     pad = self.d_pad - self.value_dim
     state = state._replace(s0_BHD=jnp.pad(state.s0_BHD, ((0, 0), (0, 0), (0, pad))),
                            s1_BHFD=jnp.pad(state.s1_BHFD, ((0, 0),) * 3 + ((0, pad),)),
                            s2_BHFFD=jnp.pad(state.s2_BHFFD, ((0, 0),) * 4 + ((0, pad),)))
     return _pack_state(state, self.f_pad)
 
-  def state(self, tiles) -> BasedState:
-    """The kernels' tiles [B, ...] as a BasedState, unpadded."""
-    state = _unpack_state(tiles, self.feature_dim, BasedState)
+  def state(self, tiles) -> BasedFullState:
+    """The kernels' tiles [B, ...] as a BasedFullState, unpadded."""
+    state = _unpack_state(tiles, self.feature_dim, BasedFullState)
     d = self.value_dim
     return state._replace(s0_BHD=state.s0_BHD[..., :d], s1_BHFD=state.s1_BHFD[..., :d],
                           s2_BHFFD=state.s2_BHFFD[..., :d])
@@ -515,23 +518,29 @@ def _setup(q_BTHF, v_BTHD, *, normalize: bool, eps: float, chunk: int, has_segme
                value_dim=d, f_pad=f_pad, d_pad=d_pad, t_pad=round_up(seq_len, chunk), pieces=pieces)
 
 
-def based_chunked(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
-                  initial_state=None, return_final_state: bool = False, segment_ids=None,
-                  block_sizes: BlockSizes | None = None, interpret: bool | None = None):
-  """The chunked form with the reference's semantics (pallas_kernels/based/reference.py); api.py validates."""
+def based_chunked_full(q_BTHF, k_BTHF, v_BTHD, *, normalize: bool = True, eps: float = 1e-6, chunk: int = 64,
+                       initial_state: BasedFullState | None = None, return_final_state: bool = False,
+                       segment_ids=None, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """The chunked form with the reference's semantics (pallas_kernels/based/reference.py) on the full-layout state
+  the kernels carry; api.py validates."""
   call = _setup(q_BTHF, v_BTHD, normalize=normalize, eps=eps, chunk=chunk, has_segments=segment_ids is not None,
                 block_sizes=block_sizes, sequence_pieces=None, interpret=interpret)
   q, k, v = call.arrange(q_BTHF, call.f_pad), call.arrange(k_BTHF, call.f_pad), call.arrange(v_BTHD, call.d_pad)
   seg_col = seg_row = None
   if segment_ids is not None:
     seg_col, seg_row = call.segments(segment_ids)
-  state = initial_state if initial_state is not None else BasedState.zeros(call.batch, call.heads, call.feature_dim,
-                                                                           call.value_dim)
+  state = initial_state if initial_state is not None else BasedFullState.zeros(
+      call.batch, call.heads, call.feature_dim, call.value_dim)
   starts = call.piece_starts(q, k, v, call.state_tiles(state))
   y, final = _based(call.spec, call.blocks, call.target, q, k, v, seg_col, seg_row, starts)
   y = call.restore(y, call.value_dim)
   final = tuple(sequence_split.last_piece(x, call.pieces) for x in final)
   return (y, call.state(final)) if return_final_state else y
+
+
+# The public kernel takes and returns the symmetric BasedState, converted at the boundary in XLA; the kernels above
+# still carry the full F² order-2 block on chip (computing natively on the U = F(F+1)/2 rows is the remaining step).
+based_chunked = on_full_layout(based_chunked_full)
 
 
 def _value_tile(layout, t_pad: int, width: int):
@@ -617,12 +626,13 @@ def _based_bwd(spec, blocks, target, res: _Residuals, cotangents):
 _based.defvjp(_based_fwd, _based_bwd)
 
 
-def based_chunked_backward(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BTHD, d_final: BasedState, *,
-                           initial_state: BasedState, normalize: bool, eps: float, chunk: int,
+def based_chunked_backward(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BTHD, d_final: BasedFullState, *,
+                           initial_state: BasedFullState, normalize: bool, eps: float, chunk: int,
                            sequence_pieces: int | None = None, block_sizes: BlockSizes | None = None):
   """(dq, dk, dv, d initial_state) of based_chunked without segment ids, for a forward run elsewhere (the Hopper
   kernel): its output y and normaliser den [B, T, H] stand in for the forward's residuals; the backward kernels
-  and the sequence pieces (chosen as based_chunked chooses them, unless given) are this module's."""
+  and the sequence pieces (chosen as based_chunked chooses them, unless given) are this module's. States and their
+  cotangents are in the full layout (BasedFullState), as the Hopper forward carries them."""
   call = _setup(q_BTHF, v_BTHD, normalize=normalize, eps=eps, chunk=chunk, has_segments=False,
                 block_sizes=block_sizes, sequence_pieces=sequence_pieces, interpret=None)
   q, k, v = call.arrange(q_BTHF, call.f_pad), call.arrange(k_BTHF, call.f_pad), call.arrange(v_BTHD, call.d_pad)
@@ -633,7 +643,7 @@ def based_chunked_backward(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BTHD, d_f
   den = call.arrange(den_BTH[..., None], 1, fill=1.0)
   den = den if call.target.layout.heads_major else jnp.swapaxes(den, 1, 2)
   # The final state is the last piece's: the other pieces' final states get no cotangent.
-  final = call.state_tiles(BasedState(*(x.astype(jnp.float32) for x in d_final)))
+  final = call.state_tiles(BasedFullState(*(x.astype(jnp.float32) for x in d_final)))
   final = tuple(jnp.zeros((call.batch, call.pieces, *x.shape[1:]), x.dtype).at[:, -1].set(x).reshape(
       call.batch * call.pieces, *x.shape[1:]) for x in final)
   residuals = _Residuals(q=q, k=k, v=v, seg_col=None, seg_row=None, state_tiles=starts, y=y, den=den)

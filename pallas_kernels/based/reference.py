@@ -14,51 +14,31 @@ With segment_ids (packed documents) a token sees only earlier tokens of its own 
 (S_0, z_0) reaches only the row's first segment; the final state is that of the row's last segment. Since
 1 + s + s²/2 = ((1 + s)² + 1) / 2 ≥ 1/2, the normaliser is positive whenever a token sees any key.
 
+The state (S, z) is kept in the symmetric layout of symmetric.py: the order-2 block holds each product x_i·x_j,
+i ≤ j, once (off-diagonal ones scaled by √2), 1 + F + F(F+1)/2 features with the same inner products as phi; every
+form here computes on it directly.
+
 Every form computes in float32 (float64 when given float64, for gradient checks) and returns y in v's dtype.
 
 Letters: B batch, T query length, S key length, H heads, F feature dim, D value head dim,
-X = 1 + F + F² expanded features, C chunk length, J number of chunks.
+X = 1 + F + F² expanded features, U = F(F+1)/2 symmetric order-2 features, C chunk length, J number of chunks.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.based.symmetric import BasedState, order2_features, taylor_scales
 from pallas_kernels.common.precision import exact_matmuls
-
-
-class BasedState(NamedTuple):
-  """The prefix sums S and z split by Taylor order, in feature-scaled form (float32)."""
-
-  s0_BHD: jax.Array  # Σ v
-  s1_BHFD: jax.Array  # Σ (k / F^¼) vᵀ
-  s2_BHFFD: jax.Array  # Σ (k ⊗ k) / (√2·√F) vᵀ
-  z0_BH: jax.Array  # Σ 1
-  z1_BHF: jax.Array  # Σ k / F^¼
-  z2_BHFF: jax.Array  # Σ (k ⊗ k) / (√2·√F)
-
-  @classmethod
-  def zeros(cls, batch: int, heads: int, feature_dim: int, value_dim: int,
-            dtype=jnp.float32) -> "BasedState":
-    """The empty state: no token seen yet."""
-    b, h, f, d = batch, heads, feature_dim, value_dim
-    return cls(jnp.zeros((b, h, d), dtype), jnp.zeros((b, h, f, d), dtype), jnp.zeros((b, h, f, f, d), dtype),
-               jnp.zeros((b, h), dtype), jnp.zeros((b, h, f), dtype), jnp.zeros((b, h, f, f), dtype))
 
 
 def _compute_dtype(*arrays: jax.Array):
   # float32 for float32/bf16/f16 inputs; float64 stays float64 so gradient checks run in double precision.
   return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
-
-
-def taylor_scales(feature_dim: int) -> tuple[float, float]:
-  """(c1, c2) = (F^-¼, 1/(√2·√F)): phi(x) = [1, c1·x, c2·vec(x ⊗ x)]."""
-  return feature_dim ** -0.25, 1.0 / (math.sqrt(2.0) * math.sqrt(feature_dim))
 
 
 class TaylorScaled:
@@ -74,20 +54,19 @@ class TaylorScaled:
 
 
 def _scaled_pieces(x_F: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The order-1 and order-2 blocks of phi(x): x / F^¼ and x ⊗ x / (√2·√F), the latter unflattened."""
-  f = x_F.shape[-1]
-  x1_F = x_F / f ** 0.25
-  x2_FF = x_F[..., :, None] * x_F[..., None, :] / (math.sqrt(2.0) * math.sqrt(f))
-  return x1_F, x2_FF
+  """The order-1 and order-2 blocks of phi_sym(x): x / F^¼ and the U symmetric products (symmetric.py)."""
+  return x_F / x_F.shape[-1] ** 0.25, order2_features(x_F)
 
 
 def taylor_features(x_F: jax.Array) -> jax.Array:
-  """phi(x) = [1, x / F^¼, vec(x ⊗ x) / (√2·√F)] along the last axis, shape (..., 1 + F + F²)."""
+  """The full map phi(x) = [1, x / F^¼, vec(x ⊗ x) / (√2·√F)] along the last axis, shape (..., 1 + F + F²)
+  (the state uses symmetric.symmetric_taylor_features, with the same inner products)."""
   f = x_F.shape[-1]
   x = x_F.astype(_compute_dtype(x_F))
-  x1_F, x2_FF = _scaled_pieces(x)
+  c1, c2 = taylor_scales(f)
+  x2_FF = c2 * x[..., :, None] * x[..., None, :]
   ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
-  return jnp.concatenate([ones, x1_F, x2_FF.reshape(*x.shape[:-1], f * f)], axis=-1).astype(x_F.dtype)
+  return jnp.concatenate([ones, c1 * x, x2_FF.reshape(*x.shape[:-1], f * f)], axis=-1).astype(x_F.dtype)
 
 
 def _taylor_scores(q_BTHF: jax.Array, k_BSHF: jax.Array) -> jax.Array:
@@ -98,28 +77,28 @@ def _taylor_scores(q_BTHF: jax.Array, k_BSHF: jax.Array) -> jax.Array:
 
 def _state_readout(q_BTHF: jax.Array, state: BasedState) -> tuple[jax.Array, jax.Array]:
   """phi(q_t)·S and phi(q_t)·z for a state shared by all T queries: ([B, T, H, D], [B, T, H])."""
-  q1_BTHF, q2_BTHFF = _scaled_pieces(q_BTHF)
+  q1_BTHF, q2_BTHU = _scaled_pieces(q_BTHF)
   num_BTHD = (state.s0_BHD[:, None]
               + jnp.einsum("bthf,bhfd->bthd", q1_BTHF, state.s1_BHFD)
-              + jnp.einsum("bthfg,bhfgd->bthd", q2_BTHFF, state.s2_BHFFD))
+              + jnp.einsum("bthu,bhud->bthd", q2_BTHU, state.s2_BHUD))
   den_BTH = (state.z0_BH[:, None]
              + jnp.einsum("bthf,bhf->bth", q1_BTHF, state.z1_BHF)
-             + jnp.einsum("bthfg,bhfg->bth", q2_BTHFF, state.z2_BHFF))
+             + jnp.einsum("bthu,bhu->bth", q2_BTHU, state.z2_BHU))
   return num_BTHD, den_BTH
 
 
 def _state_sums(k_BTHF: jax.Array, v_BTHD: jax.Array, weight_BT: jax.Array) -> BasedState:
   """Σ_t weight_t phi(k_t) v_tᵀ and Σ_t weight_t phi(k_t), split by order (weight 0/1 selects tokens)."""
-  k1_BTHF, k2_BTHFF = _scaled_pieces(k_BTHF)
+  k1_BTHF, k2_BTHU = _scaled_pieces(k_BTHF)
   wv_BTHD = v_BTHD * weight_BT[:, :, None, None]
   heads = k_BTHF.shape[2]
   return BasedState(
       s0_BHD=wv_BTHD.sum(axis=1),
       s1_BHFD=jnp.einsum("bthf,bthd->bhfd", k1_BTHF, wv_BTHD),
-      s2_BHFFD=jnp.einsum("bthfg,bthd->bhfgd", k2_BTHFF, wv_BTHD),
+      s2_BHUD=jnp.einsum("bthu,bthd->bhud", k2_BTHU, wv_BTHD),
       z0_BH=jnp.broadcast_to(weight_BT.sum(axis=1)[:, None], (k_BTHF.shape[0], heads)),
       z1_BHF=jnp.einsum("bthf,bt->bhf", k1_BTHF, weight_BT),
-      z2_BHFF=jnp.einsum("bthfg,bt->bhfg", k2_BTHFF, weight_BT))
+      z2_BHU=jnp.einsum("bthu,bt->bhu", k2_BTHU, weight_BT))
 
 
 def _where_rows(keep_B: jax.Array, state: BasedState) -> BasedState:
@@ -231,14 +210,14 @@ def based_step(q_BHF, k_BHF, v_BHD, state: BasedState, *, normalize: bool = True
   dtype = _compute_dtype(q_BHF, k_BHF, v_BHD)
   q, k, v = (x.astype(dtype) for x in (q_BHF, k_BHF, v_BHD))
   state = BasedState(*(jnp.asarray(x, dtype) for x in state))
-  k1_BHF, k2_BHFF = _scaled_pieces(k)
+  k1_BHF, k2_BHU = _scaled_pieces(k)
   new_state = BasedState(
       s0_BHD=state.s0_BHD + v,
       s1_BHFD=state.s1_BHFD + k1_BHF[..., None] * v[:, :, None, :],
-      s2_BHFFD=state.s2_BHFFD + k2_BHFF[..., None] * v[:, :, None, None, :],
+      s2_BHUD=state.s2_BHUD + k2_BHU[..., None] * v[:, :, None, :],
       z0_BH=state.z0_BH + 1.0,
       z1_BHF=state.z1_BHF + k1_BHF,
-      z2_BHFF=state.z2_BHFF + k2_BHFF)
+      z2_BHU=state.z2_BHU + k2_BHU)
   num_B1HD, den_B1H = _state_readout(q[:, None], new_state)
   y_BHD = _normalized(num_B1HD, den_B1H, normalize, eps)[:, 0]
   return y_BHD.astype(v_BHD.dtype), new_state

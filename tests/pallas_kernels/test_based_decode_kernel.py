@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.based import reference as ref
-from pallas_kernels.based.decode import BlockSizes, based_decode_step
+from pallas_kernels.based.decode import BlockSizes, based_decode_step, row_pieces
 from pallas_kernels.based.reference import BasedState
 from tests.tolerances import assert_close, normal
 
@@ -32,7 +32,8 @@ def reference_step(*args, **kwargs):
     return _jitted_reference_step(*args, **kwargs)
 
 # (F, D, normalize, dtype, block sizes); interpret-mode compilations cost seconds, so options are spread, not
-# crossed. "blocks": 4 value-column blocks and 16 row chunks of S2; "padded": F and D padded to 8 and 32.
+# crossed. "blocks": 4 value-column blocks and S2's U = 136 rows as 8 chunks of 16 and a tail of 8; "padded": F
+# and D padded to 8 and 32, U = 21 rows as 16 + 4 + 1.
 CASES = {
     "f8_d16_normalized_f32": (8, 16, True, jnp.float32, None),
     "f8_d64_unnormalized_bf16": (8, 64, False, jnp.bfloat16, None),
@@ -89,9 +90,15 @@ def test_donated_state_is_updated_in_place(rng):
   with warnings.catch_warnings():
     warnings.filterwarnings("error", message=".*donated buffers were not usable")
     y, new_state = donating(q, k, v, state)
-  assert state.s2_BHFFD.is_deleted()  # the old state's buffers now hold the new one
+  assert state.s2_BHUD.is_deleted()  # the old state's buffers now hold the new one
   assert_close(y, expected_y, dtype=jnp.float32, reduction_len=F * F)
-  assert_close(new_state.s2_BHFFD, expected_state.s2_BHFFD, dtype=jnp.float32)
+  assert_close(new_state.s2_BHUD, expected_state.s2_BHUD, dtype=jnp.float32)
+
+
+def test_row_pieces_cover_the_rows_in_power_of_two_tiles():
+  assert row_pieces(136, 64) == (2, ((128, 8),))
+  assert row_pieces(21, 16) == (1, ((16, 4), (20, 1)))
+  assert row_pieces(128, 64) == (2, ())
 
 
 def _call():

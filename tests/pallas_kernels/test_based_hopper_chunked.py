@@ -16,7 +16,7 @@ import pytest
 
 from pallas_kernels.based import api, hopper_chunked, pallas
 from pallas_kernels.based import reference as ref
-from pallas_kernels.based.reference import BasedState
+from pallas_kernels.based.symmetric import BasedFullState, full_to_symmetric, on_full_layout, symmetric_to_full
 from pallas_kernels.common import mosaic
 from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
@@ -34,7 +34,7 @@ LOWERING = {
 
 def _shapes(B=2, T=256, H=2, F=16, D=64, dtype=jnp.bfloat16, initial_state=False, normalize=True, pieces=None):
   qk, v = jax.ShapeDtypeStruct((B, T, H, F), dtype), jax.ShapeDtypeStruct((B, T, H, D), dtype)
-  state = jax.eval_shape(lambda: BasedState.zeros(B, H, F, D)) if initial_state else None
+  state = jax.eval_shape(lambda: BasedFullState.zeros(B, H, F, D)) if initial_state else None
   return (qk, qk, v, state), dict(normalize=normalize,
                                   block_sizes=hopper_chunked.BlockSizes(sequence_pieces=pieces))
 
@@ -87,15 +87,26 @@ def test_sequence_pieces_fill_one_wave_of_long_pieces():
 @pytest.mark.parametrize("pieces", [None, 4])
 def test_portable_backward_from_a_given_forward_matches_reference(rng, pieces):
   """pallas.based_chunked_backward (the Hopper forward's gradients: portable kernels, interpret mode on CPU) from
-  the reference's y and normaliser: dq, dk, dv and the initial state's gradient, also in sequence pieces."""
-  (q, k, v, state), options, _ = _inputs(rng, T=128, initial_state=True)
+  the reference's y and normaliser: dq, dk, dv and the initial state's gradient, also in sequence pieces. States
+  are in the full layout the kernels carry (the reference's through the exact converters)."""
+  (q, k, v, sym_state), options, _ = _inputs(rng, T=128, initial_state=True)
+  state = symmetric_to_full(sym_state)
   cotangent_y = normal(rng, v.shape, jnp.float32)
-  cotangent_state = ref.BasedState(*(normal(rng, x.shape, jnp.float32) for x in state))
-  quadratic = lambda q, k, v, state: ref.based_quadratic(q, k, v, initial_state=state, return_final_state=True)
+  # A cotangent symmetric in (i, j), as the full states are: the layouts agree on those (an antisymmetric part has
+  # no symmetric-layout counterpart).
+  cotangent_state = BasedFullState(*(normal(rng, x.shape, jnp.float32) for x in state))
+  cotangent_state = cotangent_state._replace(
+      s2_BHFFD=(cotangent_state.s2_BHFFD + jnp.swapaxes(cotangent_state.s2_BHFFD, 2, 3)) / 2,
+      z2_BHFF=(cotangent_state.z2_BHFF + jnp.swapaxes(cotangent_state.z2_BHFF, 2, 3)) / 2)
+
+  def quadratic(q, k, v, state):
+    y, final = ref.based_quadratic(q, k, v, initial_state=full_to_symmetric(state), return_final_state=True)
+    return y, symmetric_to_full(final)
+
   (y, _), pullback = jax.vjp(quadratic, q, k, v, state)
   # den: the unnormalised output for values of ones and the normaliser state as the value state.
-  z_state = state._replace(s0_BHD=state.z0_BH[..., None], s1_BHFD=state.z1_BHF[..., None],
-                           s2_BHFFD=state.z2_BHFF[..., None])
+  z_state = sym_state._replace(s0_BHD=sym_state.z0_BH[..., None], s1_BHFD=sym_state.z1_BHF[..., None],
+                               s2_BHUD=sym_state.z2_BHU[..., None])
   den = ref.based_quadratic(q, k, jnp.ones((*v.shape[:3], 1)), initial_state=z_state, normalize=False)[..., 0]
   got = pallas.based_chunked_backward(q, k, v, y, den, cotangent_y, cotangent_state, initial_state=state,
                                       normalize=True, eps=1e-6, chunk=options["chunk"], sequence_pieces=pieces)
@@ -127,10 +138,10 @@ def test_auto_takes_it_on_sm90_for_16_bit_calls_with_a_full_wave():
 
 def test_state_packing_round_trips():
   rng = np.random.default_rng(1)
-  state = BasedState(*(jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-                       for x in BasedState.zeros(2, 3, 16, 64)))
+  state = BasedFullState(*(jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+                           for x in BasedFullState.zeros(2, 3, 16, 64)))
   back = hopper_chunked._unpack_state(*hopper_chunked._pack_state(state))
-  for name, a, b in zip(BasedState._fields, back, state):
+  for name, a, b in zip(BasedFullState._fields, back, state):
     np.testing.assert_array_equal(a, b, err_msg=name)
 
 
@@ -173,7 +184,8 @@ PIECES_CASES = {
 @_on_sm90
 @pytest.mark.parametrize("case", list(CASES))
 def test_hopper_chunked_matches_reference(rng, case):
-  _check_against_reference(rng, hopper_chunked.based_chunked_hopper, CASES[case])
+  """Through the symmetric-layout boundary api.py puts around it."""
+  _check_against_reference(rng, on_full_layout(hopper_chunked.based_chunked_hopper), CASES[case])
 
 
 @pytest.mark.gpu
@@ -182,7 +194,7 @@ def test_hopper_chunked_matches_reference(rng, case):
 def test_sequence_pieces_match_reference(rng, case):
   blocks = hopper_chunked.BlockSizes(sequence_pieces=4)
   kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw)
-  _check_against_reference(rng, kernel, PIECES_CASES[case])
+  _check_against_reference(rng, on_full_layout(kernel), PIECES_CASES[case])
 
 
 @pytest.mark.gpu

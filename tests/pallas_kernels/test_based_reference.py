@@ -44,12 +44,14 @@ def numpy_based(q, k, v, *, normalize, eps=1e-6, segment_ids=None, prefix=None):
 
 
 def numpy_state(k, v):
-  """The BasedState of all tokens of k [B, S, H, F], v [B, S, H, D], in float64."""
+  """The BasedState of all tokens of k [B, S, H, F], v [B, S, H, D], in float64: the order-2 rows are the upper
+  triangle of k ⊗ k / (√2·√F), row by row, with the off-diagonal entries doubled in weight (× √2)."""
   k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
   f = k.shape[-1]
   k1 = k / f ** 0.25
-  k2 = np.einsum("bshf,bshg->bshfg", k, k) / (np.sqrt(2.0) * np.sqrt(f))
-  return BasedState(v.sum(1), np.einsum("bshf,bshd->bhfd", k1, v), np.einsum("bshfg,bshd->bhfgd", k2, v),
+  rows, cols = np.triu_indices(f)
+  k2 = (k[..., rows] * k[..., cols] * np.where(rows == cols, 1.0, np.sqrt(2.0))) / (np.sqrt(2.0) * np.sqrt(f))
+  return BasedState(v.sum(1), np.einsum("bshf,bshd->bhfd", k1, v), np.einsum("bshu,bshd->bhud", k2, v),
                     np.full(k.shape[0:1] + k.shape[2:3], float(k.shape[1])), k1.sum(1), k2.sum(1))
 
 
@@ -210,7 +212,7 @@ def test_api_matches_numpy(rng, implementation, dtype):
   seg = packed_segments(rng, 13)
   y, final = based_linear_attention(q, k, v, chunk=4, initial_state=as_state(numpy_state(k0, v0)),
                                     segment_ids=seg, return_final_state=True, implementation=implementation)
-  assert y.dtype == dtype and final.s2_BHFFD.dtype == jnp.float32
+  assert y.dtype == dtype and final.s2_BHUD.dtype == jnp.float32
   expected = numpy_based(q, k, v, normalize=True, segment_ids=seg, prefix=(k0, v0))
   assert_close(y, expected, dtype=dtype, reduction_len=16)
   assert_state_close(final, expected_final_state(k, v, seg, (k0, v0)), reduction_len=16)
@@ -241,7 +243,7 @@ def _bad_calls():
       (dict(ok, chunk=0), "chunk"),
       (dict(ok, chunk=2.5), "chunk"),
       (dict(ok, eps=-1.0), "eps"),
-      (dict(ok, initial_state=state._replace(s2_BHFFD=jnp.zeros((2, 2, 4, 8)))), "initial_state.s2_BHFFD"),
+      (dict(ok, initial_state=state._replace(s2_BHUD=jnp.zeros((2, 2, 4, 8)))), "initial_state.s2_BHUD"),
       (dict(ok, initial_state=state._replace(z0_BH=jnp.zeros((2, 2), jnp.bfloat16))), "initial_state.z0_BH"),
       (dict(ok, initial_state=tuple(state)), "initial_state"),
       (dict(ok, segment_ids=jnp.array([[0, 0, 1, 1, 0, 2]] * 2)), "segment_ids"),

@@ -39,10 +39,10 @@ def _model(d_model, mixers, num_layers=1, **options):
     # sliding window: 2·d·w, and no more than the sequence holds
     ("sliding_window", {"num_heads": 1, "window": 32}, 256, 2 * 64 * 32),
     ("sliding_window", {"num_heads": 2, "window": 1024}, 256, 2 * 64 * 256),
-    # BASED: H·D·(1+F+F²) + H·(1+F+F²): F=16 -> 273 features
-    ("based", {"num_heads": 1, "feature_dim": 16}, 256, 64 * 273 + 273),
-    ("based", {"num_heads": 2, "feature_dim": 8}, 4096, 2 * 32 * 73 + 2 * 73),
-    ("based", {"num_heads": 1, "feature_dim": 16, "normalize": False}, 256, 64 * 273),
+    # BASED: H·D·X + H·X, X = 1+F+F(F+1)/2 (order-2 pairs once): F=16 -> 153 features, F=8 -> 45
+    ("based", {"num_heads": 1, "feature_dim": 16}, 256, 64 * 153 + 153),
+    ("based", {"num_heads": 2, "feature_dim": 8}, 4096, 2 * 32 * 45 + 2 * 45),
+    ("based", {"num_heads": 1, "feature_dim": 16, "normalize": False}, 256, 64 * 153),
     # BaseConv: taps x conv width (expand·d)
     ("base_conv", {"kernel_size": 3}, 256, 3 * 128),
     ("base_conv", {"kernel_size": 4, "expand": 1}, 256, 4 * 64),
@@ -58,9 +58,9 @@ def test_mixer_state_size_by_hand(mixer, options, seq_len, expected):
 
 
 def test_model_state_size_sums_layers():
-  """BASED's MQAR layout, 4 layers of BaseConv and BASED alternating, d=128, F=8 (73 features)."""
+  """BASED's MQAR layout, 4 layers of BaseConv and BASED alternating, d=128, F=8 (45 features)."""
   model = _model(128, "base_conv; based@1%2", num_layers=4, based={"num_heads": 1, "feature_dim": 8})
-  assert model_state_size(model, 1024) == 2 * (3 * 256) + 2 * (128 * 73 + 73)
+  assert model_state_size(model, 1024) == 2 * (3 * 256) + 2 * (128 * 45 + 45)
 
 
 def test_state_grows_with_length_only_where_it_should():
@@ -165,8 +165,8 @@ def test_shipped_sweeps_expand():
   reduced = load_sweep("configs/zoology/figure2_based.yaml", budget="reduced")
   assert len(reduced.runs) == 25 * 3 and reduced.out_dir == os.path.join("runs", "figure2_based-reduced")
   by_name = {r.name: r for r in based.runs}
-  # BaseConv (3 taps x 64) then BASED (d=64, F=16: 273 features, plus the normaliser), at the longest test length
-  assert by_name["based-d64-f16-lr1.0e-03"].state_size == 3 * 64 + 64 * 273 + 273
+  # BaseConv (3 taps x 64) then BASED (d=64, F=16: 153 features, plus the normaliser), at the longest test length
+  assert by_name["based-d64-f16-lr1.0e-03"].state_size == 3 * 64 + 64 * 153 + 153
   assert by_name["h3-d128-n32-lr1.0e-03"].config.model["mixer_options"]["h3"]["state_dim"] == 32
   assert {r.state_len for r in based.runs} == {1024}
 
@@ -263,7 +263,7 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
   except ImportError:  # no matplotlib (the plots extra): the table is written first; test_plot_pngs is skipped
     paths = []
   table = open(os.path.join(figures, "smoke.md")).read()
-  assert "| based | 453 |" in table and "| attention | 1,024 |" in table
+  assert "| based | 351 |" in table and "| attention | 1,024 |" in table
   for path in paths[1:]:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
