@@ -138,7 +138,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, m_ref, dn_ref, dd_ref, dq_re
     kv, k_sum = carry
     rows, back = pl.ds(j * c, c), pl.ds(jnp.maximum(j - 1, 0) * c, c)
     diag, back_window, back_linear = _masks(c, j > 0)
-    q, f, m = q_ref[rows, :], fq_ref[rows, :], m_ref[rows, :]
+    q, m = q_ref[rows, :], m_ref[rows, :]
     k_diag, k_back = k_ref[rows, :], k_ref[back, :]
     v_diag, v_back, g_back = v_ref[rows, :], v_ref[back, :], fk_ref[back, :]
     dn, dd = dn_ref[rows, :], dd_ref[rows, :]

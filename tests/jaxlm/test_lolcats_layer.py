@@ -6,7 +6,6 @@ Letters: B batch, T length, E model width.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 from pallas_kernels.attention import api
 from pallas_kernels.attention import reference as ref
-from tests.tolerances import assert_close, float64, normal, tolerance
+from tests.tolerances import assert_close, float64, normal
 
 IMPLEMENTATIONS = ["reference"]
 ATTENTION_ONLY = ["reference_chunked"]  # implementations of api.attention with no attention_decode counterpart

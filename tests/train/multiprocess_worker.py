@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
 
 from train import distributed
 
