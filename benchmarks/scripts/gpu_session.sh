@@ -5,41 +5,48 @@
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT
 #   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
-#   new_tests           the new kernels' GPU tests: attention (documents, head dims, Hopper), monarch, lolcats
+#   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
+#   based_tests         the BASED kernels' and the kernel switch's GPU tests
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 nvidia-smi -L > $OUT/device.log; python3 -c "import jax; print(jax.__version__, jax.devices())" >> $OUT/device.log
 
-sweep() {  # $1 sweep name, $2 seconds
+sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine returns at most 8 files)
   local dir=runs/$1-session
   mkdir -p $dir; [ -f $dir/results.jsonl ] || cp docs/zoology/$1-session.jsonl $dir/results.jsonl 2>/dev/null
   for i in 0 1 2 3; do
     python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $2 \
-      --set log.progress=plain > $OUT/$1-$i.log 2>&1 &
+      --set log.progress=plain > /tmp/$1-$i.log 2>&1 &
   done; wait
+  for i in 0 1 2 3; do echo "== shard $i"; grep -E "^\[|error|Error" /tmp/$1-$i.log | tail -n 40; done > $OUT/$1.log
   cp $dir/results.jsonl $OUT/$1-session.jsonl; wc -l $OUT/$1-session.jsonl
+}
+gpu_tests() {  # $1 name, $2 seconds, test files...: one log each, verdict counts printed
+  local name=$1 limit=$2; shift 2
+  timeout $limit python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu "$@" > $OUT/$name.log 2>&1
+  echo "$name (rc $?):"; grep -oE "(PASSED|FAILED|ERROR)" $OUT/$name.log | sort | uniq -c
+  grep -E "^(FAILED|ERROR) " $OUT/$name.log | head -20
 }
 step() {
   case "$1" in
     lc_bench) timeout 120 python3 -m benchmarks long_conv --impls pallas reference direct 2>&1 \
-                | tail -30 | tee $OUT/long_conv_bench.log ;;
-    lc_tests) timeout 240 python3 -m pytest -v -p no:xdist -p no:cacheprovider -m gpu \
-                tests/pallas_kernels/test_long_conv_kernel.py tests/pallas_kernels/test_long_conv_layers.py \
-                tests/jaxlm/test_mixers_recurrent.py > $OUT/long_conv_tests.log 2>&1
-              grep -E "PASSED|FAILED|ERROR|passed|failed" $OUT/long_conv_tests.log | tail -25 ;;
+                | tail -45 | tee $OUT/long_conv_bench.log ;;
+    lc_tests) gpu_tests long_conv_tests 240 tests/pallas_kernels/test_long_conv_kernel.py \
+                tests/pallas_kernels/test_long_conv_layers.py tests/jaxlm/test_mixers_recurrent.py ;;
     new_bench)
       timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
         | tail -24 | tee $OUT/attention_documents_bench.log
       timeout 80 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
         | tail -16 | tee $OUT/monarch_bench.log ;;
-    new_tests) timeout 270 python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu \
-                 tests/pallas_kernels/test_attention_documents.py tests/pallas_kernels/test_attention_head_dims.py \
-                 tests/pallas_kernels/test_attention_hopper.py tests/pallas_kernels/test_monarch_kernel.py \
-                 tests/pallas_kernels/test_lolcats_kernel.py > $OUT/new_tests.log 2>&1
-               grep -E " PASSED| FAILED| ERROR" $OUT/new_tests.log | sed 's/.*\] //' | awk '{print $1}' | sort | uniq -c
-               grep -E "FAILED|ERROR" $OUT/new_tests.log | head -30 ;;
+    att_tests) gpu_tests att_tests 400 tests/pallas_kernels/test_attention_documents.py \
+                 tests/pallas_kernels/test_attention_head_dims.py tests/pallas_kernels/test_attention_hopper.py ;;
+    new_tests) gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py \
+                 tests/pallas_kernels/test_lolcats_kernel.py ;;
+    based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
+                   tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
+                   tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;
