@@ -41,7 +41,7 @@ from train.data.loader import process_rows, to_global
 from train.logs import RunLog
 from train.mesh import batch_axis_size, make_mesh, maybe_initialize_distributed
 from train.models import ModelSpec, build_model
-from train.optimizer import decay_mask, lr_schedule, make_optimizer
+from train.optimizer import decay_mask, make_optimizer, unit_schedule
 from train.state import Setup, abstract_model, abstract_state, create_state
 from train.step import make_eval_step, make_forward, make_train_step
 from train.throughput import Throughput
@@ -158,7 +158,7 @@ def _build(config: TrainConfig, model: ModelSpec | None) -> _Run:
     raise ConfigError("steps: set steps > 0, or epochs > 0 for a finite dataset")
   abs_params = nnx.split(abstract_model(spec.model_fn), nnx.Param, ...)[1]
   optimizer = make_optimizer(config.optim, total_steps, decay_mask(abs_params))
-  schedule = lr_schedule(config.optim, total_steps)
+  schedule = unit_schedule(config.optim, total_steps)
   state, setup = create_state(spec.model_fn, optimizer, mesh, config.seed)
   return _Run(config, config.resolved_run_dir(), mesh, spec, data, total_steps, optimizer, schedule, state, setup)
 

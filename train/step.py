@@ -23,6 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.optimizer import peak_lr
+
 IGNORE = -100
 DATA_AXIS = "data"  # the mesh axis of pure data parallelism (train/mesh.py): parameters are replicated over it
 
@@ -151,7 +153,8 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
                     ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
   """The train step (state, batch[M, B/M, T]) -> (state, metrics); jit it with donated state.
 
-  `param_shardings` pins the gradient accumulator to the parameters' layout; `schedule` adds the step's `lr`.
+  `param_shardings` pins the gradient accumulator to the parameters' layout; `schedule` (make_optimizer's unit
+  schedule) adds the step's `lr`, times the peak the optimizer state holds.
   """
 
   def summed_loss(params, micro):
@@ -225,7 +228,7 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
     metrics = dict(loss=loss, accuracy=correct / denom, tokens=tokens, grad_norm=grad_norm,
                    finite=finite, skipped=new_state["skipped"])
     if schedule is not None:
-      metrics["lr"] = schedule(state["step"])
+      metrics["lr"] = schedule(state["step"]) * peak_lr(state["opt_state"])
     return new_state, metrics
 
   return step
