@@ -122,8 +122,8 @@ class TrainConfig:
   # Stop with an error after this many consecutive steps with a non-finite loss or gradient (each is skipped:
   # parameters untouched); checked whenever metrics are fetched (every log.every steps). 0 = never stop.
   max_nonfinite_steps: int = 10
-  # Positions per chunk of the loss: > 0 computes logits and cross-entropy that many positions at a time
-  # (rematerialised in the backward), never [B, T, V] float32 at once; 0 = the whole logits tensor.
+  # Positions per chunk of the loss: > 0 computes logits, cross-entropy and its gradient that many positions at a
+  # time (train/loss.py, no recomputation in the backward), never [B, T, V] float32 at once; 0 = the whole logits.
   loss_chunk: int = 0
 
   def resolved_run_dir(self) -> str:

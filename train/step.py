@@ -9,7 +9,9 @@ norm is not finite leaves parameters and optimizer state untouched and increment
 replicas and M > 1, each replica sums its own rows' gradients over the micro-batches and the replicas' sums are
 added once after the loop (`summed_grads_per_replica`), not once per micro-batch.
 
-Labels < 0 are ignored (MQAR's non-query positions, document boundaries of packed text, padding).
+Labels < 0 are ignored (MQAR's non-query positions, document boundaries of packed text, padding). With
+`loss_chunk` the train step's loss is train/loss.py's fused one (`summed_token_stats`); `token_stats` of the whole
+logits is the oracle it is tested against.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.loss import fused_token_sums
 from train.optimizer import peak_lr
 
 IGNORE = -100
@@ -63,9 +66,10 @@ def labelled_positions(x_BTE: jax.Array, labels_BT: jax.Array, count: int) -> tu
 
 
 def chunked_token_stats(features: Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`token_stats` of x·w computed `chunk` positions at a time, each chunk under jax.checkpoint: at most
-  [B, chunk, V] float32 logits exist at once, in the forward and in the backward (which recomputes them), instead
-  of [B, T, V]. Per token the arithmetic is token_stats' own."""
+  """Per-token `token_stats` of x·w computed `chunk` positions at a time, for the eval step (which needs per-row
+  sums) and per-token callers: at most [B, chunk, V] float32 logits exist at once. Each chunk is under
+  jax.checkpoint, so a caller that differentiates it recomputes the logits in the backward; the train step takes
+  `summed_token_stats`, whose fused loss does not."""
   x_BTE, w_EV, chunk = features.x_BTE, features.w_EV, features.chunk
   B, T, E = x_BTE.shape
   pad = -T % chunk
@@ -95,6 +99,19 @@ def per_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple[ja
   if out.chunk:
     return chunked_token_stats(out, labels_BT)
   return token_stats(jnp.einsum("bte,ev->btv", out.x_BTE, out.w_EV, preferred_element_type=jnp.float32), labels_BT)
+
+
+def summed_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed loss, correct tokens, labelled tokens) of a forward's output, float32 scalars: what the train step
+  differentiates. Chunked Features take the fused loss (train/loss.py), whose backward reuses the gradient pieces
+  its forward computed instead of recomputing each chunk's logits."""
+  if isinstance(out, Features) and out.chunk:
+    x_BTE = out.x_BTE
+    if out.labelled:
+      x_BTE, labels_BT = labelled_positions(x_BTE, labels_BT, out.labelled)
+    return fused_token_sums(x_BTE, out.w_EV, labels_BT, out.chunk)
+  loss, correct, mask = per_token_stats(out, labels_BT)
+  return loss.sum(), correct.sum(), mask.sum()
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
@@ -158,8 +175,8 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation, 
   """
 
   def summed_loss(params, micro):
-    loss, correct, mask = per_token_stats(forward(params, micro), micro["labels"])
-    return loss.sum(), (mask.sum(), correct.sum())
+    loss, correct, tokens = summed_token_stats(forward(params, micro), micro["labels"])
+    return loss, (tokens, correct)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 

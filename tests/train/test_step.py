@@ -92,14 +92,16 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_chunked_and_labelled_losses_equal_the_full_logits_loss(rng):
-  """loss_chunk > 0 (chunks that do not divide T, the last one padded) and the labelled-positions loss (logits only
-  where rows have labels; rows with fewer labels padded) give the same update as the whole logits tensor: the LM's
-  features · head_EV are its logits, tied and untied heads alike."""
+  """loss_chunk > 0 (the train step's fused loss, train/loss.py; chunks that do not divide T, the last one padded)
+  and the labelled-positions loss (logits only where rows have labels; rows with fewer labels padded), alone and
+  composed, give the same update as the whole logits tensor, and the eval step the same per-row sums: the LM's
+  features · head_EV are its logits, tied and untied heads alike (tied: the gradient reaches the embedding through
+  head_EV's transpose)."""
   from jaxlm.models import LM, load_preset
   from train.state import create_state
   from train.mesh import make_mesh
   from train.config import MeshConfig
-  from train.step import make_forward
+  from train.step import make_eval_step, make_forward
   import dataclasses
   for tie in (True, False):
     config = dataclasses.replace(load_preset("transformer-tiny"), tie_embeddings=tie)
@@ -110,11 +112,15 @@ def test_chunked_and_labelled_losses_equal_the_full_logits_loss(rng):
     labels[rng.random(labels.shape) < 0.6] = IGNORE
     most = int((labels >= 0).sum(-1).max())
     batch = dict(inputs=jnp.asarray(tokens, jnp.int32), labels=jnp.asarray(labels, jnp.int32))
-    results = {}
+    results, evals = {}, {}
     for chunk, labelled in ((0, 0), (4, 0), (0, most), (2, most)):
       forward = make_forward(setup.graphdef, setup.rest, loss_chunk=chunk, labelled=labelled)
       results[chunk, labelled] = jax.jit(make_train_step(forward, optimizer))(state, batch)
+      evals[chunk, labelled] = jax.jit(make_eval_step(forward))(state["params"], jax.tree.map(lambda x: x[0], batch))
     full, m_full = results.pop((0, 0))
+    for key, sums in evals.items():
+      for name in ("loss", "correct", "tokens"):
+        np.testing.assert_allclose(sums[name], evals[0, 0][name], rtol=1e-6, err_msg=f"{key} {name}")
     for key, (other, m_other) in results.items():
       np.testing.assert_allclose(m_other["loss"], m_full["loss"], rtol=1e-6, err_msg=str(key))
       np.testing.assert_allclose(m_other["accuracy"], m_full["accuracy"], rtol=1e-6, err_msg=str(key))
@@ -159,3 +165,81 @@ def test_accumulation_reduces_over_data_once_per_step():
   np.testing.assert_allclose(two["grad_norm"], one["grad_norm"], rtol=1e-5)
   for a, b in zip(two["params"], one["params"]):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _fused_inputs(rng, scale):
+  B, T, E, V = 3, 11, 8, 37
+  x_BTE = jnp.asarray(rng.standard_normal((B, T, E)) * scale, jnp.float32)
+  w_EV = jnp.asarray(rng.standard_normal((E, V)), jnp.float32)
+  labels_BT = rng.integers(0, V, (B, T))
+  pick = rng.random((B, T)) < 0.3
+  labels_BT[pick] = np.asarray(jnp.argmax(x_BTE @ w_EV, -1))[pick]
+  labels_BT[rng.random((B, T)) < 0.4] = IGNORE
+  return x_BTE, w_EV, jnp.asarray(labels_BT, jnp.int32)
+
+
+def _oracle_sums(x_BTE, w_EV, labels_BT):
+  from train.step import token_stats
+  loss, correct, mask = token_stats(jnp.einsum("bte,ev->btv", x_BTE, w_EV, preferred_element_type=jnp.float32),
+                                    labels_BT)
+  return loss.sum(), correct.sum(), mask.sum()
+
+
+def test_fused_loss_equals_token_stats_and_its_gradient(rng):
+  """train/loss.py's fused_token_sums against token_stats of the whole logits: loss sum, correct and labelled
+  counts, and the gradient in x and W of a sum that weights the loss by a non-unit cotangent and includes the
+  counts (whose gradient is zero). Scale 40 puts logits past float32's exp range (the max subtraction matters);
+  chunk 4 does not divide T=11, chunk 11 is one chunk."""
+  from train.loss import fused_token_sums
+  for scale in (1.0, 40.0):
+    x_BTE, w_EV, labels_BT = _fused_inputs(rng, scale)
+    want = _oracle_sums(x_BTE, w_EV, labels_BT)
+    assert 0 < float(want[1]) < float(want[2])  # some but not all labelled tokens are correct
+    objective = lambda sums: 2.5 * sums[0] + sums[1] + sums[2]
+    want_dx, want_dw = jax.grad(lambda x, w: objective(_oracle_sums(x, w, labels_BT)), (0, 1))(x_BTE, w_EV)
+    for chunk in (4, 11):
+      fused = jax.jit(lambda x, w: fused_token_sums(x, w, labels_BT, chunk))
+      got = fused(x_BTE, w_EV)
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-6, err_msg=f"{scale=} {chunk=}")
+      assert float(got[1]) == float(want[1]) and float(got[2]) == float(want[2])
+      dx, dw = jax.jit(jax.grad(lambda x, w: objective(fused(x, w)), (0, 1)))(x_BTE, w_EV)
+      tol = 1e-6 * float(jnp.abs(want_dw).max())
+      np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=tol, err_msg=f"{scale=} {chunk=}")
+      np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=tol, err_msg=f"{scale=} {chunk=}")
+  # bf16 inputs (the train step's compute dtype): gradients come back in bf16, near the float32 oracle's
+  x_BTE, w_EV, labels_BT = _fused_inputs(rng, 1.0)
+  want_dx, want_dw = jax.grad(lambda x, w: _oracle_sums(x, w, labels_BT)[0], (0, 1))(x_BTE, w_EV)
+  half = lambda a: a.astype(jnp.bfloat16)
+  dx, dw = jax.grad(lambda x, w: fused_token_sums(x, w, labels_BT, 4)[0], (0, 1))(half(x_BTE), half(w_EV))
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, atol=0.05 * float(jnp.abs(want_dx).max()))
+  np.testing.assert_allclose(dw.astype(jnp.float32), want_dw, atol=0.05 * float(jnp.abs(want_dw).max()))
+
+
+def _equations(jaxpr):
+  """The equations of a jaxpr and of the jaxprs nested in it (scan bodies, jit calls)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from _equations(sub)
+
+
+def test_fused_loss_backward_computes_no_logits(rng):
+  """The gradient of the fused loss holds one x·W product per chunk (the forward's, in the scan body) where the
+  jax.checkpoint form of chunked_token_stats holds two (its backward recomputes the chunk's logits), and no array
+  bigger than one chunk's logits [B, C, V]."""
+  from train.loss import fused_token_sums
+  from train.step import Features, chunked_token_stats
+  x_BTE, w_EV, labels_BT = _fused_inputs(rng, 1.0)
+  B, chunk, V = x_BTE.shape[0], 4, w_EV.shape[1]
+  fused = jax.make_jaxpr(jax.grad(lambda x, w: fused_token_sums(x, w, labels_BT, chunk)[0], (0, 1)))(x_BTE, w_EV)
+  remat = jax.make_jaxpr(jax.grad(lambda x, w: chunked_token_stats(Features(x, w, chunk), labels_BT)[0].sum(),
+                                  (0, 1)))(x_BTE, w_EV)
+  logits_products = lambda jaxpr: sum(eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape == (B, chunk, V)
+                                      for eqn in _equations(jaxpr))
+  assert logits_products(fused.jaxpr) == 1
+  assert logits_products(remat.jaxpr) == 2
+  assert max(v.aval.size for eqn in _equations(fused.jaxpr) for v in eqn.outvars) <= B * chunk * V
