@@ -15,7 +15,7 @@ import jax
 import optax
 from flax import nnx
 
-from train.step import Features, per_token_stats
+from train.step import Features, summed_token_stats
 
 
 def token_loss(model, inputs_BT: jax.Array, labels_BT: jax.Array, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -24,8 +24,8 @@ def token_loss(model, inputs_BT: jax.Array, labels_BT: jax.Array, loss_chunk: in
     out = Features(model.features(inputs_BT), model.head_EV(), loss_chunk)
   else:
     out = model(inputs_BT)
-  loss, _, mask = per_token_stats(out, labels_BT)
-  return loss.sum(), mask.sum()
+  loss, _, tokens = summed_token_stats(out, labels_BT)  # chunked: the fused loss, no logits recomputed
+  return loss, tokens
 
 
 def make_lora_step(graph: nnx.GraphDef, optimizer: optax.GradientTransformation, loss_chunk: int) -> Callable:
