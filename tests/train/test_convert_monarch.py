@@ -152,8 +152,10 @@ def test_train_config_writes_a_run_that_training_continues(tmp_path, capsys):
   np.testing.assert_array_equal(model(tokens), converted_logits)
   state = ocp.PyTreeCheckpointer().restore(str(out / "checkpoints" / "0" / "state"))
   assert int(state["step"]) == 0
-  moments = jax.tree.leaves(state["opt_state"])  # Adam's count, mu and nu: all zero before the first step
+  # Adam's count, mu and nu: all zero before the first step; last, the peak learning rate (train/optimizer.py).
+  *moments, peak = jax.tree.leaves(state["opt_state"])
   assert moments and all(not np.any(np.asarray(m)) for m in moments), "the optimizer state is not fresh"
+  assert float(peak) == np.float32(yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"])
 
   assert train_main(["--config", str(out / "config.yaml")]) == 0
   assert "resumed from step 0" in capsys.readouterr().out
