@@ -36,7 +36,7 @@ from pallas_kernels.based import sequence_split
 from pallas_kernels.based.reference import TaylorScaled
 from pallas_kernels.based.symmetric import BasedFullState, on_full_layout
 from pallas_kernels.common.layout import round_up
-from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
+from pallas_kernels.common.matmul import exact_precision, mm, mm_nt, mm_tn
 from pallas_kernels.common.target import Target
 
 
@@ -80,17 +80,6 @@ class _Spec(TaylorScaled):
   def num_groups(self) -> int:  # groups with a real leading feature
     return -(-self.feature_dim // self.group)
 
-
-def _mm(spec: _Spec, a, b):
-  return dot(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
-
-
-def _mm_nt(spec: _Spec, a, b):
-  return dot_nt(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
-
-
-def _mm_tn(spec: _Spec, a, b):
-  return dot_tn(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
 
 
 class _State(NamedTuple):
@@ -155,7 +144,7 @@ def _order2_grad(x_ref, rows, x, dphi2, spec: _Spec):
 
 def _intra_scores(q, k, spec: _Spec, seg_col, seg_row):
   """Masked 1 + s + s²/2 within a chunk [C, C] (causal, same segment), and s."""
-  s = _mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
+  s = mm_nt(spec, q, k) * (1.0 / math.sqrt(spec.feature_dim))
   c = spec.chunk
   visible = lax.broadcasted_iota(jnp.int32, (c, c), 0) >= lax.broadcasted_iota(jnp.int32, (c, c), 1)
   if seg_col is not None:
@@ -177,8 +166,8 @@ def _advance_state(state: _State, k_ref, rows, kf, v, seg_col, seg_col_ref, star
   k2 = [p * weight for p in _order2_groups(k_ref, rows, kf, spec)]
   vf = v.astype(jnp.float32)
   colsum = lambda x: jnp.sum(x, axis=0, keepdims=True)
-  return _State(seg, keep * state.s0 + colsum(vf * weight), keep * state.s1 + _mm_tn(spec, k1, v),
-                tuple(keep * s2 + _mm_tn(spec, p, v) for s2, p in zip(state.s2, k2)),
+  return _State(seg, keep * state.s0 + colsum(vf * weight), keep * state.s1 + mm_tn(spec, k1, v),
+                tuple(keep * s2 + mm_tn(spec, p, v) for s2, p in zip(state.s2, k2)),
                 keep * state.z0 + colsum(weight), keep * state.z1 + colsum(k1),
                 tuple(keep * z2 + colsum(p) for z2, p in zip(state.z2, k2)))
 
@@ -201,15 +190,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s
       seg_col, seg_row = seg_col_ref[rows, :], seg_row_ref[:, rows]
     a, _ = _intra_scores(q, k, spec, seg_col, seg_row)
     q1 = qf * spec.c1
-    inter_num = state.s0 + _mm(spec, q1, state.s1)
+    inter_num = state.s0 + mm(spec, q1, state.s1)
     inter_den = state.z0 + jnp.sum(q1 * state.z1, axis=1, keepdims=True)
     for p, s2, z2 in zip(_order2_groups(q_ref, rows, qf, spec), state.s2, state.z2):
-      inter_num = inter_num + _mm(spec, p, s2)
+      inter_num = inter_num + mm(spec, p, s2)
       inter_den = inter_den + jnp.sum(p * z2, axis=1, keepdims=True)
     if spec.has_segments:
       reaches = (seg_col == state.seg).astype(jnp.float32)  # [C, 1]: tokens of the carried state's segment
       inter_num, inter_den = inter_num * reaches, inter_den * reaches
-    num = _mm(spec, a, v) + inter_num
+    num = mm(spec, a, v) + inter_num
     if spec.normalize:
       den = jnp.sum(a, axis=1, keepdims=True) + inter_den
       o_ref[rows, :] = (num / (den + spec.eps)).astype(o_ref.dtype)
@@ -249,7 +238,7 @@ def _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref, dd_ref,
   a, s = _intra_scores(q, k, spec, seg_col, seg_row)
   dn = dn_ref[rows, :]
   dd = dd_ref[rows, :] * first_block  # the normaliser's cotangent counts once, in value block 0
-  da = _mm_nt(spec, dn, v) + dd
+  da = mm_nt(spec, dn, v) + dd
   ds = jnp.where(a != 0.0, da * (1.0 + s), 0.0) * (1.0 / math.sqrt(spec.feature_dim))
   return q, k, v, seg_col, a, dn, dd, ds
 
@@ -266,10 +255,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, s0_ref, s1_ref, s2
     q, k, v, seg_col, _, dn, dd, ds = _chunk_common(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, dn_ref,
                                                     dd_ref, rows, spec, first_block)
     reaches = (seg_col == state.seg).astype(jnp.float32) if spec.has_segments else 1.0
-    dphi1 = (_mm_nt(spec, dn, state.s1) + dd * state.z1) * reaches
-    dphi2 = [(_mm_nt(spec, dn, s2) + dd * z2) * reaches for s2, z2 in zip(state.s2, state.z2)]
+    dphi1 = (mm_nt(spec, dn, state.s1) + dd * state.z1) * reaches
+    dphi2 = [(mm_nt(spec, dn, s2) + dd * z2) * reaches for s2, z2 in zip(state.s2, state.z2)]
     qf = q.astype(jnp.float32)
-    dq_ref[rows, :] = _mm(spec, ds, k) + spec.c1 * dphi1 + _order2_grad(q_ref, rows, qf, dphi2, spec)
+    dq_ref[rows, :] = mm(spec, ds, k) + spec.c1 * dphi1 + _order2_grad(q_ref, rows, qf, dphi2, spec)
     return _advance_state(state, k_ref, rows, k.astype(jnp.float32), v, seg_col, seg_col_ref, start, spec)
 
   init = _read_state(_first_segment(seg_col_ref, 0, spec), s0_ref, s1_ref, s2_ref, z0_ref, z1_ref, z2_ref, spec)
@@ -295,14 +284,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
     qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
     reaches = (seg_col == g.seg).astype(jnp.float32) if spec.has_segments else 1.0
     k1 = kf * spec.c1
-    dv_inter = g.s0 + _mm(spec, k1, g.s1)
+    dv_inter = g.s0 + mm(spec, k1, g.s1)
     dphi2 = []
     for p, g2, gz2 in zip(_order2_groups(k_ref, rows, kf, spec), g.s2, g.z2):
-      dv_inter = dv_inter + _mm(spec, p, g2)
-      dphi2.append(_mm_nt(spec, v, g2) + gz2 * first_block)
-    dphi1 = _mm_nt(spec, v, g.s1) + g.z1 * first_block
-    dv_ref[rows, :] = (_mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
-    dk_ref[rows, :] = _mm_tn(spec, ds, q) + reaches * (spec.c1 * dphi1 + _order2_grad(k_ref, rows, kf, dphi2, spec))
+      dv_inter = dv_inter + mm(spec, p, g2)
+      dphi2.append(mm_nt(spec, v, g2) + gz2 * first_block)
+    dphi1 = mm_nt(spec, v, g.s1) + g.z1 * first_block
+    dv_ref[rows, :] = (mm_tn(spec, a, dn) + reaches * dv_inter).astype(dv_ref.dtype)
+    dk_ref[rows, :] = mm_tn(spec, ds, q) + reaches * (spec.c1 * dphi1 + _order2_grad(k_ref, rows, kf, dphi2, spec))
     keep, weight, seg = 1.0, 1.0, g.seg
     if spec.has_segments:
       seg = seg_col_ref[pl.ds(start, 1), :]
@@ -311,8 +300,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_col_ref, seg_row_ref, g0_ref, g1_ref, g
     dd_all = dd_ref[rows, :] * weight  # the z cotangents are the same in every value block
     q1 = qf * spec.c1 * weight
     q2 = [p * weight for p in _order2_groups(q_ref, rows, qf, spec)]
-    return _State(seg, keep * g.s0 + colsum(dn * weight), keep * g.s1 + _mm_tn(spec, q1, dn),
-                  tuple(keep * g2 + _mm_tn(spec, p, dn) for g2, p in zip(g.s2, q2)),
+    return _State(seg, keep * g.s0 + colsum(dn * weight), keep * g.s1 + mm_tn(spec, q1, dn),
+                  tuple(keep * g2 + mm_tn(spec, p, dn) for g2, p in zip(g.s2, q2)),
                   keep * g.z0 + colsum(dd_all), keep * g.z1 + colsum(q1 * dd_all),
                   tuple(keep * gz2 + colsum(p * dd_all) for gz2, p in zip(g.z2, q2)))
 

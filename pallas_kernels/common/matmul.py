@@ -29,3 +29,20 @@ def dot_tn(a, b, precision=None):
   """a.T @ b."""
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
+
+
+# A kernel's products as its static spec fixes them: operands cast to `spec.operand_dtype` (the inputs' dtype: 16-bit
+# at tensor-core rate), `spec.precision` (exact_precision), float32 accumulation.
+def mm(spec, a, b):
+  """a @ b."""
+  return dot(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
+
+
+def mm_nt(spec, a, b):
+  """a @ b.T."""
+  return dot_nt(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
+
+
+def mm_tn(spec, a, b):
+  """a.T @ b."""
+  return dot_tn(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)

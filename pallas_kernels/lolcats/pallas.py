@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.layout import round_up
-from pallas_kernels.common.matmul import dot, dot_nt, dot_tn, exact_precision
+from pallas_kernels.common.matmul import exact_precision, mm, mm_nt, mm_tn
 from pallas_kernels.common.target import Target
 
 # Masked scores: finite so that exp(mask - m) is 0 and never inf - inf (as jax's flash attention does).
@@ -64,17 +64,6 @@ class _Spec:
   precision: object = None
 
 
-def _mm(spec: _Spec, a, b):
-  return dot(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
-
-
-def _mm_nt(spec: _Spec, a, b):
-  return dot_nt(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
-
-
-def _mm_tn(spec: _Spec, a, b):
-  return dot_tn(a.astype(spec.operand_dtype), b.astype(spec.operand_dtype), spec.precision)
-
 
 def _rowsum(x):
   return jnp.sum(x, axis=1, keepdims=True)
@@ -94,7 +83,7 @@ def _masks(c: int, reaches_back):
 
 def _scores(spec: _Spec, q, k, mask):
   """Scaled scores q kᵀ/√D of one [C, C] block, masked."""
-  return jnp.where(mask, _mm_nt(spec, q, k) * spec.scale, _MASK_VALUE)
+  return jnp.where(mask, mm_nt(spec, q, k) * spec.scale, _MASK_VALUE)
 
 
 def _probs(s, m, mask):
@@ -114,8 +103,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, y_ref, m_ref, den_ref, *, s
     s_diag, s_back = _scores(spec, q, k_ref[rows, :], diag), _scores(spec, q, k_ref[back, :], back_window)
     m = jnp.maximum(jnp.max(s_diag, axis=1, keepdims=True), jnp.max(s_back, axis=1, keepdims=True))
     p_diag, p_back = _probs(s_diag, m, diag), _probs(s_back, m, back_window)
-    a_back = p_back + jnp.where(back_linear, _mm_nt(spec, f, g_back), 0.0)
-    num = _mm(spec, p_diag, v_diag) + _mm(spec, a_back, v_back) + _mm(spec, f, kv)
+    a_back = p_back + jnp.where(back_linear, mm_nt(spec, f, g_back), 0.0)
+    num = mm(spec, p_diag, v_diag) + mm(spec, a_back, v_back) + mm(spec, f, kv)
     den = (_rowsum(p_diag) + _rowsum(a_back)
            + _rowsum(f.astype(jnp.float32) * k_sum))
     y_ref[rows, :] = (num / den).astype(y_ref.dtype)
@@ -123,7 +112,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, y_ref, m_ref, den_ref, *, s
     den_ref[rows, :] = den
     # Chunk j - 1 leaves the window of every query from chunk j + 1 on.
     joins = (j > 0).astype(jnp.float32)
-    return kv + joins * _mm_tn(spec, g_back, v_back), k_sum + joins * _colsum(g_back.astype(jnp.float32))
+    return kv + joins * mm_tn(spec, g_back, v_back), k_sum + joins * _colsum(g_back.astype(jnp.float32))
 
   init = (jnp.zeros((fq_ref.shape[1], v_ref.shape[1]), jnp.float32), jnp.zeros((1, fq_ref.shape[1]), jnp.float32))
   lax.fori_loop(0, q_ref.shape[0] // c, body, init)
@@ -144,8 +133,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, m_ref, dn_ref, dd_ref, dq_re
     dn, dd = dn_ref[rows, :], dd_ref[rows, :]
     s_diag, s_back = _scores(spec, q, k_diag, diag), _scores(spec, q, k_back, back_window)
     p_diag, p_back = _probs(s_diag, m, diag), _probs(s_back, m, back_window)
-    dp_diag = _mm_nt(spec, dn, v_diag) + dd
-    dp_back = _mm_nt(spec, dn, v_back) + dd
+    dp_diag = mm_nt(spec, dn, v_diag) + dd
+    dp_back = mm_nt(spec, dn, v_back) + dd
     dm = -(_rowsum(p_diag * dp_diag) + _rowsum(p_back * dp_back))
     ties = (_rowsum(jnp.where(diag & (s_diag == m), 1.0, 0.0))
             + _rowsum(jnp.where(back_window & (s_back == m), 1.0, 0.0)))
@@ -153,12 +142,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, m_ref, dn_ref, dd_ref, dq_re
     # The arg-max share of dm goes to the tied maxima equally, as jnp.max's gradient does.
     ds_diag = p_diag * dp_diag + jnp.where(diag & (s_diag == m), dm_share, 0.0)
     ds_back = p_back * dp_back + jnp.where(back_window & (s_back == m), dm_share, 0.0)
-    dq_ref[rows, :] = (_mm(spec, ds_diag, k_diag) + _mm(spec, ds_back, k_back)) * spec.scale
+    dq_ref[rows, :] = (mm(spec, ds_diag, k_diag) + mm(spec, ds_back, k_back)) * spec.scale
     da_back = jnp.where(back_linear, dp_back, 0.0)
-    df_ref[rows, :] = _mm(spec, da_back, g_back) + _mm_nt(spec, dn, kv) + dd * k_sum
+    df_ref[rows, :] = mm(spec, da_back, g_back) + mm_nt(spec, dn, kv) + dd * k_sum
     dm_ref[rows, :] = dm_share
     joins = (j > 0).astype(jnp.float32)
-    return kv + joins * _mm_tn(spec, g_back, v_back), k_sum + joins * _colsum(g_back.astype(jnp.float32))
+    return kv + joins * mm_tn(spec, g_back, v_back), k_sum + joins * _colsum(g_back.astype(jnp.float32))
 
   init = (jnp.zeros((fq_ref.shape[1], v_ref.shape[1]), jnp.float32), jnp.zeros((1, fq_ref.shape[1]), jnp.float32))
   lax.fori_loop(0, q_ref.shape[0] // c, body, init)
@@ -182,27 +171,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, fq_ref, fk_ref, m_ref, dn_ref, dd_ref, dm_r
     q, m, dn, dd = q_ref[rows, :], m_ref[rows, :], dn_ref[rows, :], dd_ref[rows, :]
     s_diag = _scores(spec, q, k, diag)
     p_diag = _probs(s_diag, m, diag)
-    ds_diag = p_diag * (_mm_nt(spec, dn, v) + dd) + jnp.where(diag & (s_diag == m), dm_ref[rows, :], 0.0)
-    dk = _mm_tn(spec, ds_diag, q)
-    dv = _mm_tn(spec, p_diag, dn)
+    ds_diag = p_diag * (mm_nt(spec, dn, v) + dd) + jnp.where(diag & (s_diag == m), dm_ref[rows, :], 0.0)
+    dk = mm_tn(spec, ds_diag, q)
+    dv = mm_tn(spec, p_diag, dn)
     # Queries of the next chunk: these keys are the block that reaches back (window and linear parts).
     _, back_window, back_linear = _masks(c, has_next)
     q_n, f_n, m_n, dn_n, dd_n = q_ref[nxt, :], fq_ref[nxt, :], m_ref[nxt, :], dn_ref[nxt, :], dd_ref[nxt, :]
     s_back = _scores(spec, q_n, k, back_window)
     p_back = _probs(s_back, m_n, back_window)
-    dp_back = _mm_nt(spec, dn_n, v) + dd_n
+    dp_back = mm_nt(spec, dn_n, v) + dd_n
     ds_back = p_back * dp_back + jnp.where(back_window & (s_back == m_n), dm_ref[nxt, :], 0.0)
-    a_back = p_back + jnp.where(back_linear, _mm_nt(spec, f_n, g), 0.0)
-    dk = dk + _mm_tn(spec, ds_back, q_n)
-    dv = dv + _mm_tn(spec, a_back, dn_n) + _mm(spec, g, d_kv)
-    dg = _mm_tn(spec, jnp.where(back_linear, dp_back, 0.0), f_n) + _mm_nt(spec, v, d_kv) + d_k_sum
+    a_back = p_back + jnp.where(back_linear, mm_nt(spec, f_n, g), 0.0)
+    dk = dk + mm_tn(spec, ds_back, q_n)
+    dv = dv + mm_tn(spec, a_back, dn_n) + mm(spec, g, d_kv)
+    dg = mm_tn(spec, jnp.where(back_linear, dp_back, 0.0), f_n) + mm_nt(spec, v, d_kv) + d_k_sum
     dk_ref[rows, :] = dk * spec.scale
     dv_ref[rows, :] = dv
     dg_ref[rows, :] = dg
     # From the next step on (key chunk c - 1), query chunk c + 1 reads through the state too.
     joins = has_next.astype(jnp.float32)
     f_n32 = f_n.astype(jnp.float32)
-    return d_kv + joins * _mm_tn(spec, f_n, dn_n), d_k_sum + joins * _colsum(f_n32 * dd_n)
+    return d_kv + joins * mm_tn(spec, f_n, dn_n), d_k_sum + joins * _colsum(f_n32 * dd_n)
 
   init = (jnp.zeros((fq_ref.shape[1], v_ref.shape[1]), jnp.float32), jnp.zeros((1, fq_ref.shape[1]), jnp.float32))
   lax.fori_loop(0, num_chunks, body, init)
