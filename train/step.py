@@ -59,10 +59,18 @@ class Features(NamedTuple):
 def labelled_positions(x_BTE: jax.Array, labels_BT: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
   """Each row's first `count` labelled positions, [B, count, E] and [B, count] (a row with fewer labels is padded
   with IGNORE). Exact when no row has more than `count` labels: the loss only ever reads labelled positions. MQAR
-  labels 4-64 of 64-512 positions, so the LM head (most of a small model's FLOPs) shrinks 8-16x."""
+  labels 4-64 of 64-512 positions, so the LM head (most of a small model's FLOPs) shrinks 4-16x."""
   order_BC = jnp.argsort(labels_BT < 0, axis=1, stable=True)[:, :count]  # labelled first, in position order
   return (jnp.take_along_axis(x_BTE, order_BC[..., None], axis=1),
           jnp.take_along_axis(labels_BT, order_BC, axis=1))
+
+
+def _at_labels(out: Features, labels_BT: jax.Array) -> tuple[Features, jax.Array]:
+  """The features and labels at each row's labelled positions, where `out.labelled` asks for it."""
+  if not out.labelled:
+    return out, labels_BT
+  x_BTE, labels_BT = labelled_positions(out.x_BTE, labels_BT, out.labelled)
+  return out._replace(x_BTE=x_BTE, labelled=0), labels_BT
 
 
 def chunked_token_stats(features: Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -93,9 +101,7 @@ def per_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple[ja
   tokens are defined then: with `labelled` they cover the gathered positions, not [B, T])."""
   if not isinstance(out, Features):
     return token_stats(out, labels_BT)
-  if out.labelled:
-    x_BTE, labels_BT = labelled_positions(out.x_BTE, labels_BT, out.labelled)
-    out = out._replace(x_BTE=x_BTE)
+  out, labels_BT = _at_labels(out, labels_BT)
   if out.chunk:
     return chunked_token_stats(out, labels_BT)
   return token_stats(jnp.einsum("bte,ev->btv", out.x_BTE, out.w_EV, preferred_element_type=jnp.float32), labels_BT)
@@ -106,10 +112,8 @@ def summed_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple
   differentiates. Chunked Features take the fused loss (train/loss.py), whose backward reuses the gradient pieces
   its forward computed instead of recomputing each chunk's logits."""
   if isinstance(out, Features) and out.chunk:
-    x_BTE = out.x_BTE
-    if out.labelled:
-      x_BTE, labels_BT = labelled_positions(x_BTE, labels_BT, out.labelled)
-    return fused_token_sums(x_BTE, out.w_EV, labels_BT, out.chunk)
+    out, labels_BT = _at_labels(out, labels_BT)
+    return fused_token_sums(out.x_BTE, out.w_EV, labels_BT, out.chunk)
   loss, correct, mask = per_token_stats(out, labels_BT)
   return loss.sum(), correct.sum(), mask.sum()
 
@@ -125,7 +129,8 @@ def make_forward(graphdef: nnx.GraphDef, rest: Any, *, compute_dtype: Any = None
                  labelled: int = 0) -> Callable[[Any, Batch], jax.Array | Features]:
   """(params, batch) -> logits [B, T, V] float32, or with loss_chunk > 0 or labelled > 0 the model's Features (its
   `features` and `head_EV`) for the chunked / labelled-positions loss; params are cast to `compute_dtype` unless
-  it is None. `labelled` must be at least the most labels any row has (the data knows: Data.labels_per_row)."""
+  it is None. `labelled` must be at least the most labels any row has (the data counts them:
+  Data.train_labels_per_row / eval_labels_per_row)."""
   def forward(params, batch):
     model = nnx.merge(graphdef, cast_floats(params, compute_dtype), rest)
     if loss_chunk or labelled:

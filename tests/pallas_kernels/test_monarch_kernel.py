@@ -3,7 +3,6 @@ blockdiag(w2) · Perm · blockdiag(w1) written out in numpy, and its three gradi
 api by name; lowering for TPU and Triton; the Monarch layers and MLP on it. GPU runs are marked `gpu`."""
 
 import functools
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from flax import nnx
 from jaxlm.layers.linear import MonarchLinear
 from jaxlm.layers.mlp import build_mlp
 from pallas_kernels.monarch import api, pallas, reference
+from tests.pallas_kernels.test_kernel_lowering import _lowers
 from tests.pallas_kernels.test_monarch_reference import dense_np
 from tests.tolerances import assert_close, normal
 
@@ -133,14 +133,6 @@ def test_bad_block_sizes_name_the_knob(rng, field, value):
   blocks = pallas.BlockSizes(**{field: value})
   with pytest.raises(ValueError, match=field):
     pallas.monarch_multiply(x, w1, w2, block_sizes=blocks)
-
-
-def _lowers(fn, args, platform: str) -> str:
-  backend = {"cuda": "gpu"}.get(platform, platform)
-  with mock.patch.object(jax, "default_backend", lambda: backend):
-    if platform == "tpu":
-      return jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 # The GPT-2-Monarch presets' MLP maps (small: 768 <-> 3072, C 48; medium: 1024 -> 4096) and the benchmark's
