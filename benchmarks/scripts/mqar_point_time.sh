@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Tokens/s of single MQAR sweep points alone on the GPU, `auto` kernels against the XLA reference forms (float32,
-# as the sweeps train): which path the tiny models' sweeps should take. 120 steps a point, one process.
+# as the sweeps train): which path the tiny models' sweeps should take. 80 steps a point, one process.
 # Usage (on the GPU machine, repository root): OUT=... bash benchmarks/scripts/mqar_point_time.sh
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 point() {  # $1 run-name regex, $2 label, rest: --set overrides
   local only=$1 label=$2; shift 2
   local line
   line=$(timeout 120 python3 -m train.sweep --config configs/zoology/figure2_zoology.yaml --budget session \
-    --only "$only" --out /tmp/pt-$RANDOM --set steps=120 --set eval_every=0 --set log.every=20 \
+    --only "$only" --out /tmp/pt-$RANDOM --set steps=80 --set eval_every=0 --set log.every=10 \
     --set log.progress=plain --set checkpoint.enabled=false "$@" 2>&1 | grep -E "^done at step|rror" | tail -1)
   printf "%-34s %-10s %s\n" "$only" "$label" "$line"
 }
