@@ -252,6 +252,9 @@ def test_smoke_sweep_stops_resumes_records_and_plots(tmp_path):
                    stream=io.StringIO()) == 0
   with pytest.raises(ConfigError, match=r"\(loss_chunk: 0 -> 8\)"):
     run_sweep(load_sweep(SMOKE, out_dir=out, overrides=("loss_chunk=8",)), stream=io.StringIO())
+  # The kernel that runs an op is a speed choice: finished runs are kept.
+  assert run_sweep(load_sweep(SMOKE, out_dir=out, overrides=("model.implementation.attention=reference",)),
+                   on_step=lambda *_: pytest.fail("trained again"), stream=io.StringIO()) == 0
 
   # A finished run with other settings is not silently reused.
   with pytest.raises(ConfigError, match=r"^based-L32_kv4-d16-lr3\.0e-03: finished .*\(steps: 24 -> 8\)"):

@@ -18,6 +18,9 @@ from train.data.mqar import setting_name
 RESULTS = "results.jsonl"
 # Settings that do not change what a run computes: a finished run is still valid when only these differ.
 UNCOMPARED = ("name", "run_dir", "log", "checkpoint", "mesh")
+# Which kernel runs an op changes speed, not results (every implementation is tested against the reference), so a
+# sweep may move its tiny models to a faster path and keep the runs it finished.
+UNCOMPARED_PREFIXES = ("model.implementation.",)
 _EVAL_KEY = re.compile(r"^eval/([^/]+)/accuracy(?:/(.+))?$")
 
 
@@ -71,7 +74,7 @@ def check_same_config(line: dict[str, Any], config: TrainConfig) -> None:
   defaults = _flat(json.loads(json.dumps(to_dict(TrainConfig()))))
   value = lambda side, k: side.get(k, defaults.get(k, "(unset)"))
   changed = [f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in sorted(set(old) | set(new))
-             if value(old, k) != value(new, k)]
+             if value(old, k) != value(new, k) and not k.startswith(UNCOMPARED_PREFIXES)]
   if changed:
     raise ConfigError(f"{line['name']}: finished in {RESULTS} with other settings ({'; '.join(changed[:3])}); "
                       f"write this sweep elsewhere (--out, --budget) or remove the run's line")
