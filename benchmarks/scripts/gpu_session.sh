@@ -3,7 +3,9 @@
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
-#                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT
+#                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
+#                       --set overrides (e.g. model.implementation.attention=reference)
+#   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
 #   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
@@ -18,7 +20,7 @@ sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine retu
   mkdir -p $dir; [ -f $dir/results.jsonl ] || cp docs/zoology/$1-session.jsonl $dir/results.jsonl 2>/dev/null
   for i in 0 1 2 3; do
     python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $2 \
-      --set log.progress=plain > /tmp/$1-$i.log 2>&1 &
+      --set log.progress=plain ${SWEEP_SET:+$(printf -- '--set %s ' $SWEEP_SET)} > /tmp/$1-$i.log 2>&1 &
   done; wait
   for i in 0 1 2 3; do echo "== shard $i"; grep -E "^\[|error|Error" /tmp/$1-$i.log | tail -n 40; done > $OUT/$1.log
   cp $dir/results.jsonl $OUT/$1-session.jsonl; wc -l $OUT/$1-session.jsonl
@@ -47,6 +49,7 @@ step() {
     based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
+    point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;

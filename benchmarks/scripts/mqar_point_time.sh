@@ -11,15 +11,16 @@ point() {  # $1 run-name regex, $2 label, rest: --set overrides
     --set log.progress=plain --set checkpoint.enabled=false "$@" 2>&1 | grep -E "^done at step|rror" | tail -1)
   printf "%-34s %-10s %s\n" "$only" "$label" "$line"
 }
-for run in 'attention-L64_kv4-d128-lr1.0e-02' 'attention-L64_kv4-d256-lr1.0e-02' 'attention-L256_kv16-d128-lr1.0e-02'; do
+for run in 'attention-L64_kv4-d128-lr1.0e-02' 'attention-L256_kv16-d256-lr1.0e-02'; do
   point "^$run" auto
   point "^$run" reference --set model.implementation.attention=reference
 done
-for run in 'based-L256_kv16-d128-lr1.0e-02' 'based-L256_kv16-d256-lr1.0e-02'; do
+for run in 'based-L256_kv16-d128-lr1.0e-02'; do
   point "^$run" auto
   point "^$run" reference --set model.implementation.based=reference
+  point "^$run" quadratic --set model.implementation.based=quadratic
 done
-for run in 'h3-L256_kv16-d128-lr1.0e-02' 'hyena-L256_kv16-d128-lr1.0e-02' 'base_conv-L256_kv16-d128-lr1.0e-02'; do
+for run in 'h3-L256_kv16-d128-lr1.0e-02' 'hyena-L256_kv16-d128-lr1.0e-02'; do
   point "^$run" auto
   point "^$run" direct --set model.implementation.long_conv=direct
 done
