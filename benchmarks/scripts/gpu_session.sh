@@ -4,7 +4,7 @@
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
-#                       --set overrides (e.g. model.implementation.attention=reference)
+#                       --set overrides (e.g. model.implementation.based=reference)
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
 #   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
