@@ -123,17 +123,24 @@ def s4d_discretize(params: S4DParams, discretization: str = "zoh") -> tuple[jax.
 
 
 def s4d_kernel(params: S4DParams, length: int, discretization: str = "zoh") -> jax.Array:
-  """k[l, d] = 2·Re(Σ_n C_dn B̄_dn Ā_dn^l) for l < length, as a Vandermonde product; float32 [L, D]."""
+  """k[l, d] = 2·Re(Σ_n C_dn B̄_dn Ā_dn^l) for l < length, as a factored Vandermonde product; float32 [L, D].
+
+  The full Vandermonde matrix Ā^l [L, D, N] is 537 MB of complex64 per layer at H3-355M's L 2048, D 1024, N 32, and
+  autodiff keeps it for the backward pass. Writing l = a·S + b with S = ⌈√L⌉ splits it into Ā^(aS) and Ā^b, two
+  [D, N, S] tables, and the sum over n into a batched matrix product per channel:
+  k[aS + b, d] = 2·Re Σ_n (C B̄ Ā^(aS))_dna · (Ā^b)_dnb."""
   validation.check_in("discretization", discretization, DISCRETIZATIONS)
   validation.check_positive("length", length)
   dt_D1, A_DN, B_DN, C_DN = _continuous_system(params)
   A_bar_DN, B_bar_DN = _discretized(dt_D1, A_DN, B_DN, discretization)
-  # Ā^l = exp(l·log Ā) for every l at once; for ZOH log Ā is ΔA itself, which saves a complex log.
+  # Ā^l = exp(l·log Ā); for ZOH log Ā is ΔA itself, which saves a complex log.
   log_A_bar_DN = dt_D1 * A_DN if discretization == "zoh" else jnp.log(A_bar_DN)
-  l_L11 = jnp.arange(length, dtype=dt_D1.dtype)[:, None, None]
-  vandermonde_LDN = jnp.exp(l_L11 * log_A_bar_DN[None])
-  k_LD = 2 * jnp.einsum("dn,ldn->ld", C_DN * B_bar_DN, vandermonde_LDN,
-                        precision=jax.lax.Precision.HIGHEST).real
+  step = math.isqrt(length - 1) + 1  # S = ⌈√L⌉: S blocks of S powers cover every l < L
+  b_S = jnp.arange(step, dtype=dt_D1.dtype)
+  outer_DNS = (C_DN * B_bar_DN)[..., None] * jnp.exp(log_A_bar_DN[..., None] * (step * b_S))
+  inner_DNS = jnp.exp(log_A_bar_DN[..., None] * b_S)
+  k_DSS = 2 * jnp.einsum("dna,dnb->dab", outer_DNS, inner_DNS, precision=jax.lax.Precision.HIGHEST).real
+  k_LD = k_DSS.reshape(k_DSS.shape[0], step * step)[:, :length].T
   return k_LD.astype(params.log_dt_D.dtype)
 
 

@@ -217,8 +217,9 @@ def test_api_validation(rng, case):
 
 @pytest.mark.parametrize("init", list(S4D_INITS))
 @pytest.mark.parametrize("discretization", ssm.DISCRETIZATIONS)
-def test_s4d_kernel_matches_numpy(rng, init, discretization):
-  length, channels, state_size = 24, 3, 4
+@pytest.mark.parametrize("length", [1, 24, 257])  # the powers come in ⌈√L⌉ blocks: L of 1, inside a block, one past
+def test_s4d_kernel_matches_numpy(rng, init, discretization, length):
+  channels, state_size = 3, 4
   params = random_s4d_params(rng, init, channels, state_size)
   expected = numpy_s4d_kernel(params, length, discretization)
   k = jax.jit(ssm.s4d_kernel, static_argnums=(1, 2))(params, length, discretization)
