@@ -39,8 +39,10 @@ def chunk_loss_and_dlogits(x_BCE: jax.Array, w_EV: jax.Array, labels_BC: jax.Arr
   return loss_BC, correct_BC.astype(jnp.float32), mask_BC.astype(jnp.float32), dlogits_BCV
 
 
-def _chunks(x_BTE: jax.Array, labels_BT: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+def split_chunks(x_BTE: jax.Array, labels_BT: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
   """x and labels as [J, B, C, ...]; the last chunk padded with zero features and ignored labels."""
+  if chunk < 1:
+    raise ValueError(f"{chunk=} must be positive")
   B, T, E = x_BTE.shape
   pad = -T % chunk
   x_BTE = jnp.pad(x_BTE, ((0, 0), (0, pad), (0, 0)))
@@ -52,7 +54,7 @@ def _chunks(x_BTE: jax.Array, labels_BT: jax.Array, chunk: int) -> tuple[jax.Arr
 def _scan(x_BTE: jax.Array, w_EV: jax.Array, labels_BT: jax.Array, chunk: int, with_grads: bool):
   """The sums (loss, correct, labelled) over all tokens and, if `with_grads`, d(loss sum)/dx and /dW."""
   B, T, E = x_BTE.shape
-  x_JBCE, labels_JBC = _chunks(x_BTE, labels_BT, chunk)
+  x_JBCE, labels_JBC = split_chunks(x_BTE, labels_BT, chunk)
 
   def one_chunk(carry, pair):
     sums, dw_EV = carry
@@ -81,14 +83,10 @@ def fused_token_sums(x_BTE: jax.Array, w_EV: jax.Array, labels_BT: jax.Array, ch
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed cross-entropy, correct tokens, labelled tokens) of logits x·W, float32 scalars, `chunk` positions at a
   time; differentiable in x and W (the counts have zero gradient) without recomputing logits in the backward."""
-  if chunk < 1:
-    raise ValueError(f"{chunk=} must be positive")
   return _scan(x_BTE, w_EV, labels_BT, chunk, with_grads=False)
 
 
 def _fused_fwd(x_BTE, w_EV, labels_BT, chunk):
-  if chunk < 1:
-    raise ValueError(f"{chunk=} must be positive")
   sums, dx_BTE, dw_EV = _scan(x_BTE, w_EV, labels_BT, chunk, with_grads=True)
   return sums, (dx_BTE, dw_EV)
 

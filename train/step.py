@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from train.loss import fused_token_sums
+from train.loss import fused_token_sums, split_chunks
 from train.optimizer import peak_lr
 
 IGNORE = -100
@@ -78,14 +78,9 @@ def chunked_token_stats(features: Features, labels_BT: jax.Array) -> tuple[jax.A
   sums) and per-token callers: at most [B, chunk, V] float32 logits exist at once. Each chunk is under
   jax.checkpoint, so a caller that differentiates it recomputes the logits in the backward; the train step takes
   `summed_token_stats`, whose fused loss does not."""
-  x_BTE, w_EV, chunk = features.x_BTE, features.w_EV, features.chunk
-  B, T, E = x_BTE.shape
-  pad = -T % chunk
-  x_BTE = jnp.pad(x_BTE, ((0, 0), (0, pad), (0, 0)))
-  labels_BT = jnp.pad(labels_BT, ((0, 0), (0, pad)), constant_values=IGNORE)
-  J = (T + pad) // chunk  # chunks
-  x_JBCE = x_BTE.reshape(B, J, chunk, E).swapaxes(0, 1)
-  labels_JBC = labels_BT.reshape(B, J, chunk).swapaxes(0, 1)
+  w_EV, chunk = features.w_EV, features.chunk
+  B, T, _ = features.x_BTE.shape
+  x_JBCE, labels_JBC = split_chunks(features.x_BTE, labels_BT, chunk)
 
   @jax.checkpoint
   def one_chunk(x_BCE, labels_BC):
@@ -93,7 +88,7 @@ def chunked_token_stats(features: Features, labels_BT: jax.Array) -> tuple[jax.A
     return token_stats(logits_BCV, labels_BC)
 
   stats = jax.lax.map(lambda pair: one_chunk(*pair), (x_JBCE, labels_JBC))
-  return tuple(y.swapaxes(0, 1).reshape(B, J * chunk)[:, :T] for y in stats)
+  return tuple(y.swapaxes(0, 1).reshape(B, -1)[:, :T] for y in stats)
 
 
 def per_token_stats(out: jax.Array | Features, labels_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

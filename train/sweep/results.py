@@ -16,11 +16,10 @@ from train.config import ConfigError, TrainConfig, to_dict
 from train.data.mqar import setting_name
 
 RESULTS = "results.jsonl"
-# Settings that do not change what a run computes: a finished run is still valid when only these differ.
-UNCOMPARED = ("name", "run_dir", "log", "checkpoint", "mesh")
-# Which kernel runs an op changes speed, not results (every implementation is tested against the reference), so a
-# sweep may move its tiny models to a faster path and keep the runs it finished.
-UNCOMPARED_PREFIXES = ("model.implementation.",)
+# Settings (dotted keys and everything under them) that do not change what a run computes: a finished run is still
+# valid when only these differ. Which kernel runs an op changes speed, not results (every implementation is tested
+# against the reference), so a sweep may move its tiny models to a faster path and keep the runs it finished.
+UNCOMPARED = ("name", "run_dir", "log", "checkpoint", "mesh", "model.implementation")
 _EVAL_KEY = re.compile(r"^eval/([^/]+)/accuracy(?:/(.+))?$")
 
 
@@ -65,16 +64,20 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix: data}
 
 
+def _uncompared(key: str) -> bool:
+  return any(key == name or key.startswith(name + ".") for name in UNCOMPARED)
+
+
 def check_same_config(line: dict[str, Any], config: TrainConfig) -> None:
   """ConfigError naming the keys when a finished run's line was made with other settings than `config`."""
-  old = _flat({k: v for k, v in line.get("config", {}).items() if k not in UNCOMPARED})
-  new = _flat({k: v for k, v in json.loads(json.dumps(to_dict(config))).items() if k not in UNCOMPARED})
+  old = _flat(line.get("config", {}))
+  new = _flat(json.loads(json.dumps(to_dict(config))))
   # A key one side lacks (a setting added to TrainConfig after the line was written) counts as its default,
   # which is what the older run used.
   defaults = _flat(json.loads(json.dumps(to_dict(TrainConfig()))))
   value = lambda side, k: side.get(k, defaults.get(k, "(unset)"))
   changed = [f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in sorted(set(old) | set(new))
-             if value(old, k) != value(new, k) and not k.startswith(UNCOMPARED_PREFIXES)]
+             if value(old, k) != value(new, k) and not _uncompared(k)]
   if changed:
     raise ConfigError(f"{line['name']}: finished in {RESULTS} with other settings ({'; '.join(changed[:3])}); "
                       f"write this sweep elsewhere (--out, --budget) or remove the run's line")
