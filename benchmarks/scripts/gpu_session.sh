@@ -9,6 +9,8 @@
 #   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
+#   gen:M1,M2           python -m jaxlm.generate --benchmark for presets M1, M2 (e.g. gen:based-360m,transformer-360m):
+#                       --batch max at 1024+1024, 128+2048, 128+4096, prefill in pieces of 256, one timed round
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
 set -o pipefail
@@ -50,6 +52,11 @@ step() {
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
+    gen:*) m=${1#gen:}; for model in ${m//,/ }; do
+             XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 python3 -m jaxlm.generate --config $model --benchmark \
+               --batch max --setting 1024+1024 128+2048 128+4096 --prefill-chunk 256 --repeats 1 2>&1 \
+               | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/gen_$model.log
+           done ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;

@@ -158,7 +158,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--new-tokens", type=int, default=1024)
   p.add_argument("--setting", nargs="+", choices=tuple(SETTINGS),
                  help="benchmark settings (prompt length + new tokens), run in turn; replace --prompt-len/--new-tokens")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch and setting (median)")
   args = p.parse_args(argv)
   if not args.benchmark and not args.prompt:
     p.error("give --prompt TEXT (or --benchmark)")
