@@ -69,6 +69,9 @@ class MQARDataConfig:
 class TextDataConfig:
   path: str = ""  # output directory of `python -m train.prepare_data`
   seq_len: int = 1024  # packed row length
+  # False: rows carry no segment ids, so every token sees the earlier documents of its row (for mixers that cannot
+  # reset inside a row, e.g. lolcats, and as LoLCATs trains); labels that start a document stay ignored either way.
+  segment_ids: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

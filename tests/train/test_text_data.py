@@ -77,6 +77,10 @@ def test_packing_segments_and_labels(rng, tmp_path):
     np.testing.assert_array_equal(batch["labels"][r] == IGNORE, crosses)  # no label across documents
     np.testing.assert_array_equal(batch["labels"][r][~crosses], stream[pos + 1][~crosses])
   assert (batch["labels"] == IGNORE).sum() >= len(texts) - 2
+  plain = PackedRows(data, seq_len=32, segment_ids=False).read(np.arange(rows.num_rows))
+  assert sorted(plain) == ["inputs", "labels"]  # the same rows, labels still cut at documents, no ids
+  for key in plain:
+    np.testing.assert_array_equal(plain[key], batch[key])
 
 
 def test_row_loader_epochs_and_hosts():
@@ -91,13 +95,17 @@ def test_row_loader_epochs_and_hosts():
   assert sorted(np.concatenate(halves)) == sorted(loader.rows(5))
 
 
-def test_train_on_prepared_text_reports_perplexity(rng, tmp_path):
+# lolcats cannot reset inside a row, so it trains on rows without segment ids (configs/lolcats/*_scratch.yaml).
+@pytest.mark.parametrize("model", [["model=transformer-tiny"],
+                                   ["model=transformer-tiny", "model.mixers=lolcats", "data.text.segment_ids=false",
+                                    "model.mixer_options.lolcats.window=8"]], ids=["transformer", "lolcats"])
+def test_train_on_prepared_text_reports_perplexity(rng, tmp_path, model):
   from train.config import load_config
   from train.run import train
   _corpus(rng, tmp_path, docs=40)
   prepare([str(tmp_path / "in")], str(tmp_path / "tok"), "byte", eval_fraction=0.2)
-  summary = train(load_config(None, [
-      "model=transformer-tiny", "model.max_length=32", "data.kind=text", f"data.text.path={tmp_path / 'tok'}",
+  summary = train(load_config(None, model + [
+      "model.max_length=32", "data.kind=text", f"data.text.path={tmp_path / 'tok'}",
       "data.text.seq_len=32", "batch_size=8", "steps=3", "compute_dtype=float32", f"run_dir={tmp_path / 'run'}",
       "log.progress=none", "checkpoint.enabled=false", "eval_batches=2"]))
   assert summary["step"] == 3 and np.isfinite(summary["loss"])

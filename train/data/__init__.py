@@ -85,7 +85,7 @@ def _text_data(config: TrainConfig, vocab_size: int) -> Data:
     if largest >= vocab_size:
       raise ConfigError(f"data.text.path: {d.text.path} holds token id {largest} in its {split} split (tokenizer "
                         f"vocabulary {data.vocab_size}), but the model's vocab_size is {vocab_size}")
-  train_rows, eval_rows = PackedRows(train_file, d.text.seq_len), PackedRows(eval_file, d.text.seq_len)
+  train_rows, eval_rows = (PackedRows(f, d.text.seq_len, d.text.segment_ids) for f in (train_file, eval_file))
   if train_rows.num_rows < config.batch_size:
     raise ConfigError(f"data.text.seq_len: the train split of {d.text.path} ({train_file.num_tokens:,} tokens) "
                       f"holds {train_rows.num_rows} rows of {d.text.seq_len} tokens, fewer than batch_size "

@@ -71,10 +71,11 @@ class TokenFile:
 
 
 class PackedRows:
-  """Fixed-length rows over a `TokenFile`; `read(rows)` returns inputs, labels and segment_ids [n, T] int32."""
+  """Fixed-length rows over a `TokenFile`; `read(rows)` returns inputs, labels and (if `segment_ids`)
+  segment_ids [n, T] int32."""
 
-  def __init__(self, data: TokenFile, seq_len: int):
-    self.data, self.seq_len = data, seq_len
+  def __init__(self, data: TokenFile, seq_len: int, segment_ids: bool = True):
+    self.data, self.seq_len, self.segment_ids = data, seq_len, segment_ids
     self.num_rows = max((data.num_tokens - 1) // seq_len, 0)
 
   def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,5 +84,7 @@ class PackedRows:
     tokens = np.stack([np.asarray(self.data.tokens[r * t:r * t + t + 1]) for r in rows]).astype(np.int32)
     doc = np.searchsorted(self.data.doc_starts, offsets, side="right")
     labels = np.where(doc[:, 1:] == doc[:, :-1], tokens[:, 1:], IGNORE)
-    segment_ids = (doc[:, :-1] - doc[:, :1] + 1).astype(np.int32)
-    return dict(inputs=tokens[:, :-1], labels=labels.astype(np.int32), segment_ids=segment_ids)
+    batch = dict(inputs=tokens[:, :-1], labels=labels.astype(np.int32))
+    if self.segment_ids:
+      batch["segment_ids"] = (doc[:, :-1] - doc[:, :1] + 1).astype(np.int32)
+    return batch

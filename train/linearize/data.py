@@ -7,6 +7,8 @@ is run the same way so that both see the same context. Labels that start a new d
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from train.config import DataConfig, TextDataConfig, TrainConfig
@@ -14,12 +16,13 @@ from train.data import Data, build_data
 
 
 def text_data(text: TextDataConfig, batch_size: int, seed: int, vocab_size: int) -> Data:
-  """train/data's packed text loader (ConfigError naming data.text.* when the directory does not fit)."""
+  """train/data's packed text loader without segment ids (ConfigError naming data.text.* when the directory does
+  not fit)."""
+  text = dataclasses.replace(text, segment_ids=False)
   config = TrainConfig(data=DataConfig(kind="text", seed=seed, text=text), batch_size=batch_size)
   return build_data(config, vocab_size)
 
 
 def device_batch(host: dict) -> dict:
-  """inputs and labels [B, T] int32 committed to the first device, as every array of the stages' steps is (segment
-  ids dropped: module docstring)."""
-  return jax.device_put({k: host[k] for k in ("inputs", "labels")}, jax.devices()[0])
+  """inputs and labels [B, T] int32 committed to the first device, as every array of the stages' steps is."""
+  return jax.device_put(host, jax.devices()[0])
