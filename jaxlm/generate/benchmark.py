@@ -33,9 +33,9 @@ from jaxlm.sampling import SamplingConfig
 SETTINGS = {"1024+1024": (1024, 1024), "128+2048": (128, 2048), "128+4096": (128, 4096)}
 
 
-def _lowered(model: LM, *, batch: int, prompt_len: int, new_tokens: int, prefill_chunk: int | None = None):
-  """The prefill and decode-loop programs for a batch, lowered from shapes alone (nothing runs)."""
-  graphdef, state = nnx.split(model)
+def _lowered(graphdef: nnx.GraphDef, state: nnx.State, *, batch: int, prompt_len: int, new_tokens: int,
+             prefill_chunk: int | None = None):
+  """The prefill and decode-loop programs of a split model for a batch, lowered from shapes alone (nothing runs)."""
   prompt_BT = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
   lengths_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
   lowered_prefill = prefill.lower(graphdef, state, prompt_BT, lengths_B, max_length=prompt_len + new_tokens,
@@ -52,8 +52,8 @@ def benchmark(model: LM, *, batch: int, prompt_len: int, new_tokens: int, repeat
   is spent on compiling: at the largest batches a 4096-token generation takes minutes on the GPU."""
   prompt_BT = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, model.config.vocab_size)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
-  state = nnx.state(model)
-  lowered = _lowered(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+  graphdef, state = nnx.split(model)
+  lowered = _lowered(graphdef, state, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
   run_prefill, run_decode = (program.compile() for program in lowered)
   prefill_s, decode_s = [], []
   for _ in range(repeats):
@@ -79,7 +79,8 @@ def peak_bytes(model: LM, *, batch: int, prompt_len: int, new_tokens: int, prefi
     m = lowered.compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
-  lowered = _lowered(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+  lowered = _lowered(*nnx.split(model), batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                     prefill_chunk=prefill_chunk)
   return max(peak(program) for program in lowered)
 
 

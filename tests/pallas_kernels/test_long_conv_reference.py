@@ -217,7 +217,8 @@ def test_api_validation(rng, case):
 
 @pytest.mark.parametrize("init", list(S4D_INITS))
 @pytest.mark.parametrize("discretization", ssm.DISCRETIZATIONS)
-@pytest.mark.parametrize("length", [1, 24, 257])  # the powers come in ⌈√L⌉ blocks: L of 1, inside a block, one past
+# The powers come in ⌈√L⌉ blocks: L of 1, a length inside a block, one past a square.
+@pytest.mark.parametrize("length", [1, 24, 257])
 def test_s4d_kernel_matches_numpy(rng, init, discretization, length):
   channels, state_size = 3, 4
   params = random_s4d_params(rng, init, channels, state_size)
