@@ -20,10 +20,11 @@ nvidia-smi -L > $OUT/device.log; python3 -c "import jax; print(jax.__version__, 
 sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine returns at most 8 files)
   local dir=runs/$1-session
   mkdir -p $dir; [ -f $dir/results.jsonl ] || cp docs/zoology/$1-session.jsonl $dir/results.jsonl 2>/dev/null
+  local pids=()  # its own shards only: a bare `wait` would also wait for an `A+B` step's background A, and reap it
   for i in 0 1 2 3; do
     python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $2 \
-      --set log.progress=plain ${SWEEP_SET:+$(printf -- '--set %s ' $SWEEP_SET)} > /tmp/$1-$i.log 2>&1 &
-  done; wait
+      --set log.progress=plain ${SWEEP_SET:+$(printf -- '--set %s ' $SWEEP_SET)} > /tmp/$1-$i.log 2>&1 & pids+=($!)
+  done; wait "${pids[@]}"
   for i in 0 1 2 3; do echo "== shard $i"; grep -E "^\[|error|Error" /tmp/$1-$i.log | tail -n 40; done > $OUT/$1.log
   cp $dir/results.jsonl $OUT/$1-session.jsonl; wc -l $OUT/$1-session.jsonl
 }
@@ -53,7 +54,9 @@ step() {
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     gen:*) m=${1#gen:}; for model in ${m//,/ }; do
-             XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 python3 -m jaxlm.generate --config $model --benchmark \
+             # One preallocated pool: a growing one fragments and --batch max's batch then fails to allocate.
+             XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 \
+               python3 -m jaxlm.generate --config $model --benchmark \
                --batch max --setting 1024+1024 128+2048 128+4096 --prefill-chunk 256 --repeats 1 2>&1 \
                | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/gen_$model.log
            done ;;

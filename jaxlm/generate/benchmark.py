@@ -116,6 +116,12 @@ def largest_fitting_batch(model: LM, args: argparse.Namespace) -> int:
   """roofline.largest_batch from batch_sizes, then stepped down (by 64, or 8 below 64) while the compiled
   programs would not fit the device's memory less half the margin."""
   kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
+  if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() in ("false", "0"):
+    # Seen on an H100: without preallocation the allocator grows its pool region by region, compiling (autotuning)
+    # leaves regions behind, and batches the memory analysis admits (transformer-360m at 192: 61.9 of 75.2 GiB)
+    # then fail to allocate. One preallocated region does not fragment that way.
+    print("batch max: XLA_PYTHON_CLIENT_PREALLOCATE=false; the batch found may not allocate (leave it unset)",
+          flush=True)
   limit = device_bytes()
   sizes = batch_sizes(model, **kw)
   batch = roofline.largest_batch(limit, sizes.fixed, sizes.cache + sizes.activations)
