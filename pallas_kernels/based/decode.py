@@ -20,8 +20,10 @@ anyway). The normaliser pieces z are 1/D of the state: every value block recompu
 (not aliased) outputs, so no program reads a z another one has already updated.
 
 Letters: B batch, H heads, F feature dim, U = F(F+1)/2 order-2 pairs, D value dim, Dc value columns per program; a
-program streams `block_rows` state rows per inner step. Triton and interpret mode take F and D padded to powers of
-two (q, k, v, S0, S1 and z1 padded with zeros, which adds nothing; S2 and z2 never need it).
+program streams `block_rows` state rows per inner step. Triton and interpret mode take F padded to a power of two
+and D either cut into power-of-two column blocks (a multiple of 16: 112 = 7 blocks of 16) or else padded to one (q,
+k, v, S0, S1 and z1 padded with zeros, which adds nothing; S2 and z2 never need it). Padding copies the state in
+and out around the kernel, so it costs what the kernel saves.
 """
 
 from __future__ import annotations
@@ -54,14 +56,26 @@ class BlockSizes:
     del batch, heads  # B·H·D/Dc programs are enough to fill a GPU at any batch where decode speed matters
     u = num_pairs(feature_dim)
     if backend == "gpu":
-      return cls(block_d=min(64, value_dim), block_rows=64, num_warps=4)
+      return cls(block_d=_power_of_2_dividing(value_dim, 64), block_rows=64, num_warps=4)
     if backend == "tpu":
       return cls(block_d=512 if value_dim % 512 == 0 else value_dim, block_rows=_floor_power_of_2(u))
-    return cls(block_d=value_dim, block_rows=_floor_power_of_2(u))
+    return cls(block_d=_power_of_2_dividing(value_dim, value_dim), block_rows=_floor_power_of_2(u))
 
 
 def _floor_power_of_2(n: int) -> int:
   return 1 << (n.bit_length() - 1)
+
+
+def _power_of_2_dividing(n: int, at_most: int) -> int:
+  """The largest power of two <= at_most that divides n (a Triton tile width that cuts n without padding)."""
+  return min(n & -n, _floor_power_of_2(at_most))
+
+
+def _triton_value_dim(d: int) -> int:
+  """D as the Triton kernel sees it: unchanged when 16-wide (or wider power-of-two) column blocks cut it, else the
+  next power of two. Padding copies the whole state in and out every step, so a D like 112 (the 1.3B preset's) is
+  cut into 16-wide blocks instead of being padded to 128."""
+  return d if d % 16 == 0 else pl.next_power_of_2(d)
 
 
 def row_pieces(total: int, rows: int) -> tuple[int, tuple[tuple[int, int], ...]]:
@@ -156,7 +170,7 @@ def based_decode_step(q_BHF: jax.Array, k_BHF: jax.Array, v_BHD: jax.Array, stat
   d = v_BHD.shape[-1]
   u = num_pairs(f)
   # Triton tiles are powers of two; Mosaic takes any size as a full-dim block.
-  f_pad, d_pad = (f, d) if target.mosaic_tpu else (pl.next_power_of_2(f), pl.next_power_of_2(d))
+  f_pad, d_pad = (f, d) if target.mosaic_tpu else (pl.next_power_of_2(f), _triton_value_dim(d))
   blocks = block_sizes or BlockSizes.for_shape(
       batch=batch, heads=heads, feature_dim=f, value_dim=d_pad,
       backend=target.backend if not target.interpret else "cpu")

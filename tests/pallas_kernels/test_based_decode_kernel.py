@@ -1,7 +1,7 @@
 """The BASED decode-step kernel (pallas_kernels/based/decode.py) against reference.based_step, step by step from
 an empty state (output and every state piece after each step), and against an independent numpy float64
-quadratic form over the tokens seen so far; normalised and not, F in {8, 16}, D in {16, 64}, several value-column
-blocks and row chunks, sizes that need padding; the state is donated in place; and the kernel lowers for GPU
+quadratic form over the tokens seen so far; normalised and not, F in {8, 16}, D in {16, 48, 64}, several
+value-column blocks and row chunks, sizes that need padding and a D cut into blocks without it; the state is donated in place; and the kernel lowers for GPU
 (Triton) and exports for TPU (Mosaic) with the state aliased input to output.
 
 Runs in interpret mode on CPU and through Triton on a GPU. Letters: B batch, T steps, H heads, F feature dim,
@@ -41,6 +41,8 @@ CASES = {
     "f16_d64_normalized_bf16": (16, 64, True, jnp.bfloat16, None),
     "f16_d64_normalized_f32_blocks": (16, 64, True, jnp.float32, BlockSizes(block_d=16, block_rows=16)),
     "f6_d20_normalized_f32_padded": (6, 20, True, jnp.float32, BlockSizes(block_d=16, block_rows=16)),
+    # D a multiple of 16 but not a power of two: the default blocks cut it into three 16-wide columns, unpadded.
+    "f16_d48_normalized_f32_unpadded": (16, 48, True, jnp.float32, None),
 }
 STEPS = 4
 
@@ -101,8 +103,8 @@ def test_row_pieces_cover_the_rows_in_power_of_two_tiles():
   assert row_pieces(128, 64) == (2, ())
 
 
-def _call():
-  B, H, F, D = 2, 4, 16, 128
+def _call(D: int = 128):
+  B, H, F = 2, 4, 16
   q = jnp.zeros((B, H, F), jnp.bfloat16)
   v = jnp.zeros((B, H, D), jnp.bfloat16)
   return lambda q, k, v, s: based_decode_step(q, k, v, s), (q, q, v, BasedState.zeros(B, H, F, D))
@@ -119,6 +121,16 @@ def test_lowers_for_gpu_triton():
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "based_decode_step" in text
   assert _aliased_outputs(text) == 3
+
+
+def test_a_value_dim_of_16_wide_blocks_is_not_padded_on_gpu():
+  """D = 112 (the 1.3B preset's BASED heads) lowers for Triton in 16-wide column blocks with no pad or slice of the
+  state around the kernel: padding to 128 would copy the whole state in and out every decode step."""
+  fn, args = _call(D=112)
+  with unittest.mock.patch.object(jax, "default_backend", return_value="gpu"):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert _aliased_outputs(text) == 3
+  assert "stablehlo.pad" not in text and "stablehlo.slice" not in text
 
 
 def test_exports_for_tpu():
