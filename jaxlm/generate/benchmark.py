@@ -53,7 +53,8 @@ def benchmark(model: LM, *, batch: int, prompt_len: int, new_tokens: int, repeat
   prompt_BT = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, model.config.vocab_size)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
   graphdef, state = nnx.split(model)
-  lowered = _lowered(graphdef, state, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+  lowered = _lowered(graphdef, state, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                     prefill_chunk=prefill_chunk)
   run_prefill, run_decode = (program.compile() for program in lowered)
   prefill_s, decode_s = [], []
   for _ in range(repeats):

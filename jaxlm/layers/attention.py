@@ -7,7 +7,9 @@ Decode cache: a ring buffer of S slots per row. Position p lives in slot p mod S
 min(n, S) keys of a row with n tokens, in rotated order; softmax attention does not depend on key order, and the
 keys carry their rotary phase from when they were written, so `attention_decode` over slots [0, min(n, S)) equals
 the parallel form. S = max_length for full attention (no wrap before max_length) and S = min(window, max_length)
-for sliding-window layers, whose memory is then independent of the sequence length.
+for sliding-window layers, whose memory is then independent of the sequence length. Where the decode kernel tiles
+only powers of two (Triton), the cache stores D padded to one with zero columns (`cache_head_dim`), which it then
+reads in place.
 
 Letters: B batch, T query length, S key length (cache slots), E model width, H query heads, K kv heads,
 D head dim.
@@ -158,8 +160,19 @@ class Attention(nnx.Module):
     window = self.config.window
     return max_length if window is None else min(window, max_length)
 
+  def cache_head_dim(self) -> int:
+    """D as the cache stores it: padded with zero columns where the decode kernel tiles only powers of two, so it
+    reads the cache in place instead of padding a copy every step (attention_api.decode_cache_head_dim)."""
+    return attention_api.decode_cache_head_dim(self.head_dim, self.config.decode_implementation)
+
+  def _to_cache(self, x: jax.Array, cache_x: jax.Array, dtype: Any = None) -> jax.Array:
+    """x [..., D] at the cache's head dim (zero columns past D), in the cache's dtype unless given."""
+    extra = cache_x.shape[-1] - x.shape[-1]
+    x = x.astype(dtype or cache_x.dtype)
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
+
   def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
-    shape = (batch, self.cache_slots(max_length), self.num_kv_heads, self.head_dim)
+    shape = (batch, self.cache_slots(max_length), self.num_kv_heads, self.cache_head_dim())
     dtype = dtype or self.dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
@@ -177,8 +190,8 @@ class Attention(nnx.Module):
     last_BS = lengths_B[:, None] - 1 - slot_S  # how far the newest token lies past slot s
     pos_BS = jnp.where(last_BS >= 0, slot_S + S * (jnp.maximum(last_BS, 0) // S), 0)
     take = jax.vmap(lambda a, i: a[i])
-    k_cache = take(k, pos_BS).astype(cache.k_BSKD.dtype)
-    v_cache = take(v, pos_BS).astype(cache.v_BSKD.dtype)
+    k_cache = self._to_cache(take(k, pos_BS), cache.k_BSKD)
+    v_cache = self._to_cache(take(v, pos_BS), cache.v_BSKD)
     return self._out(o), KVCache(k_cache, v_cache, lengths_B)
 
   def decode(self, x_BE: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -186,14 +199,15 @@ class Attention(nnx.Module):
     S = cache.k_BSKD.shape[1]
     q, k, v = self._qkv(x_BE, cache.lengths_B)
     rows, slot = jnp.arange(x_BE.shape[0]), cache.lengths_B % S
-    k_cache = cache.k_BSKD.at[rows, slot].set(k.astype(cache.k_BSKD.dtype))
-    v_cache = cache.v_BSKD.at[rows, slot].set(v.astype(cache.v_BSKD.dtype))
+    k_cache = cache.k_BSKD.at[rows, slot].set(self._to_cache(k, cache.k_BSKD))
+    v_cache = cache.v_BSKD.at[rows, slot].set(self._to_cache(v, cache.v_BSKD))
     lengths = cache.lengths_B + 1
-    # Every stored key lies inside the window (S <= window), so no window mask is needed on the ring.
-    o = attention_api.attention_decode(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                       jnp.minimum(lengths, S), softcap=self.config.softcap,
-                                       implementation=self.config.decode_implementation)
-    return self._out(o), KVCache(k_cache, v_cache, lengths)
+    # Every stored key lies inside the window (S <= window), so no window mask is needed on the ring. q gets the
+    # cache's zero columns too; the scale stays that of the real head dim.
+    o = attention_api.attention_decode(self._to_cache(q, cache.k_BSKD, q.dtype), k_cache.astype(q.dtype),
+                                       v_cache.astype(q.dtype), jnp.minimum(lengths, S), scale=self.head_dim ** -0.5,
+                                       softcap=self.config.softcap, implementation=self.config.decode_implementation)
+    return self._out(o[..., :self.head_dim]), KVCache(k_cache, v_cache, lengths)
 
   def extend(self, x_BTE: jax.Array, cache: KVCache, valid_B: jax.Array) -> tuple[jax.Array, KVCache]:
     """Chunked prefill: a piece of tokens at positions lengths[b]..., the first valid[b] of them real, attending
@@ -201,8 +215,10 @@ class Attention(nnx.Module):
     B, T, _ = x_BTE.shape
     seen_B = cache.lengths_B
     q, k, v = self._qkv(x_BTE, seen_B[:, None] + jnp.arange(T, dtype=jnp.int32))
-    o = cached_attention.attend_cache_and_piece(q, k, v, cache.k_BSKD, cache.v_BSKD, seen_B,
+    D = self.head_dim
+    o = cached_attention.attend_cache_and_piece(q, k, v, cache.k_BSKD[..., :D], cache.v_BSKD[..., :D], seen_B,
                                                 window=self.config.window, softcap=self.config.softcap)
     valid_B = jnp.clip(valid_B, 0, T).astype(jnp.int32)
-    return self._out(o), KVCache(cached_attention.write_piece(cache.k_BSKD, k, seen_B, valid_B),
-                                 cached_attention.write_piece(cache.v_BSKD, v, seen_B, valid_B), seen_B + valid_B)
+    k_cache, v_cache = (cached_attention.write_piece(c, self._to_cache(x, c), seen_B, valid_B)
+                        for c, x in ((cache.k_BSKD, k), (cache.v_BSKD, v)))
+    return self._out(o), KVCache(k_cache, v_cache, seen_B + valid_B)

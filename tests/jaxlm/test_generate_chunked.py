@@ -32,9 +32,14 @@ MODELS = {
                   mixer_options={"hyena": {"order": 3, "filter_order": 8, "emb_dim": 3}}),
     "sliding_window": dict(num_layers=2, mixers="sliding_window",
                            mixer_options={"sliding_window": {"num_heads": 2, "window": 3}}),
+    # Head dim 12 with the decode kernel: the caches store it padded to 16 (Attention.cache_head_dim).
+    "attention_padded_cache": dict(num_layers=2, mixers=["attention", "sliding_window"], mixer_options={
+        "attention": {"num_heads": 2, "head_dim": 12, "decode_implementation": "pallas"},
+        "sliding_window": {"num_heads": 2, "head_dim": 12, "window": 3, "decode_implementation": "pallas"}}),
 }
 # Pieces shorter than the sliding window (based_hybrid: 3 < 4) and longer (sliding_window: 5 > 3).
-CASES = [("attention", 4), ("based_hybrid", 3), ("h3", 4), ("hyena", 4), ("sliding_window", 5)]
+CASES = [("attention", 4), ("based_hybrid", 3), ("h3", 4), ("hyena", 4), ("sliding_window", 5),
+         ("attention_padded_cache", 4)]
 
 
 def tiny_model(kind: str) -> LM:

@@ -36,6 +36,11 @@ ATTENTION = {
     "mqa_window3_ring": SlidingWindowConfig(D, num_heads=4, num_kv_heads=1, window=3),
     "window_longer_than_cache": SlidingWindowConfig(D, num_heads=2, window=64),
     "monarch_bias_no_rope": AttentionConfig(D, num_heads=4, projection="monarch", use_bias=True, rotary_dim=0),
+    # Head dims the decode kernel pads (12 -> 16, 24 -> 32): the cache stores them padded, read in place.
+    "head_dim24_decode_kernel": AttentionConfig(D, num_heads=4, num_kv_heads=2, head_dim=24,
+                                                decode_implementation="pallas"),
+    "head_dim12_window3_decode_kernel": SlidingWindowConfig(D, num_heads=2, head_dim=12, window=3,
+                                                            decode_implementation="pallas"),
 }
 
 
@@ -65,6 +70,14 @@ def test_sliding_window_cache_is_window_sized():
   layer = make_attention(SlidingWindowConfig(D, num_heads=4, window=3))
   assert layer.init_cache(B, 1000, jnp.float32).k_BSKD.shape == (B, 3, 4, D // 4)
   assert make_attention(AttentionConfig(D, num_heads=4)).init_cache(B, 7, jnp.float32).k_BSKD.shape[1] == 7
+
+
+def test_cache_is_stored_at_the_decode_kernels_head_dim():
+  """The portable decode kernel tiles powers of two: a cache of head dim 24 is stored at 32 for it (zero columns),
+  and at 24 for the reference, which reads any width."""
+  for implementation, width in (("pallas", 32), ("reference", 24)):
+    layer = make_attention(AttentionConfig(D, num_heads=4, head_dim=24, decode_implementation=implementation))
+    assert layer.init_cache(B, 7, jnp.float32).k_BSKD.shape == (B, 7, 4, width)
 
 
 def test_attention_window_limits_what_is_seen(rng):
