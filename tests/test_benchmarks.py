@@ -187,3 +187,21 @@ def test_ratio_is_peer_time_over_row_time_within_shape_and_mode():
 ])
 def test_failures_are_classified(error, status):
   assert harness.classify_failure(error)[0] == status
+
+
+def test_decode_breakdown_times_every_part_of_a_step():
+  """benchmarks/scripts/decode_breakdown.py on the tiny BASED preset: a row per layer kind's block and mixer, the
+  head, their sum and the whole step, all positive."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  done = subprocess.run([sys.executable, "benchmarks/scripts/decode_breakdown.py", "--config", "based-tiny",
+                         "--batch", "2", "--length", "5", "--steps", "2"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.rstrip().splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| part"))
+  rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start + 2:]]
+  names = [row[0] for row in rows]
+  for kind in ("BaseConv", "Based", "Attention"):
+    assert f"{kind} block" in names and f"{kind} mixer" in names
+  assert names[-2:] == ["sum of blocks and head", "whole decode step"]
+  assert all(float(row[3]) > 0 for row in rows)

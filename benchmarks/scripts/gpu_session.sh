@@ -11,6 +11,7 @@
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
 #   gen:M1,M2           python -m jaxlm.generate --benchmark for presets M1, M2 (e.g. gen:based-360m,transformer-360m):
 #                       --batch max at 1024+1024, 128+2048, 128+4096, prefill in pieces of 256, one timed round
+#   breakdown:M@B       benchmarks/scripts/decode_breakdown.py: preset M's decode step split by part at batch B
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
 set -o pipefail
@@ -60,6 +61,8 @@ step() {
                --batch max --setting 1024+1024 128+2048 128+4096 --prefill-chunk 256 --repeats 1 2>&1 \
                | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/gen_$model.log
            done ;;
+    breakdown:*) m=${1#breakdown:}; timeout 200 python3 benchmarks/scripts/decode_breakdown.py --config ${m%@*} \
+                   --batch ${m#*@} --length 1024 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/breakdown_${m%@*}.log ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;
