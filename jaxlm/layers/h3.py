@@ -1,27 +1,30 @@
 """H3 (Fu et al. 2023, "Hungry Hungry Hippos: Towards Language Modeling with State Space Models") as a mixer.
 
-Letters: B batch, T length, E model width (the SSMs act per channel: H3's head dim 1), N state size
-(shift-SSM taps), M = N/2 complex S4D modes, L filter length (the impulse responses, L = T).
+Letters: B batch, T length, E model width, N state size (shift-SSM taps), M = N/2 complex S4D modes, L filter
+length (the impulse responses, L = T), P = head_dim, H = E/P heads, C = H·P² diagonal-SSM channels.
 
   q, k, v = W_q x + b_q, W_k x + b_k, W_v x + b_v
-  k̃ = SSM_shift(k) + D_k ⊙ k          shift SSM: a causal conv with N learned taps per channel
-  u = k̃ ⊙ v
-  y = q ⊙ (SSM_diag(u) + D ⊙ u)        diagonal S4D SSM, real state N per channel (M complex modes)
+  k̃ = SSM_shift(k) + D_k ⊙ k                 shift SSM: a causal conv with N learned taps per channel of E
+  u[h, i, j] = k̃[h, i] · v[h, j]              per head, the outer product of its P keys and P values (C channels)
+  s = SSM_diag(u) + D ⊙ u                     diagonal S4D SSM per head (its P² channels share it), real state N
+  y[h, j] = Σ_i q[h, i] · s[h, i, j]
   out = W_o y + b_o
 
-(eq. 3 of the paper with head dim 1; the skips D_k and D are its symbols, not shape letters). Training runs the
-shift SSM as a short causal convolution of its N taps (the short_conv op, D_k on the current token's tap; past
-short_conv's widths, a long convolution) and the diagonal SSM as one fused long convolution of its impulse
-response (the long_conv op, FlashFFTConv's kernel on GPU): y = long_conv(k̃, k_diag + D·δ, in_gate=v,
-out_gate=q), the skip D being the filter's lag-0 tap, so q, k̃ and v cross memory once. Decoding steps both SSMs
-as recurrences.
+(eq. 3 of the paper; the skips D_k and D are its symbols, not shape letters; head dim P as the H3 code's
+`head_dim`). With P = 1 (the default, H3's language models) u = k̃ ⊙ v and y = q ⊙ s per channel: no query-key
+product forms across channels, so recall (MQAR) needs P > 1, as Zoology and the BASED paper run it (P = 2).
+Training runs the shift SSM as a short causal convolution of its N taps (the short_conv op, D_k on the current
+token's tap; past short_conv's widths, a long convolution) and the diagonal SSM as a long convolution of its
+impulse response (the long_conv op, FlashFFTConv's kernel on GPU), the skip D being the filter's lag-0 tap; with
+P = 1 as one fused call, y = long_conv(k̃, k_diag + D·δ, in_gate=v, out_gate=q), so q, k̃ and v cross memory once.
+Decoding steps both SSMs as recurrences.
 The decode cache is the two SSM states: the last N values of k (newest first) and the complex S4D state
-[B, E, M], so its size does not grow with the sequence.
+[B, C, M], so its size does not grow with the sequence.
 
 SSM parameters (taps, step sizes, poles, B, C) are `SSMParam`s (jaxlm/layers/ssm_param.py): float32 whatever the
 compute dtype, and free of weight decay. The parameters keep the names checkpoints store them under, written in
-pallas_kernels/long_conv's letters (D a channel, E here; N in S4D's fields its complex modes, M here):
-shift_taps_ND [N, E], shift_skip_D and skip_D [E], log_dt_D [E], and log_neg_real_DN … C_im_DN [E, M].
+pallas_kernels/long_conv's letters (D a channel; N in S4D's fields its complex modes, M here):
+shift_taps_ND [N, E], shift_skip_D [E], and per head skip_D [H], log_dt_D [H], log_neg_real_DN … C_im_DN [H, M].
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ S4D_INITS = {"lin": s4d_lin_init, "inv": s4d_inv_init}
 class H3Config:
   d_model: int
   state_dim: int = 64  # N: shift-SSM taps, and the S4D real state per channel (N/2 complex modes)
+  head_dim: int = 1  # P: keys and values per head, whose P² products share one diagonal SSM
   discretization: str = "zoh"  # S4D: "zoh" or "bilinear"
   init: str = "lin"  # S4D-Lin or S4D-Inv poles
   dt_min: float = 1e-3  # S4D step sizes Δ are log-uniform in [dt_min, dt_max]
@@ -62,6 +66,8 @@ class H3Config:
     if not isinstance(self.state_dim, int) or self.state_dim < 2 or self.state_dim % 2:
       raise ValueError(f"state_dim must be an even integer >= 2 (S4D keeps state_dim/2 complex modes), got "
                        f"{self.state_dim!r}")
+    if not isinstance(self.head_dim, int) or self.head_dim < 1 or self.d_model % self.head_dim:
+      raise ValueError(f"head_dim={self.head_dim!r} must be a positive integer dividing d_model={self.d_model}")
     validation.check_in("discretization", self.discretization, DISCRETIZATIONS)
     validation.check_in("init", self.init, tuple(S4D_INITS))
     validation.check_positive("dt_min", self.dt_min)
@@ -71,7 +77,7 @@ class H3Config:
 
 class H3Cache(NamedTuple):
   shift_BNE: jax.Array  # the last N values of k, newest first (compute dtype)
-  ssm_BEM: jax.Array  # the S4D state x_t, complex64
+  ssm_BCM: jax.Array  # the S4D state x_t per diagonal-SSM channel, complex64
 
 
 class H3(nnx.Module):
@@ -81,29 +87,76 @@ class H3(nnx.Module):
     self.config = config
     self.dtype = dtype
     e, n = config.d_model, config.state_dim
+    heads = e // config.head_dim
     partitioned = nnx.with_partitioning
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj, self.k_proj, self.v_proj = (build_linear(e, e, axes=("embed", "mlp"), **kw) for _ in range(3))
     self.out_proj = build_linear(e, e, axes=("mlp", "embed"), **kw)
     # The H3 code draws the taps from a standard normal; the 1/√N keeps k̃ near the variance of k.
     self.shift_taps_ND = ssm_param(jax.random.normal(rngs.params(), (n, e)) / jnp.sqrt(n), ("ssm_state", "mlp"))
-    s4d = S4D_INITS[config.init](rngs.params(), e, n // 2, config.dt_min, config.dt_max)
+    s4d = S4D_INITS[config.init](rngs.params(), heads, n // 2, config.dt_min, config.dt_max)
     for name, value in s4d._asdict().items():
       axes = ("mlp",) if value.ndim == 1 else ("mlp", "ssm_state")
       setattr(self, name, ssm_param(value, axes))
     normal = nnx.initializers.normal(1.0)
     self.shift_skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (e,), param_dtype))
-    self.skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (e,), param_dtype))
+    self.skip_D = nnx.Param(partitioned(normal, ("mlp",))(rngs.params(), (heads,), param_dtype))
 
   def _s4d(self) -> S4DParams:
+    """The heads' S4D parameters [H, ...]."""
     return S4DParams(*(getattr(self, name)[...] for name in S4DParams._fields))
+
+  def _per_channel(self, x_H: jax.Array) -> jax.Array:
+    """A head's value for each of its P² diagonal-SSM channels: [H, ...] -> [C, ...], channels head-major."""
+    p = self.config.head_dim
+    return x_H if p == 1 else jnp.repeat(x_H, p * p, axis=0)
+
+  def _diag_filter(self, length: int, skip_C: jax.Array) -> jax.Array:
+    """The diagonal SSM's impulse response per channel [L, C], with the skip D as its lag-0 tap:
+    conv(u, k_diag) + D ⊙ u = conv(u, k_diag + D·δ)."""
+    diag_LH = s4d_kernel(self._s4d(), length, self.config.discretization)
+    diag_LC = self._per_channel(diag_LH.T).T
+    return diag_LC.at[0].add(skip_C.astype(diag_LC.dtype))
+
+  def _discretized(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(Ā, B̄, C) per channel, each complex [C, M]."""
+    return tuple(self._per_channel(x) for x in s4d_discretize(self._s4d(), self.config.discretization))
+
+  def _products(self, k_shift: jax.Array, v: jax.Array) -> jax.Array:
+    """u [..., C]: per head the P x P products k̃_i v_j (k̃ ⊙ v when P = 1)."""
+    p = self.config.head_dim
+    if p == 1:
+      return k_shift * v
+    lead = k_shift.shape[:-1]
+    heads = k_shift.shape[-1] // p
+    u = k_shift.reshape(*lead, heads, p, 1) * v.reshape(*lead, heads, 1, p)
+    return u.reshape(*lead, heads * p * p)
+
+  def _read(self, q: jax.Array, s: jax.Array) -> jax.Array:
+    """y [..., E]: per head Σ_i q_i s_ij (q ⊙ s when P = 1)."""
+    p = self.config.head_dim
+    if p == 1:
+      return q * s
+    lead = q.shape[:-1]
+    heads = q.shape[-1] // p
+    y = jnp.sum(q.reshape(*lead, heads, p, 1) * s.reshape(*lead, heads, p, p), axis=-2)
+    return y.reshape(*lead, heads * p)
+
+  def _mix(self, q: jax.Array, k_shift: jax.Array, v: jax.Array, skip_C: jax.Array) -> jax.Array:
+    """y = read(q, SSM_diag(u) + D ⊙ u) over [B, T, ·]: with P = 1 one long_conv with both gates fused."""
+    diag_LC = self._diag_filter(k_shift.shape[1], skip_C)
+    implementation = self.config.implementation
+    if self.config.head_dim == 1:
+      return long_conv(k_shift, diag_LC, in_gate=v, out_gate=q, implementation=implementation)
+    return self._read(q, long_conv(self._products(k_shift, v), diag_LC, implementation=implementation))
 
   def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x = x.astype(self.dtype)
     return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
   def _skips(self) -> tuple[jax.Array, jax.Array]:
-    return self.shift_skip_D[...].astype(self.dtype), self.skip_D[...].astype(self.dtype)
+    """D_k per channel of E and D per diagonal-SSM channel [C]."""
+    return self.shift_skip_D[...].astype(self.dtype), self._per_channel(self.skip_D[...]).astype(self.dtype)
 
   def _shift(self, k_BTE: jax.Array, shift_skip_E: jax.Array) -> jax.Array:
     """k̃ = SSM_shift(k) + D_k ⊙ k: the causal conv with the N taps, newest first, and D_k on the current token."""
@@ -117,16 +170,11 @@ class H3(nnx.Module):
     return short_conv(k_BTE, w_NE, implementation=self.config.short_conv_implementation)
 
   def _forward(self, x_BTE: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(out, k, u) over [B, T, E]: the output and the two SSM inputs (u = k̃ ⊙ v, which only prefill reads)."""
-    length = x_BTE.shape[1]
-    shift_skip_E, skip_E = self._skips()
+    """(out, k, u) over [B, T, ·]: the output and the two SSM inputs (u [B, T, C], which only prefill reads)."""
+    shift_skip_E, skip_C = self._skips()
     q, k, v = self._qkv(x_BTE)
     k_shift = self._shift(k, shift_skip_E)
-    diag_LE = s4d_kernel(self._s4d(), length, self.config.discretization)
-    # conv(u, k_diag) + D ⊙ u = conv(u, k_diag + D·δ): the skip is the lag-0 tap, so the op takes both gates.
-    diag_LE = diag_LE.at[0].add(skip_E.astype(diag_LE.dtype))
-    y = long_conv(k_shift, diag_LE, in_gate=v, out_gate=q, implementation=self.config.implementation)
-    return self.out_proj(y), k, k_shift * v
+    return self.out_proj(self._mix(q, k_shift, v, skip_C)), k, self._products(k_shift, v)
 
   def __call__(self, x_BTE: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     segment_ids_unsupported("H3", segment_ids)
@@ -135,8 +183,9 @@ class H3(nnx.Module):
   def init_cache(self, batch: int, max_length: int, dtype=None) -> H3Cache:
     """Zero SSM states; their size does not depend on max_length."""
     del max_length
-    e, n = self.config.d_model, self.config.state_dim
-    return H3Cache(jnp.zeros((batch, n, e), dtype or self.dtype), jnp.zeros((batch, e, n // 2), jnp.complex64))
+    e, n, p = self.config.d_model, self.config.state_dim, self.config.head_dim
+    return H3Cache(jnp.zeros((batch, n, e), dtype or self.dtype),
+                   jnp.zeros((batch, e * p, n // 2), jnp.complex64))  # C = (E/P)·P² channels
 
   def prefill(self, x_BTE: jax.Array, cache: H3Cache, lengths_B: jax.Array) -> tuple[jax.Array, H3Cache]:
     """The parallel form over right-padded prompts, and both SSM states after exactly lengths[b] tokens.
@@ -146,15 +195,15 @@ class H3(nnx.Module):
     """
     batch, length = x_BTE.shape[:2]
     validation.check_lengths("lengths_B", lengths_B, batch, length)
-    y_BTE, k_BTE, u_BTE = self._forward(x_BTE)
+    y_BTE, k_BTE, u_BTC = self._forward(x_BTE)
     shift_BNE = tokens_before(k_BTE, lengths_B, self.config.state_dim)[:, ::-1]
-    A_bar_EM, B_bar_EM, _ = s4d_discretize(self._s4d(), self.config.discretization)
-    reversed_BTE = tokens_before(u_BTE, lengths_B, length)[:, ::-1].astype(jnp.float32)
+    A_bar_CM, B_bar_CM, _ = self._discretized()
+    reversed_BTC = tokens_before(u_BTC, lengths_B, length)[:, ::-1].astype(jnp.float32)
     # Integer powers Ā^j = exp(j·log Ā) hold on any branch of the complex log.
-    powers_TEM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * jnp.log(A_bar_EM)[None])
-    ssm_BEM = B_bar_EM * jnp.einsum("bte,tem->bem", reversed_BTE.astype(powers_TEM.dtype), powers_TEM,
+    powers_TCM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * jnp.log(A_bar_CM)[None])
+    ssm_BCM = B_bar_CM * jnp.einsum("btc,tcm->bcm", reversed_BTC.astype(powers_TCM.dtype), powers_TCM,
                                     precision=jax.lax.Precision.HIGHEST)
-    return y_BTE, H3Cache(shift_BNE.astype(cache.shift_BNE.dtype), ssm_BEM.astype(cache.ssm_BEM.dtype))
+    return y_BTE, H3Cache(shift_BNE.astype(cache.shift_BNE.dtype), ssm_BCM.astype(cache.ssm_BCM.dtype))
 
   def extend(self, x_BTE: jax.Array, cache: H3Cache, valid_B: jax.Array) -> tuple[jax.Array, H3Cache]:
     """Chunked prefill: both SSMs continued from `cache` over a piece whose first valid[b] tokens are real (rows
@@ -166,38 +215,34 @@ class H3(nnx.Module):
     """
     n = self.config.state_dim
     length = x_BTE.shape[1]
-    shift_skip_E, skip_E = self._skips()
+    shift_skip_E, skip_C = self._skips()
     q, k, v = self._qkv(x_BTE)
     k_BLE = jnp.concatenate([cache.shift_BNE[:, ::-1].astype(k.dtype), k], axis=1)  # L = N + T, oldest first
     k_shift = self._shift(k_BLE, shift_skip_E)[:, n:]
-    diag_TE = s4d_kernel(self._s4d(), length, self.config.discretization)
-    diag_TE = diag_TE.at[0].add(skip_E.astype(diag_TE.dtype))
-    y = long_conv(k_shift, diag_TE, in_gate=v, out_gate=q, implementation=self.config.implementation)
-    A_bar_EM, B_bar_EM, C_EM = s4d_discretize(self._s4d(), self.config.discretization)
-    log_A_EM = jnp.log(A_bar_EM)
+    y = self._mix(q, k_shift, v, skip_C)
+    A_bar_CM, B_bar_CM, C_CM = self._discretized()
+    log_A_CM = jnp.log(A_bar_CM)
     steps_T11 = jnp.arange(1, length + 1, dtype=jnp.float32)[:, None, None]
-    carried_BTE = 2 * jnp.einsum("bem,tem->bte", cache.ssm_BEM, C_EM[None] * jnp.exp(steps_T11 * log_A_EM[None]),
+    carried_BTC = 2 * jnp.einsum("bcm,tcm->btc", cache.ssm_BCM, C_CM[None] * jnp.exp(steps_T11 * log_A_CM[None]),
                                  precision=jax.lax.Precision.HIGHEST).real
-    y = y + (q.astype(jnp.float32) * carried_BTE).astype(y.dtype)
+    y = y + self._read(q.astype(jnp.float32), carried_BTC).astype(y.dtype)  # read-out is linear in s
     valid_B = jnp.clip(valid_B, 0, length)
-    u_BTE = k_shift * v
-    reversed_BTE = tokens_before(u_BTE, valid_B, length)[:, ::-1].astype(jnp.float32)
-    powers_TEM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * log_A_EM[None])
-    fresh_BEM = B_bar_EM * jnp.einsum("bte,tem->bem", reversed_BTE.astype(powers_TEM.dtype), powers_TEM,
+    u_BTC = self._products(k_shift, v)
+    reversed_BTC = tokens_before(u_BTC, valid_B, length)[:, ::-1].astype(jnp.float32)
+    powers_TCM = jnp.exp(jnp.arange(length, dtype=jnp.float32)[:, None, None] * log_A_CM[None])
+    fresh_BCM = B_bar_CM * jnp.einsum("btc,tcm->bcm", reversed_BTC.astype(powers_TCM.dtype), powers_TCM,
                                       precision=jax.lax.Precision.HIGHEST)
-    ssm_BEM = jnp.exp(valid_B.astype(jnp.float32)[:, None, None] * log_A_EM[None]) * cache.ssm_BEM + fresh_BEM
+    ssm_BCM = jnp.exp(valid_B.astype(jnp.float32)[:, None, None] * log_A_CM[None]) * cache.ssm_BCM + fresh_BCM
     shift_BNE = tokens_before(k_BLE, n + valid_B, n)[:, ::-1]
     keep_B11 = (valid_B <= 0)[:, None, None]
     return self.out_proj(y), H3Cache(jnp.where(keep_B11, cache.shift_BNE, shift_BNE.astype(cache.shift_BNE.dtype)),
-                                     jnp.where(keep_B11, cache.ssm_BEM, ssm_BEM.astype(cache.ssm_BEM.dtype)))
+                                     jnp.where(keep_B11, cache.ssm_BCM, ssm_BCM.astype(cache.ssm_BCM.dtype)))
 
   def decode(self, x_BE: jax.Array, cache: H3Cache) -> tuple[jax.Array, H3Cache]:
     """One token per row: one step of the shift SSM, then of the S4D recurrence."""
-    shift_skip_E, skip_E = self._skips()
+    shift_skip_E, skip_C = self._skips()
     q, k, v = self._qkv(x_BE)
     k_shift, shift_BNE = shift_ssm_step(cache.shift_BNE, k.astype(cache.shift_BNE.dtype), self.shift_taps_ND[...])
-    u = (k_shift.astype(self.dtype) + shift_skip_E * k) * v
-    A_bar_EM, B_bar_EM, C_EM = s4d_discretize(self._s4d(), self.config.discretization)
-    y_ssm, ssm_BEM = diagonal_ssm_step(cache.ssm_BEM, u, A_bar_EM, B_bar_EM, C_EM)
-    y = q * (y_ssm + skip_E * u)
-    return self.out_proj(y), H3Cache(shift_BNE, ssm_BEM)
+    u_BC = self._products(k_shift.astype(self.dtype) + shift_skip_E * k, v)
+    y_ssm, ssm_BCM = diagonal_ssm_step(cache.ssm_BCM, u_BC, *self._discretized())
+    return self.out_proj(self._read(q, y_ssm + skip_C * u_BC)), H3Cache(shift_BNE, ssm_BCM)

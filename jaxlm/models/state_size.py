@@ -9,8 +9,9 @@ Counted in numbers (floats) per sequence, one layer at a time, for generation af
   BASED            H·D·X + H·X, X = 1+F+F(F+1)/2   the Taylor-feature state Σ φ(k)vᵀ and its normaliser Σ φ(k)
                                    over the symmetric order-2 features (the second term only with `normalize`)
   BaseConv         W·I              kernel taps × conv width (Zoology counts W·d for its d-wide conv)
-  H3               2·N·d            the shift SSM (last N keys per channel) and the diagonal SSM (N/2 complex
-                                   modes per channel = N floats); Zoology's code counts only the second (N·d)
+  H3               (1+P)·N·d        the shift SSM (last N keys per channel) and the diagonal SSM (N/2 complex
+                                   modes = N floats for each of its P·d channels, head dim P: 2·N·d at P = 1);
+                                   Zoology's code counts only the second
   Hyena            (order-1)·d·L    a long convolution keeps its whole input history (d·L at order 2; no
                                    recurrence)
   LoLCATs          H·X·(D+1) + 2·K·D·min(w, L)   the linear state over X features and its normaliser, and the
@@ -85,9 +86,10 @@ def base_conv_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
 
 
 def h3_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
-  """2·N·d: the shift SSM's last N keys and the diagonal SSM's N/2 complex modes, per channel."""
+  """(1 + P)·N·d: the shift SSM's last N keys per channel of d, and the diagonal SSM's N/2 complex modes per channel
+  of its (d/P)·P² = P·d channels (head dim P)."""
   del seq_len
-  return 2 * config.state_dim * d_model
+  return (1 + getattr(config, "head_dim", 1)) * config.state_dim * d_model
 
 
 def hyena_state_size(config: Any, *, d_model: int, seq_len: int) -> int:

@@ -27,6 +27,7 @@ MODELS = {
                                         "sliding_window": {"num_heads": 2, "window": 4}}),
     "h3": dict(num_layers=2, mixers=["h3", "attention"],
                mixer_options={"h3": {"state_dim": 4}, "attention": {"num_heads": 2, "rotary_dim": 0}}),
+    "h3_head_dim2": dict(num_layers=1, mixers="h3", mixer_options={"h3": {"state_dim": 4, "head_dim": 2}}),
     # max_length 16 < cache slots + piece: the filters' zero padding past max_length is exercised.
     "hyena": dict(num_layers=1, mixers="hyena", max_length=16,
                   mixer_options={"hyena": {"order": 3, "filter_order": 8, "emb_dim": 3}}),
@@ -39,7 +40,7 @@ MODELS = {
 }
 # Pieces shorter than the sliding window (based_hybrid: 3 < 4) and longer (sliding_window: 5 > 3).
 CASES = [("attention", 4), ("based_hybrid", 3), ("h3", 4), ("hyena", 4), ("sliding_window", 5),
-         ("attention_padded_cache", 4)]
+         ("attention_padded_cache", 4), ("h3_head_dim2", 3)]
 
 
 def tiny_model(kind: str) -> LM:

@@ -15,6 +15,7 @@ from jaxlm.layers.based import Based, BasedConfig
 from jaxlm.layers.h3 import H3, H3Config
 from jaxlm.layers.hyena import Hyena, HyenaConfig
 from jaxlm.layers.ssm_param import SSMParam
+from pallas_kernels.long_conv import s4d_kernel
 from tests.tolerances import assert_close, normal
 
 B, T, D = 2, 12, 16
@@ -26,6 +27,7 @@ CONFIGS = {
     "base_conv": (BaseConv, BaseConvConfig(D)),
     "h3": (H3, H3Config(D, state_dim=8)),  # 8 shift taps < T: the shift SSM forgets within the test
     "h3_bilinear_inv": (H3, H3Config(D, state_dim=8, discretization="bilinear", init="inv")),
+    "h3_head_dim4": (H3, H3Config(D, state_dim=8, head_dim=4)),  # 4 heads: 64 diagonal-SSM channels
     "hyena": (Hyena, HyenaConfig(D, max_length=16, filter_order=8, emb_dim=5)),
     "hyena_order3": (Hyena, HyenaConfig(D, max_length=16, order=3, filter_order=8, emb_dim=5)),
 }
@@ -143,6 +145,7 @@ def test_init_is_deterministic_per_seed(name):
     (H3Config, dict(d_model=16, state_dim=7), "state_dim"),
     (H3Config, dict(d_model=16, discretization="euler"), "discretization"),
     (H3Config, dict(d_model=16, init="random"), "init"),
+    (H3Config, dict(d_model=16, head_dim=3), "head_dim"),
     (H3Config, dict(d_model=16, dt_min=0.1, dt_max=0.01), "dt_min"),
     (HyenaConfig, dict(d_model=16, max_length=8, order=1), "order"),
     (HyenaConfig, dict(d_model=16, max_length=8, emb_dim=4), "emb_dim"),
@@ -201,6 +204,27 @@ def test_based_output_scale_in_values(normalize, norm, factor, rng):
   before = np.asarray(mixer(x))
   mixer.v_proj.kernel[...] = 3.0 * mixer.v_proj.kernel[...]
   assert_close(mixer(x), factor * before, dtype=jnp.float32, reduction_len=T)
+
+
+def test_h3_heads_follow_their_definition(rng):
+  """H3 with head dim P against its equations in numpy float64: per head u_ij = k̃_i v_j, s = k_diag * u + D u
+  (the head's impulse response, shared by its P² channels), y_j = Σ_i q_i s_ij, out = W_o y + b_o."""
+  mixer = make("h3_head_dim4", implementation="direct", short_conv_implementation="reference")
+  P, heads = 4, D // 4
+  x = normal(rng, (B, T, D))
+  q, k, v = (np.asarray(a, np.float64).reshape(B, T, heads, P) for a in mixer._qkv(x))
+  # k̃ from the layer's shift SSM (a short convolution, tested on its own); the heads are what this test checks.
+  k_shift = np.asarray(mixer._shift(jnp.asarray(k.reshape(B, T, D), jnp.float32), mixer.shift_skip_D[...]),
+                       np.float64).reshape(B, T, heads, P)
+  k_diag_TH = np.asarray(s4d_kernel(mixer._s4d(), T), np.float64)
+  skip_H = np.asarray(mixer.skip_D[...], np.float64)
+  u = k_shift[..., :, None] * v[..., None, :]  # [B, T, H, P, P]
+  s = np.zeros_like(u)
+  for t in range(T):
+    s[:, t] = np.einsum("th,bthij->bhij", k_diag_TH[t::-1], u[:, :t + 1]) + skip_H[:, None, None] * u[:, t]
+  y = np.einsum("bthi,bthij->bthj", q, s).reshape(B, T, D)
+  w, b = (np.asarray(a, np.float64) for a in (mixer.out_proj.kernel[...], mixer.out_proj.bias[...]))
+  assert_close(mixer(x), y @ w + b, dtype=jnp.float32, reduction_len=T * P, name="H3 heads")
 
 
 def test_ssm_parameters_are_float32_ssm_params():

@@ -48,6 +48,8 @@ def _model(d_model, mixers, num_layers=1, **options):
     ("base_conv", {"kernel_size": 4, "expand": 1}, 256, 4 * 64),
     # H3: shift SSM (N·d) + diagonal SSM (N/2 complex = N floats per channel)
     ("h3", {"state_dim": 16}, 256, 2 * 16 * 64),
+    # ... with head dim 2: the diagonal SSM runs over (64/2)·2² = 128 channels
+    ("h3", {"state_dim": 16, "head_dim": 2}, 256, 16 * 64 + 16 * 128),
     # Hyena: (order-1)·d·L
     ("hyena", {}, 256, 64 * 256),
     ("hyena", {"order": 3}, 512, 2 * 64 * 512),
