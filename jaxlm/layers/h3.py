@@ -122,25 +122,25 @@ class H3(nnx.Module):
     """(Ā, B̄, C) per channel, each complex [C, M]."""
     return tuple(self._per_channel(x) for x in s4d_discretize(self._s4d(), self.config.discretization))
 
+  def _by_head(self, x: jax.Array) -> jax.Array:
+    """[..., H·P] -> [..., H, P]."""
+    p = self.config.head_dim
+    return x.reshape(*x.shape[:-1], x.shape[-1] // p, p)
+
   def _products(self, k_shift: jax.Array, v: jax.Array) -> jax.Array:
     """u [..., C]: per head the P x P products k̃_i v_j (k̃ ⊙ v when P = 1)."""
-    p = self.config.head_dim
-    if p == 1:
+    if self.config.head_dim == 1:
       return k_shift * v
-    lead = k_shift.shape[:-1]
-    heads = k_shift.shape[-1] // p
-    u = k_shift.reshape(*lead, heads, p, 1) * v.reshape(*lead, heads, 1, p)
-    return u.reshape(*lead, heads * p * p)
+    u = self._by_head(k_shift)[..., :, None] * self._by_head(v)[..., None, :]
+    return u.reshape(*u.shape[:-3], -1)
 
   def _read(self, q: jax.Array, s: jax.Array) -> jax.Array:
     """y [..., E]: per head Σ_i q_i s_ij (q ⊙ s when P = 1)."""
-    p = self.config.head_dim
-    if p == 1:
+    if self.config.head_dim == 1:
       return q * s
-    lead = q.shape[:-1]
-    heads = q.shape[-1] // p
-    y = jnp.sum(q.reshape(*lead, heads, p, 1) * s.reshape(*lead, heads, p, p), axis=-2)
-    return y.reshape(*lead, heads * p)
+    q = self._by_head(q)
+    y = jnp.sum(q[..., :, None] * s.reshape(*q.shape, q.shape[-1]), axis=-2)
+    return y.reshape(*y.shape[:-2], -1)
 
   def _mix(self, q: jax.Array, k_shift: jax.Array, v: jax.Array, skip_C: jax.Array) -> jax.Array:
     """y = read(q, SSM_diag(u) + D ⊙ u) over [B, T, ·]: with P = 1 one long_conv with both gates fused."""
