@@ -6,7 +6,7 @@ fraction of the device's HBM rate (a table by device kind) and of the same run's
 
 `max` is the largest batch whose weights, caches and per-row activations fit the device's memory with a margin
 (roofline.py gives the formula), then checked against the compiled programs' memory analysis without running
-them. With --prefill-chunk the prompt is prefilled that many tokens per row at a time, so prefill activations
+them, and stepped down further if running it still runs out of memory. With --prefill-chunk the prompt is prefilled that many tokens per row at a time, so prefill activations
 are bounded by the piece and the cache (or state) decides the batch.
 
 Letters: B batch, T prompt length, V vocabulary.
@@ -134,8 +134,17 @@ def largest_fitting_batch(model: LM, args: argparse.Namespace) -> int:
     print(f"batch {batch}: the compiled programs need {need / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB", flush=True)
     if need <= (1 - roofline.MARGIN / 2) * limit:
       break
-    batch -= 64 if batch > 64 else 8
+    batch = _smaller(batch)
   return batch
+
+
+def _smaller(batch: int) -> int:
+  """The next batch --batch max tries: 64 fewer rows, or 8 fewer below 64."""
+  return batch - (64 if batch > 64 else 8)
+
+
+def _out_of_memory(error: Exception) -> bool:
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
 def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float],
@@ -172,10 +181,22 @@ def run_benchmarks(model: LM, args: argparse.Namespace) -> None:
   for prompt_len, new_tokens in settings:
     args.prompt_len, args.new_tokens = prompt_len, new_tokens
     for batch in args.batch:
-      if batch == "max":
+      largest = batch == "max"
+      if largest:
         batch = largest_fitting_batch(model, args)
-        if batch == 0:
+      while True:
+        if batch <= 0:
           raise SystemExit("--batch max: not even batch 8 fits the device")
-      stats = benchmark(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
-                        seed=args.seed, prefill_chunk=args.prefill_chunk)
+        try:
+          stats = benchmark(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
+                            seed=args.seed, prefill_chunk=args.prefill_chunk)
+          break
+        except jax.errors.JaxRuntimeError as error:
+          # The memory analysis bounds what the programs need, not how the allocator places it (a fragmented
+          # pool failed at 82% of the limit on an H100): --batch max steps down at run time too.
+          if not (largest and _out_of_memory(error)):
+            raise
+          print(f"batch {batch}: out of memory when run ({str(error).splitlines()[0][:160]}); trying "
+                f"{_smaller(batch)}", flush=True)
+          batch = _smaller(batch)
       _report(name, model, batch, args, stats, bandwidth)

@@ -81,3 +81,30 @@ def test_batch_max_takes_the_formulas_batch_and_checks_it(monkeypatch, capsys):
   out = capsys.readouterr().out
   assert "per row) -> 64" in out and "batch 64: the compiled programs need" in out, out
   assert "batch 56" not in out, out  # no step down: the line through batches 8 and 16 holds at 64
+
+
+def test_batch_max_steps_down_when_running_out_of_memory(monkeypatch, capsys):
+  """A batch the memory analysis admits can still fail to allocate (a fragmented pool): --batch max then retries
+  smaller batches, 64 rows at a time, and reports the one that ran; a fixed batch's failure is raised as it is."""
+  model = LM(load_preset("transformer-tiny"), rngs=nnx.Rngs(0))
+  tried = []
+
+  def fake_benchmark(model, *, batch, **_):
+    tried.append(batch)
+    if batch > 128:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 59.62GiB")
+    return dict(prefill_ms=1.0, decode_s=1.0, decode_tokens_per_s=float(batch), decode_ms_per_step=1.0)
+
+  reported = []
+  monkeypatch.setattr(generate_benchmark, "benchmark", fake_benchmark)
+  monkeypatch.setattr(generate_benchmark, "largest_fitting_batch", lambda model, args: 256)
+  monkeypatch.setattr(generate_benchmark, "measure_bandwidth", lambda: dict(peak=None, copy=1.0))
+  monkeypatch.setattr(generate_benchmark, "_report", lambda name, model, batch, *a: reported.append(batch))
+  args = argparse.Namespace(run=None, config="transformer-tiny", checkpoint=None, setting=None, prompt_len=8,
+                            new_tokens=4, batch=["max"], repeats=1, seed=0, prefill_chunk=None)
+  generate_benchmark.run_benchmarks(model, args)
+  assert tried == [256, 192, 128] and reported == [128]
+  assert "batch 256: out of memory when run" in capsys.readouterr().out
+  args.batch = [256]
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    generate_benchmark.run_benchmarks(model, args)
