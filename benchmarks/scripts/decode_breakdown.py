@@ -87,8 +87,9 @@ def main():
   whole = _time(lambda c: (lambda logits, cache: (jnp.argmax(logits, -1).astype(jnp.int32), cache))(
       *nnx.merge(graphdef, state).decode(*c)), (tokens_B, jax.tree.map(jnp.copy, cache)), args.steps)
 
+  copy = roofline.copy_rate(64 << 20)
   print(f"{args.config}, batch {B}, caches at {args.length} tokens, {jax.devices()[0].device_kind}, "
-        f"{args.steps} steps in one loop (best of 3)")
+        f"{args.steps} steps in one loop (best of 3); device copy rate {copy / 1e9:.0f} GB/s (x + 1 over 64 MiB)")
   print("| part | layers | ms per layer | ms per step | MB per layer | GB/s |")
   print("|---|---:|---:|---:|---:|---:|")
   blocks_ms = 0.0
