@@ -11,8 +11,8 @@ length (the impulse responses, L = T), P = head_dim, H = E/P heads, C = H·P² d
   out = W_o y + b_o
 
 (eq. 3 of the paper; the skips D_k and D are its symbols, not shape letters; head dim P as the H3 code's
-`head_dim`). With P = 1 (the default, H3's language models) u = k̃ ⊙ v and y = q ⊙ s per channel: no query-key
-product forms across channels, so recall (MQAR) needs P > 1, as Zoology and the BASED paper run it (P = 2).
+`head_dim`). With P = 1 (the default, H3's language models) u = k̃ ⊙ v and y = q ⊙ s per channel, each channel's
+state one product; P > 1 gives each head a P x P associative memory, as Zoology and the BASED paper run MQAR (P = 2).
 Training runs the shift SSM as a short causal convolution of its N taps (the short_conv op, D_k on the current
 token's tap; past short_conv's widths, a long convolution) and the diagonal SSM as a long convolution of its
 impulse response (the long_conv op, FlashFFTConv's kernel on GPU), the skip D being the filter's lag-0 tap; with
