@@ -6,8 +6,9 @@ fraction of the device's HBM rate (a table by device kind) and of the same run's
 
 `max` is the largest batch whose weights, caches and per-row activations fit the device's memory with a margin
 (roofline.py gives the formula), then checked against the compiled programs' memory analysis without running
-them, and stepped down further if running it still runs out of memory. With --prefill-chunk the prompt is prefilled that many tokens per row at a time, so prefill activations
-are bounded by the piece and the cache (or state) decides the batch.
+them, and stepped down further if running it still runs out of memory. With --prefill-chunk the prompt is
+prefilled that many tokens per row at a time, so prefill activations are bounded by the piece and the cache (or
+state) decides the batch.
 
 Letters: B batch, T prompt length, V vocabulary.
 """
