@@ -9,6 +9,8 @@
 #   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
+#   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
+#                       BASED decode kernel: on the GPU they take the Triton decode kernels
 #   gen:M1,M2           python -m jaxlm.generate --benchmark for presets M1, M2 (e.g. gen:based-360m,transformer-360m):
 #                       --batch max at 1024+1024, 128+2048, 128+4096, prefill in pieces of 256, one timed round
 #   breakdown:M@B       benchmarks/scripts/decode_breakdown.py: preset M's decode step split by part at batch B
@@ -29,9 +31,10 @@ sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine retu
   for i in 0 1 2 3; do echo "== shard $i"; grep -E "^\[|error|Error" /tmp/$1-$i.log | tail -n 40; done > $OUT/$1.log
   cp $dir/results.jsonl $OUT/$1-session.jsonl; wc -l $OUT/$1-session.jsonl
 }
-gpu_tests() {  # $1 name, $2 seconds, test files...: one log each, verdict counts printed
-  local name=$1 limit=$2; shift 2
-  timeout $limit python3 -m pytest -v -n 4 -p no:cacheprovider -m gpu "$@" > $OUT/$name.log 2>&1
+gpu_tests() {  # $1 name, $2 seconds, test files...: one log each, verdict counts printed; the tests marked gpu
+  local name=$1 limit=$2 mark=(-m gpu); shift 2  # only, unless ALL_TESTS is set
+  [ -n "${ALL_TESTS:-}" ] && mark=()
+  timeout $limit python3 -m pytest -v -n 4 -p no:cacheprovider "${mark[@]}" "$@" > $OUT/$name.log 2>&1
   echo "$name (rc $?):"; grep -oE "(PASSED|FAILED|ERROR)" $OUT/$name.log | sort | uniq -c
   grep -E "^(FAILED|ERROR) " $OUT/$name.log | head -20
 }
@@ -48,6 +51,8 @@ step() {
         | tail -16 | tee $OUT/monarch_bench.log ;;
     att_tests) gpu_tests att_tests 400 tests/pallas_kernels/test_attention_documents.py \
                  tests/pallas_kernels/test_attention_head_dims.py tests/pallas_kernels/test_attention_hopper.py ;;
+    decode_tests) ALL_TESTS=1 gpu_tests decode_tests 300 tests/jaxlm/test_layers_attention_mlp.py \
+                    tests/jaxlm/test_generate_chunked.py tests/pallas_kernels/test_based_decode_kernel.py ;;
     new_tests) gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py \
                  tests/pallas_kernels/test_lolcats_kernel.py ;;
     based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
