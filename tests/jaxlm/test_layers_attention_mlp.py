@@ -2,6 +2,8 @@
 snapshots. Decode after prefill equals the parallel form; RoPE depends on relative positions only; packed
 documents do not see each other; a Monarch map equals its dense matrix."""
 
+import unittest.mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,11 +75,16 @@ def test_sliding_window_cache_is_window_sized():
 
 
 def test_cache_is_stored_at_the_decode_kernels_head_dim():
-  """The portable decode kernel tiles powers of two: a cache of head dim 24 is stored at 32 for it (zero columns),
-  and at 24 for the reference, which reads any width."""
-  for implementation, width in (("pallas", 32), ("reference", 24)):
+  """The portable decode kernel tiles powers of two under Triton (and interpret mode): a cache of head dim 24 is
+  stored at 32 for it (zero columns), at 24 for the reference, which reads any width, and at 24 for Mosaic on TPU;
+  auto pads where it takes the kernel (GPU), not where it takes the reference (CPU)."""
+  cases = (("pallas", "cpu", 32), ("reference", "cpu", 24), ("pallas", "tpu", 24), ("auto", "gpu", 32),
+           ("auto", "cpu", 24))
+  for implementation, backend, width in cases:
     layer = make_attention(AttentionConfig(D, num_heads=4, head_dim=24, decode_implementation=implementation))
-    assert layer.init_cache(B, 7, jnp.float32).k_BSKD.shape == (B, 7, 4, width)
+    with unittest.mock.patch.object(jax, "default_backend", return_value=backend):
+      shape = jax.eval_shape(lambda: layer.init_cache(B, 7, jnp.float32)).k_BSKD.shape
+    assert shape == (B, 7, 4, width), (implementation, backend)
 
 
 def test_attention_window_limits_what_is_seen(rng):
