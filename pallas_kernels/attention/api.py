@@ -13,8 +13,8 @@ import jax
 
 from pallas_kernels.attention import decode, hopper, pallas, reference
 from pallas_kernels.common import validation
-from pallas_kernels.common.target import Target
 from pallas_kernels.common.dispatch import Dispatcher, Implementation, require
+from pallas_kernels.common.target import Target
 
 
 def _pallas_supports(*, head_dim: int, **_) -> str | None:
