@@ -144,10 +144,6 @@ def _smaller(batch: int) -> int:
   return batch - (64 if batch > 64 else 8)
 
 
-def _out_of_memory(error: Exception) -> bool:
-  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
-
-
 def _report(name: str, model: LM, batch: int, args: argparse.Namespace, stats: dict[str, float],
             bandwidth: dict[str, float | None]) -> None:
   chunk = f" in pieces of {args.prefill_chunk}" if args.prefill_chunk else ""
@@ -195,7 +191,7 @@ def run_benchmarks(model: LM, args: argparse.Namespace) -> None:
         except jax.errors.JaxRuntimeError as error:
           # The memory analysis bounds what the programs need, not how the allocator places it (a fragmented
           # pool failed at 82% of the limit on an H100): --batch max steps down at run time too.
-          if not (largest and _out_of_memory(error)):
+          if not (largest and "RESOURCE_EXHAUSTED" in str(error)):
             raise
           print(f"batch {batch}: out of memory when run ({str(error).splitlines()[0][:160]}); trying "
                 f"{_smaller(batch)}", flush=True)

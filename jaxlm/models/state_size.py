@@ -89,7 +89,7 @@ def h3_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
   """(1 + P)·N·d: the shift SSM's last N keys per channel of d, and the diagonal SSM's N/2 complex modes per channel
   of its (d/P)·P² = P·d channels (head dim P)."""
   del seq_len
-  return (1 + getattr(config, "head_dim", 1)) * config.state_dim * d_model
+  return (1 + config.head_dim) * config.state_dim * d_model
 
 
 def hyena_state_size(config: Any, *, d_model: int, seq_len: int) -> int:
