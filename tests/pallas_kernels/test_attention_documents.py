@@ -115,7 +115,7 @@ def test_tiles_of_other_documents_are_never_computed(rng):
                                   first=32, length=80, dtype=jnp.float32)
 
 
-# Off by default in the Hopper kernels until these tests pass on a GPU (hopper.BlockSizes.skip_other_documents).
+# The Hopper kernels skip other documents by default; the tests name it so that a change of default keeps them on it.
 SKIPPING = hopper.BlockSizes(skip_other_documents=True)
 # The Hopper kernels' CTAs own 128 rows and stream 128 (forward) or 64 (backward) keys: documents at this scale.
 GPU_CASES = {
