@@ -29,20 +29,49 @@ def _edge_pad(ids_BN: jax.Array, length: int) -> jax.Array:
   return jnp.pad(ids_BN, ((0, 0), (0, length - ids_BN.shape[1])), mode="edge")
 
 
-def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
-                 num_own_blocks: int) -> jax.Array:
-  """[B, J, 1, 2] int32: for own block j, the [lo, hi) blocks of the other side (of `other_block` positions)
-  that hold every position whose id equals an id in block j; [0, all blocks) in rows whose other ids are unsorted.
-  J = num_own_blocks covers own_ids (the last blocks may be padding)."""
+def _positions(own_ids_BN, other_ids_BM, own_block: int, num_own_blocks: int):
+  """Per own block j: (first, stop, single, sorted): the other side's positions [first, stop) whose ids lie in
+  the block's [min, max], whether the block holds one id only, and whether the row's other ids are sorted."""
   own_ids_BN, other_ids_BM = own_ids_BN.astype(jnp.int32), other_ids_BM.astype(jnp.int32)
-  batch, length = other_ids_BM.shape
+  batch = other_ids_BM.shape[0]
   blocks_BJC = _edge_pad(own_ids_BN, num_own_blocks * own_block).reshape(batch, num_own_blocks, own_block)
   lo_id_BJ, hi_id_BJ = jnp.min(blocks_BJC, axis=2), jnp.max(blocks_BJC, axis=2)
   find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
   first_BJ = find(other_ids_BM, lo_id_BJ, "left")  # first position with id >= the block's smallest id
   stop_BJ = find(other_ids_BM, hi_id_BJ, "right")  # one past the last position with id <= its largest
-  lo_BJ, hi_BJ = first_BJ // other_block, cdiv(stop_BJ, other_block)
   sorted_B1 = jnp.all(other_ids_BM[:, 1:] >= other_ids_BM[:, :-1], axis=1, keepdims=True)
+  return first_BJ, stop_BJ, lo_id_BJ == hi_id_BJ, sorted_B1
+
+
+def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
+                 num_own_blocks: int) -> jax.Array:
+  """[B, J, 1, 2] int32: for own block j, the [lo, hi) blocks of the other side (of `other_block` positions)
+  that hold every position whose id equals an id in block j; [0, all blocks) in rows whose other ids are unsorted.
+  J = num_own_blocks covers own_ids (the last blocks may be padding)."""
+  first_BJ, stop_BJ, _, sorted_B1 = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
+  lo_BJ, hi_BJ = first_BJ // other_block, cdiv(stop_BJ, other_block)
   lo_BJ = jnp.where(sorted_B1, lo_BJ, 0)
-  hi_BJ = jnp.where(sorted_B1, jnp.maximum(hi_BJ, lo_BJ), -(-length // other_block))
+  hi_BJ = jnp.where(sorted_B1, jnp.maximum(hi_BJ, lo_BJ), -(-other_ids_BM.shape[1] // other_block))
   return jnp.stack([lo_BJ, hi_BJ], axis=-1)[:, :, None, :].astype(jnp.int32)
+
+
+def interior_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
+                    num_own_blocks: int) -> jax.Array:
+  """[B, J, 2] int32: for own block j whose positions all hold one id d, the [lo, hi) blocks of the other side
+  whose positions all hold d: as far as segment ids go, every pair of the two blocks is visible, so a kernel
+  needs no element mask there (the causal/window bounds still decide theirs). An empty range (0, 0) where block
+  j holds several ids or the row's other ids are unsorted. The other side's padding counts as part of its last
+  document: kernels mask padding keys by their own bounds, and padding query rows need no mask."""
+  first_BJ, stop_BJ, single_BJ, sorted_B1 = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
+  length = other_ids_BM.shape[1]
+  lo_BJ = cdiv(first_BJ, other_block)
+  hi_BJ = jnp.where(stop_BJ == length, cdiv(stop_BJ, other_block), stop_BJ // other_block)
+  whole_BJ = single_BJ & sorted_B1 & (lo_BJ < hi_BJ)
+  return jnp.stack([jnp.where(whole_BJ, lo_BJ, 0), jnp.where(whole_BJ, hi_BJ, 0)], axis=-1).astype(jnp.int32)
+
+
+def kernel_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, **blocks) -> jax.Array:
+  """[B, J, 4] int32 (lo, hi, interior lo, interior hi): both ranges of own block j, as the Hopper kernels read
+  them (one small input, scalars per CTA)."""
+  return jnp.concatenate([block_ranges(own_ids_BN, other_ids_BM, **blocks)[:, :, 0],
+                          interior_ranges(own_ids_BN, other_ids_BM, **blocks)], axis=-1)

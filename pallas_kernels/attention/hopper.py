@@ -29,7 +29,7 @@ Both consumers walk the CTA's whole key range, so that they take equally many tu
 that hides everything from one warpgroup's rows (at most one at either end) costs it one block of work and
 masks to zero. A CTA whose rows see no key at all still reads one block, fully masked. Blocks that every row of
 the CTA sees whole run without the element mask; the first block and the boundary ones (causal diagonal, window
-edges, key padding, and every block when there are segment ids) apply it.
+edges, key padding and, with segment ids, every block not inside the CTA's one document) apply it.
 
 Softmax: base-2 logits with scale·log2(e) folded into one multiply-add, p = exp2(c·s - m) (float32, approximate
 exp2); a row that has seen only hidden keys keeps m = -inf and is shifted by 0, so it ends with O = 0, l = 0 and
@@ -119,7 +119,8 @@ class _Plan:
 
 def _key_blocks(plan: _Plan, q_start, doc_range=None):
   """(lo, full_lo, full_hi, hi): the CTA reads key blocks [lo, hi) and blocks [full_lo, full_hi) need no mask;
-  doc_range: the (lo, hi) key blocks that hold the CTA's documents (documents.py), or None.
+  doc_range: the (lo, hi) key blocks that hold the CTA's documents and the (lo, hi) inside its one document
+  (documents.py; empty if it holds several), or None.
 
   [lo, hi) is never empty: a CTA whose rows see nothing still masks one block, so its rows come out 0 / -inf
   through the normal path. full_lo > lo: the first block always applies the mask (see _consumer)."""
@@ -137,8 +138,9 @@ def _key_blocks(plan: _Plan, q_start, doc_range=None):
   full_hi = jnp.int32(mask.kv_len // bk)  # blocks without key padding
   if mask.right is not None:  # every row sees k <= p_first + right
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
-  if plan.segmented:  # segment boundaries can fall anywhere
-    full_hi = full_lo
+  if plan.segmented:  # only blocks inside the CTA's one document see every key
+    full_lo, full_hi = ((full_lo, full_lo) if doc_range is None else
+                        (jnp.maximum(full_lo, doc_range[2]), jnp.minimum(full_hi, doc_range[3])))
   full_lo = jnp.minimum(full_lo, hi)
   full_hi = jnp.clip(full_hi, full_lo, hi)
   return lo, full_lo, full_hi, hi
@@ -332,13 +334,13 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
 
 
 def _kernel(*refs, plan: _Plan):
-  """refs: q, k, v, (q_ids, k_ids, document ranges [B, q_blocks, 2] if segmented), o, lse, _Shared."""
+  """refs: q, k, v, (q_ids, k_ids, document ranges [B, q_blocks, 4] if segmented), o, lse, _Shared."""
   q_ref, k_ref, v_ref, *seg_refs = refs[:-3]
   o_ref, lse_ref, shared = refs[-3:]
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
   q_block = plan.q_blocks - 1 - lax.axis_index("q_blocks")
   q_start, batch = q_block * plan.rows, lax.axis_index("batch")
-  doc_range = (seg_refs[2][batch, q_block, 0], seg_refs[2][batch, q_block, 1]) if len(seg_refs) == 3 else None
+  doc_range = tuple(seg_refs[2][batch, q_block, i] for i in range(4)) if len(seg_refs) == 3 else None
   cta = _Cta(batch, lax.axis_index("heads"), q_start, *_key_blocks(plan, q_start, doc_range),
              stages=plan.blocks.num_stages)
   mosaic.warp_specialized(lambda: _producer(plan, cta, k_ref, v_ref, shared),
@@ -347,7 +349,7 @@ def _kernel(*refs, plan: _Plan):
 
 def _forward(plan: _Plan, q, k, v, q_ids, k_ids, ranges):
   """(o [B, T_pad, H, D], lse [B, H, T_pad]) from padded q [B, T_pad, H, D], k, v [B, S_pad, K, D], segment
-  ids [B, T_pad], [B, S_pad] and the CTAs' document key-block ranges [B, q_blocks, 2] (or None)."""
+  ids [B, T_pad], [B, S_pad] and the CTAs' document key-block ranges [B, q_blocks, 4] (or None)."""
   batch, t_pad = q.shape[:2]
   segments = () if q_ids is None else (q_ids, k_ids) + (() if ranges is None else (ranges,))
   return mosaic.launch(
@@ -387,8 +389,8 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
   pad = lambda x, n: x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
   ranges = None
   if ids_BT is not None and blocks.skip_other_documents:
-    ranges = documents.block_ranges(ids_BT, ids_BS, own_block=rows, other_block=blocks.block_k,
-                                    num_own_blocks=plan.q_blocks)[:, :, 0]
+    ranges = documents.kernel_ranges(ids_BT, ids_BS, own_block=rows, other_block=blocks.block_k,
+                                     num_own_blocks=plan.q_blocks)
   if ids_BT is not None:
     ids_BT, ids_BS = pad(ids_BT.astype(jnp.int32), t_pad), pad(ids_BS.astype(jnp.int32), s_pad)
   o, lse = _forward(plan, pad(q_BTHD, t_pad), pad(k_BSKD, s_pad), pad(v_BSKD, s_pad), ids_BT, ids_BS, ranges)

@@ -23,9 +23,10 @@ and two consumers (wg 0, 1) that each own 64 rows of the wgmma M dimension, load
          shared kv head: never repeated). Per step: S = Q·K_jᵀ with dP = dO·V_jᵀ, P, dS, dQ += dS·K_j.
 
 With segment ids, each CTA's streamed range is also narrowed to the blocks that hold its documents (documents.py's
-ranges, [B, CTAs, 2], read as two scalars), so tiles of other documents are never loaded.
+ranges, [B, CTAs, 4], read as scalars), so tiles of other documents are never loaded.
 Blocks that every (row, key) pair of a consumer's tile sees whole skip the element mask (per consumer: the two
-warpgroups walk the same blocks but may mask different ones); the rest apply it (always with segment ids).
+warpgroups walk the same blocks but may mask different ones); the rest apply it (with segment ids, every block
+not inside the CTA's one document).
 The outputs are staged in the consumers' own (dead) input tiles and TMA-stored in the input dtype.
 
 Block sizes: each consumer's tile is 64 rows (wgmma M); the streamed tiles are 64 long, which keeps the two
@@ -210,24 +211,27 @@ def _walk(sh: _Shared, stages: int, first_step, cta_range, ranges, body):
     lax.fori_loop(start, stop, functools.partial(visit, masked=masked), None)
 
 
-def _ordered(cta_range, lo, full_lo, full_hi, hi, segmented: bool):
-  """Clamps a consumer's ranges into cta_lo <= lo <= full_lo <= full_hi <= hi <= cta_hi."""
-  cta_lo, cta_hi = cta_range
-  lo = jnp.clip(lo, cta_lo, cta_hi)
-  hi = jnp.clip(hi, lo, cta_hi)
+def _ordered(cta, lo, full_lo, full_hi, hi, segmented: bool):
+  """Clamps a consumer's ranges into cta_lo <= lo <= full_lo <= full_hi <= hi <= cta_hi; with segment ids, only
+  blocks inside the CTA's one document (cta.interior) can go unmasked."""
+  lo = jnp.clip(lo, cta.lo, cta.hi)
+  hi = jnp.clip(hi, lo, cta.hi)
+  if segmented:
+    full_lo, full_hi = ((full_lo, full_lo) if cta.interior is None else
+                        (jnp.maximum(full_lo, cta.interior[0]), jnp.minimum(full_hi, cta.interior[1])))
   full_lo = jnp.clip(full_lo, lo, hi)
-  full_hi = full_lo if segmented else jnp.clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
+  return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
 
 
 class _Cta(NamedTuple):
-  """Where one CTA works: batch, head (the kv head in the dK/dV kernel), its first row (key or query), and the
-  blocks [lo, hi) its producer streams."""
+  """Where one CTA works: batch, head (the kv head in the dK/dV kernel), its first row (key or query), the
+  blocks [lo, hi) its producer streams and, with document ranges, the (lo, hi) inside its one document."""
   batch: Any
   head: Any
   start: Any
   lo: Any
   hi: Any
+  interior: Any = None
 
 
 # ---------------------------------------------------------------- dK / dV
@@ -245,7 +249,7 @@ def _dkv_query_blocks(plan: _Plan, cta: _Cta, k_first):
   if mask.window is not None:  # its last row p sees k_first iff p - k_first < window
     full_hi = lax.div(jnp.maximum(k_first + mask.window - mask.q_offset, 0), bq)
   full_hi = jnp.where(k_last < mask.kv_len, full_hi, full_lo)  # key padding
-  return _ordered((cta.lo, cta.hi), lo, full_lo, full_hi, hi, plan.segmented)
+  return _ordered(cta, lo, full_lo, full_hi, hi, plan.segmented)
 
 
 def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
@@ -300,11 +304,13 @@ def _dkv_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
 
 
 def _within_documents(lo, hi, seg_refs, batch, block):
-  """[lo, hi) narrowed to the CTA's document range (the third of seg_refs: [B, CTAs, 2]), if given."""
+  """(lo, hi, interior): [lo, hi) narrowed to the CTA's document range and the (lo, hi) inside its one document
+  (the third of seg_refs: [B, CTAs, 4], documents.kernel_ranges), if given."""
   if len(seg_refs) < 3:
-    return lo, hi
-  lo = jnp.maximum(lo, seg_refs[2][batch, block, 0])
-  return lo, jnp.maximum(lo, jnp.minimum(hi, seg_refs[2][batch, block, 1]))
+    return lo, hi, None
+  doc_lo, doc_hi, interior_lo, interior_hi = (seg_refs[2][batch, block, i] for i in range(4))
+  lo = jnp.maximum(lo, doc_lo)
+  return lo, jnp.maximum(lo, jnp.minimum(hi, doc_hi)), (interior_lo, interior_hi)
 
 
 def _dkv_kernel(*refs, plan: _Plan):
@@ -342,7 +348,7 @@ def _dq_key_blocks(plan: _Plan, cta: _Cta, row_first):
     full_lo = cdiv(jnp.maximum(p_first + mosaic.WG_ROWS - mask.window, 0), bk)
   if mask.right is not None:  # the first row sees the block's last key
     full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(p_first + mask.right + 1, 0), bk))
-  return _ordered((cta.lo, cta.hi), lo, full_lo, full_hi, hi, plan.segmented)
+  return _ordered(cta, lo, full_lo, full_hi, hi, plan.segmented)
 
 
 def _dq_consumer(plan: _Plan, cta: _Cta, wg, refs, sh: _Shared):
@@ -446,9 +452,9 @@ def flash_attention_backward(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, d
     args += (pad(segment_ids.astype(jnp.int32), t_pad), pad(kv_segment_ids.astype(jnp.int32), s_pad))
   dq_args = dkv_args = args
   if segment_ids is not None and skip_other_documents:
-    # Per CTA of 128 rows: key blocks (dQ) and query blocks (dK/dV) that hold its documents, [B, CTAs, 2].
-    ranges = lambda own, other, step, length: documents.block_ranges(
-        own, other, own_block=cta_rows, other_block=step, num_own_blocks=length // cta_rows)[:, :, 0]
+    # Per CTA of 128 rows: key blocks (dQ) and query blocks (dK/dV) that hold its documents, [B, CTAs, 4].
+    ranges = lambda own, other, step, length: documents.kernel_ranges(
+        own, other, own_block=cta_rows, other_block=step, num_own_blocks=length // cta_rows)
     dq_args = args + (ranges(segment_ids, kv_segment_ids, blocks.block_k_dq, t_pad),)
     dkv_args = args + (ranges(kv_segment_ids, segment_ids, blocks.block_q_dkv, s_pad),)
 

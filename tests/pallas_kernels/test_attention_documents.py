@@ -10,14 +10,18 @@ kernels on an sm90 GPU (marked gpu); on CPU they lower for sm90 in test_attentio
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim, J blocks.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import api, documents, hopper, pallas
+from pallas_kernels.attention import api, documents, hopper, hopper_backward, masking, pallas
 from pallas_kernels.attention import reference as ref
-from tests.pallas_kernels.test_attention_hopper import _on_sm90
+from pallas_kernels.common import mosaic
+from pallas_kernels.common.layout import round_up
+from tests.pallas_kernels.test_attention_hopper import _on_sm90, _visible_pairs
 from tests.pallas_kernels.test_attention_kernel import _check_against_reference
 from tests.tolerances import assert_close, normal
 
@@ -57,6 +61,28 @@ def test_ranges_cover_every_same_document_pair_and_are_tight(rng, own_block, oth
           assert (lo, hi - 1) == (blocks.min(), blocks.max()), f"row {b} block {j}: [{lo}, {hi}) vs {blocks}"
         else:
           assert (lo, hi) == (0, -(-ids.shape[1] // other_block))
+
+
+@pytest.mark.parametrize("own_block,other_block", [(16, 16), (16, 32), (32, 16)])
+def test_interior_ranges_are_the_blocks_wholly_inside_a_block_s_one_document(rng, own_block, other_block):
+  """Own blocks of one id d get exactly the other side's blocks whose ids are all d (the last block's padding
+  counts as its document); other blocks get nothing."""
+  for ids in (_ids(RAGGED), _ids(EQUAL), _ids([[37, 43], [80]]), _unsorted(rng, 2, 80)):
+    ids = np.asarray(ids)
+    num_own = -(-ids.shape[1] // own_block)
+    interior = np.asarray(documents.interior_ranges(jnp.asarray(ids), jnp.asarray(ids), own_block=own_block,
+                                                    other_block=other_block, num_own_blocks=num_own))
+    assert interior.shape == (ids.shape[0], num_own, 2)
+    padded = np.pad(ids, ((0, 0), (0, num_own * own_block - ids.shape[1])), mode="edge")
+    for b in range(ids.shape[0]):
+      is_sorted = bool(np.all(np.diff(ids[b]) >= 0))
+      for j in range(num_own):
+        own = np.unique(padded[b, j * own_block:(j + 1) * own_block])
+        whole = [i for i in range(-(-ids.shape[1] // other_block))  # the last block may be cut short
+                 if len(own) == 1 and np.all(ids[b, i * other_block:(i + 1) * other_block] == own[0])]
+        lo, hi = interior[b, j]
+        got = list(range(lo, hi))
+        assert got == (whole if is_sorted else []), f"row {b} block {j}: {got} vs {whole}"
 
 
 def test_eight_equal_documents_read_an_eighth_of_the_tiles():
@@ -145,3 +171,74 @@ def test_hopper_never_computes_other_documents(rng):
   _never_computes_other_documents(rng, lambda *a, **kw: api.attention(*a, implementation="hopper",
                                                                      block_sizes=SKIPPING, **kw),
                                   first=256, length=640, dtype=jnp.bfloat16)
+
+
+# Documents of 300, 200, 40 and 160 keys: CTAs of 128 rows inside one document, across two, and across three.
+HOPPER_RANGE_CASES = {"self": (700, [300, 200, 40, 160]), "suffix_queries": (300, [300, 200, 40, 160]),
+                      "one_document_with_padding": (333, [333])}
+HOPPER_MASKS = [dict(causal=True), dict(causal=False), dict(causal=True, window=100),
+                dict(causal=False, window=50, window_right=20)]
+
+
+@pytest.mark.parametrize("case", list(HOPPER_RANGE_CASES))
+@pytest.mark.parametrize("mask_options", HOPPER_MASKS)
+def test_hopper_blocks_cover_each_document_and_run_unmasked_only_inside_one(case, mask_options):
+  """The Hopper kernels' per-CTA (forward) and per-consumer (dQ, dK/dV) ranges from documents.kernel_ranges:
+  [lo, hi) holds every pair a row sees, and a block run without the element mask hides no pair from a real row
+  (same document and inside the causal/window bounds): the tile arithmetic of hopper.py and hopper_backward.py,
+  checked on CPU."""
+  q_len, lengths = HOPPER_RANGE_CASES[case]
+  kv_ids = np.asarray(_ids([lengths]))[0]
+  kv_len = len(kv_ids)
+  q_ids = kv_ids[kv_len - q_len:]
+  mask = masking.MaskSpec(scale=1.0, softcap=None, q_offset=kv_len - q_len, q_len=q_len, kv_len=kv_len,
+                                     **dict(dict(window=None, window_right=None), **mask_options))
+  rows, wg_rows = mosaic.CTA_ROWS, mosaic.WG_ROWS
+  t_pad, s_pad = round_up(q_len, rows), round_up(kv_len, rows)
+  same = np.pad(q_ids[:, None] == kv_ids[None, :], ((0, t_pad - q_len), (0, s_pad - kv_len)))
+  pairs = _visible_pairs(mask, t_pad, s_pad) & same  # [t_pad, s_pad]: what each real row sees
+  ranges = lambda own, other, own_block, step, n: np.asarray(documents.kernel_ranges(
+      jnp.asarray(own)[None], jnp.asarray(other)[None], own_block=own_block, other_block=step, num_own_blocks=n))
+
+  def check(name, seen, block_rows, step, lo, full_lo, full_hi, hi, real_rows, real_cols):
+    assert lo <= full_lo <= full_hi <= hi, (name, lo, full_lo, full_hi, hi)
+    for j in range(seen.shape[1] // step):
+      tile = seen[:, j * step:(j + 1) * step]
+      assert lo <= j < hi or not tile.any(), f"{name}: block {j} holds pairs, not in [{lo}, {hi})"
+      if full_lo <= j < full_hi:
+        assert tile[:max(0, real_rows), :max(0, real_cols - j * step)].all(), f"{name}: block {j} unmasked, hides pairs"
+
+  blocks = hopper.BlockSizes()
+  plan = hopper._Plan(mask=mask, blocks=blocks, heads=1, kv_heads=1, head_dim=128, dtype=jnp.bfloat16,
+                      q_blocks=t_pad // rows, kv_blocks=s_pad // blocks.block_k, segmented=True)
+  fwd_ranges = ranges(q_ids, kv_ids, rows, blocks.block_k, plan.q_blocks)
+  for qb in range(plan.q_blocks):
+    got = [int(x) for x in hopper._key_blocks(plan, qb * rows, tuple(fwd_ranges[0, qb]))]
+    if len(lengths) == 1:  # one document: the same blocks, masked or not, as without segment ids
+      plain = dataclasses.replace(plan, segmented=False)
+      assert got == [int(x) for x in hopper._key_blocks(plain, qb * rows)], f"forward CTA {qb}"
+    check(f"forward CTA {qb}", pairs[qb * rows:(qb + 1) * rows], rows, blocks.block_k, *got,
+          real_rows=q_len - qb * rows, real_cols=kv_len)
+
+  back = hopper_backward.BlockSizes()
+  bplan = hopper_backward._Plan(mask=mask, blocks=back, heads=1, kv_heads=1, head_dim=128, dtype=jnp.bfloat16,
+                                t_pad=t_pad, s_pad=s_pad, segmented=True)
+  for transposed, step, own_ids, other_ids, n in ((False, back.block_k_dq, q_ids, kv_ids, t_pad // rows),
+                                                  (True, back.block_q_dkv, kv_ids, q_ids, s_pad // rows)):
+    seen_all = pairs.T if transposed else pairs  # rows: what a consumer owns; columns: what it streams
+    doc_ranges = (None, None, ranges(own_ids, other_ids, rows, step, n))
+    for block in range(n):
+      start = block * rows
+      bounds = (mask.q_block_range(start, rows, step) if transposed else mask.kv_block_range(start, rows, step))
+      cta = hopper_backward._Cta(0, 0, start, *hopper_backward._within_documents(*bounds, doc_ranges, 0, block))
+      consumer = hopper_backward._dkv_query_blocks if transposed else hopper_backward._dq_key_blocks
+      for first in (start, start + wg_rows):
+        got = [int(x) for x in consumer(bplan, cta, first)]
+        if len(lengths) == 1:
+          plain = hopper_backward._Cta(0, 0, start, *bounds)
+          assert got == [int(x) for x in consumer(dataclasses.replace(bplan, segmented=False), plain, first)]
+        assert int(cta.lo) <= got[0] and got[3] <= int(cta.hi)
+        # Padding query rows have P = 0 and need no mask, padding keys do: only real pairs are checked.
+        real_rows, real_cols = ((kv_len - first, q_len) if transposed else (q_len - first, kv_len))
+        check(f"{'dkv' if transposed else 'dq'} rows {first}", seen_all[first:first + wg_rows], wg_rows, step,
+              *got, real_rows=real_rows, real_cols=real_cols)
