@@ -1,5 +1,6 @@
 """The fused Monarch kernel (pallas_kernels/monarch/pallas.py, interpret mode here) against the float64 dense matrix
-blockdiag(w2) · Perm · blockdiag(w1) written out in numpy, and its three gradients against the oracle's; the public
+blockdiag(w2) · Perm · blockdiag(w1) written out in numpy, and its three gradients (and those of auto's XLA form,
+xla.py) against the oracle's; the public
 api by name; lowering for TPU and Triton; the Monarch layers and MLP on it. GPU runs are marked `gpu`."""
 
 import functools
@@ -12,7 +13,7 @@ from flax import nnx
 
 from jaxlm.layers.linear import MonarchLinear
 from jaxlm.layers.mlp import build_mlp
-from pallas_kernels.monarch import api, pallas, reference
+from pallas_kernels.monarch import api, pallas, reference, xla
 from tests.pallas_kernels.test_kernel_lowering import _lowers
 from tests.pallas_kernels.test_monarch_reference import dense_np
 from tests.tolerances import assert_close, normal
@@ -62,12 +63,18 @@ def _loss(fn, x, w1, w2, cotangent):
   return jnp.sum(fn(x, w1, w2).astype(jnp.float32) * cotangent)
 
 
+# The kernel with small tiles, and auto's XLA form (its own custom_vjp with 16-bit operands).
+GRADIENT_FORMS = {"pallas": functools.partial(pallas.monarch_multiply, block_sizes=SMALL),
+                  "xla": xla.monarch_multiply}
+
+
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
 @pytest.mark.parametrize("name, dtype", GRADIENT_CASES)
-def test_gradients_match_the_oracle(rng, name, dtype):
+def test_gradients_match_the_oracle(rng, name, dtype, form):
   """dx, dw1, dw2 of sum(y · g) for a random g, against the float32 oracle on the same (rounded) inputs."""
   x, w1, w2 = _inputs(rng, name, dtype, batch=(2,))
   cotangent = normal(rng, (*x.shape[:-1], w2.shape[0] * w2.shape[1]))
-  kernel = functools.partial(pallas.monarch_multiply, block_sizes=SMALL)
+  kernel = GRADIENT_FORMS[form]
   grads = jax.jit(jax.grad(functools.partial(_loss, kernel), argnums=(0, 1, 2)))(x, w1, w2, cotangent)
   upcast = [a.astype(jnp.float32) for a in (x, w1, w2)]
   expected = jax.grad(functools.partial(_loss, reference.monarch_multiply), argnums=(0, 1, 2))(*upcast, cotangent)
@@ -79,12 +86,13 @@ def test_gradients_match_the_oracle(rng, name, dtype):
     assert_close(got, want, dtype=dtype, reduction_len=reduction, name=label, scale=scale)
 
 
-def test_gradients_of_the_dense_matrix(rng):
+@pytest.mark.parametrize("form", GRADIENT_FORMS)
+def test_gradients_of_the_dense_matrix(rng, form):
   """y = x Dᵀ with D the numpy dense matrix: dx = g D, and the weight gradients move y along D's directional
   derivative (a float64 finite difference of the dense matrix), independently of the oracle."""
   x, w1, w2 = _inputs(rng, "nb4_c32_t130", jnp.float32)
   g = normal(rng, (x.shape[0], w2.shape[0] * w2.shape[1]))
-  kernel = functools.partial(pallas.monarch_multiply, block_sizes=SMALL)
+  kernel = GRADIENT_FORMS[form]
   dx, dw1, dw2 = jax.jit(jax.grad(functools.partial(_loss, kernel), argnums=(0, 1, 2)))(x, w1, w2, g)
   x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
   assert_close(dx, g64 @ dense_np(w1, w2), dtype=jnp.float32, reduction_len=_reduction(w1, w2), name="dx")
