@@ -36,11 +36,29 @@ def _positions(own_ids_BN, other_ids_BM, own_block: int, num_own_blocks: int):
   batch = other_ids_BM.shape[0]
   blocks_BJC = _edge_pad(own_ids_BN, num_own_blocks * own_block).reshape(batch, num_own_blocks, own_block)
   lo_id_BJ, hi_id_BJ = jnp.min(blocks_BJC, axis=2), jnp.max(blocks_BJC, axis=2)
-  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
+  # Unrolled: the default binary search is a while loop, a few kernel launches per step on a GPU, run once per
+  # side and per pass of every attention call; unrolled, its log2(M) steps fuse into straight-line code.
+  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side, method="scan_unrolled"),
+                  in_axes=(0, 0, None))
   first_BJ = find(other_ids_BM, lo_id_BJ, "left")  # first position with id >= the block's smallest id
   stop_BJ = find(other_ids_BM, hi_id_BJ, "right")  # one past the last position with id <= its largest
   sorted_B1 = jnp.all(other_ids_BM[:, 1:] >= other_ids_BM[:, :-1], axis=1, keepdims=True)
   return first_BJ, stop_BJ, lo_id_BJ == hi_id_BJ, sorted_B1
+
+
+def _block_range(first_BJ, stop_BJ, sorted_B1, other_block: int, length: int):
+  """[B, J] lo, hi of the other side's blocks holding positions [first, stop); every block where unsorted."""
+  lo_BJ = jnp.where(sorted_B1, first_BJ // other_block, 0)
+  hi_BJ = jnp.where(sorted_B1, jnp.maximum(cdiv(stop_BJ, other_block), lo_BJ), -(-length // other_block))
+  return lo_BJ, hi_BJ
+
+
+def _interior_range(first_BJ, stop_BJ, single_BJ, sorted_B1, other_block: int, length: int):
+  """[B, J] lo, hi of the other side's blocks wholly inside [first, stop) for single-id blocks; (0, 0) otherwise."""
+  lo_BJ = cdiv(first_BJ, other_block)
+  hi_BJ = jnp.where(stop_BJ == length, cdiv(stop_BJ, other_block), stop_BJ // other_block)
+  whole_BJ = single_BJ & sorted_B1 & (lo_BJ < hi_BJ)
+  return jnp.where(whole_BJ, lo_BJ, 0), jnp.where(whole_BJ, hi_BJ, 0)
 
 
 def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
@@ -49,9 +67,7 @@ def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: i
   that hold every position whose id equals an id in block j; [0, all blocks) in rows whose other ids are unsorted.
   J = num_own_blocks covers own_ids (the last blocks may be padding)."""
   first_BJ, stop_BJ, _, sorted_B1 = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
-  lo_BJ, hi_BJ = first_BJ // other_block, cdiv(stop_BJ, other_block)
-  lo_BJ = jnp.where(sorted_B1, lo_BJ, 0)
-  hi_BJ = jnp.where(sorted_B1, jnp.maximum(hi_BJ, lo_BJ), -(-other_ids_BM.shape[1] // other_block))
+  lo_BJ, hi_BJ = _block_range(first_BJ, stop_BJ, sorted_B1, other_block, other_ids_BM.shape[1])
   return jnp.stack([lo_BJ, hi_BJ], axis=-1)[:, :, None, :].astype(jnp.int32)
 
 
@@ -62,16 +78,17 @@ def interior_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block
   needs no element mask there (the causal/window bounds still decide theirs). An empty range (0, 0) where block
   j holds several ids or the row's other ids are unsorted. The other side's padding counts as part of its last
   document: kernels mask padding keys by their own bounds, and padding query rows need no mask."""
+  positions = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
+  lo_BJ, hi_BJ = _interior_range(*positions, other_block, other_ids_BM.shape[1])
+  return jnp.stack([lo_BJ, hi_BJ], axis=-1).astype(jnp.int32)
+
+
+def kernel_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
+                  num_own_blocks: int) -> jax.Array:
+  """[B, J, 4] int32 (lo, hi, interior lo, interior hi): both ranges of own block j, as the Hopper kernels read
+  them (one small input, scalars per CTA), from one search."""
   first_BJ, stop_BJ, single_BJ, sorted_B1 = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
   length = other_ids_BM.shape[1]
-  lo_BJ = cdiv(first_BJ, other_block)
-  hi_BJ = jnp.where(stop_BJ == length, cdiv(stop_BJ, other_block), stop_BJ // other_block)
-  whole_BJ = single_BJ & sorted_B1 & (lo_BJ < hi_BJ)
-  return jnp.stack([jnp.where(whole_BJ, lo_BJ, 0), jnp.where(whole_BJ, hi_BJ, 0)], axis=-1).astype(jnp.int32)
-
-
-def kernel_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, **blocks) -> jax.Array:
-  """[B, J, 4] int32 (lo, hi, interior lo, interior hi): both ranges of own block j, as the Hopper kernels read
-  them (one small input, scalars per CTA)."""
-  return jnp.concatenate([block_ranges(own_ids_BN, other_ids_BM, **blocks)[:, :, 0],
-                          interior_ranges(own_ids_BN, other_ids_BM, **blocks)], axis=-1)
+  ranges = (*_block_range(first_BJ, stop_BJ, sorted_B1, other_block, length),
+            *_interior_range(first_BJ, stop_BJ, single_BJ, sorted_B1, other_block, length))
+  return jnp.stack(ranges, axis=-1).astype(jnp.int32)
