@@ -6,7 +6,8 @@
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
 #                       --set overrides (e.g. model.implementation.based=reference)
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
-#   new_bench           the new kernels' acceptance rows: packed-document attention, Monarch MLP headline
+#   new_bench           the new kernels' acceptance rows: packed-document attention (and its ranges' search alone),
+#                       Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
 #   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
@@ -47,6 +48,7 @@ step() {
     new_bench)
       timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
         | tail -24 | tee $OUT/attention_documents_bench.log
+      timeout 40 python3 benchmarks/scripts/document_ranges_time.py 2>&1 | tail -2 | tee -a $OUT/attention_documents_bench.log
       timeout 80 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
         | tail -16 | tee $OUT/monarch_bench.log ;;
     att_tests) gpu_tests att_tests 400 tests/pallas_kernels/test_attention_documents.py \
