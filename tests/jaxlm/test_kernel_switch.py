@@ -15,9 +15,13 @@ from jaxlm.models import LM, load_preset
 from pallas_kernels.common import mosaic
 from tests.tolerances import assert_close
 
-KERNELS = {"attention": "pallas", "attention_decode": "pallas", "based": "pallas", "based_decode": "pallas"}
+KERNELS = {"attention": "pallas", "attention_decode": "pallas", "based": "pallas", "based_decode": "pallas",
+           "long_conv": "pallas", "monarch": "pallas"}
 REFERENCE = {op: "reference" for op in KERNELS}
 B, T, PROMPT = 2, 10, 6
+# The presets and the reduction length that scales their tolerance (the widest product a logit goes through).
+PRESETS = {"transformer-tiny": T * 64, "based-tiny": T * 64, "gpt2-monarch-tiny": T * 64, "h3-tiny": T * 64,
+           "hyena-tiny": T * 64}
 
 
 def _model(name: str, implementation: dict) -> LM:
@@ -38,16 +42,17 @@ def _logits_and_decoded(model: LM, tokens_BT):
   return logits, jnp.stack(decoded, axis=1)
 
 
-@pytest.mark.parametrize("name", ["transformer-tiny", "based-tiny"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_kernels_by_config_match_reference(name, rng):
-  vocab = load_preset(name).vocab_size
+  """Every op a preset has switched to its portable kernel at once (the others in KERNELS are unused there)."""
+  vocab, reduction = load_preset(name).vocab_size, PRESETS[name]
   tokens_BT = jnp.asarray(rng.integers(0, vocab, (B, T)), jnp.int32)
   ref_logits, ref_decoded = _logits_and_decoded(_model(name, REFERENCE), tokens_BT)
   kernel_logits, kernel_decoded = _logits_and_decoded(_model(name, KERNELS), tokens_BT)
-  assert_close(kernel_logits, ref_logits, dtype=jnp.float32, reduction_len=T * 64, name="parallel logits")
-  assert_close(kernel_decoded, ref_decoded, dtype=jnp.float32, reduction_len=T * 64, name="decoded logits")
+  assert_close(kernel_logits, ref_logits, dtype=jnp.float32, reduction_len=reduction, name="parallel logits")
+  assert_close(kernel_decoded, ref_decoded, dtype=jnp.float32, reduction_len=reduction, name="decoded logits")
   # Decoding with the kernels continues the parallel forward: the last prompt position onwards.
-  assert_close(kernel_decoded, ref_logits[:, PROMPT - 1:T - 1], dtype=jnp.float32, reduction_len=T * 64,
+  assert_close(kernel_decoded, ref_logits[:, PROMPT - 1:T - 1], dtype=jnp.float32, reduction_len=reduction,
                name="decode vs parallel")
   assert not np.allclose(np.asarray(ref_logits[:, 0]), np.asarray(ref_logits[:, -1]))  # a real signal
 
