@@ -69,8 +69,9 @@ def test_attention_decode_equals_parallel(name, rng):
 
 
 def test_sliding_window_cache_is_window_sized():
+  """Window slots whatever the length (the last axis is the decode kernel's head dim: the next test)."""
   layer = make_attention(SlidingWindowConfig(D, num_heads=4, window=3))
-  assert layer.init_cache(B, 1000, jnp.float32).k_BSKD.shape == (B, 3, 4, D // 4)
+  assert layer.init_cache(B, 1000, jnp.float32).k_BSKD.shape == (B, 3, 4, layer.cache_head_dim())
   assert make_attention(AttentionConfig(D, num_heads=4)).init_cache(B, 7, jnp.float32).k_BSKD.shape[1] == 7
 
 
