@@ -75,9 +75,10 @@ class BlockSizes:
   block_q: int = 64  # query rows per consumer warpgroup (the wgmma M); a CTA holds 2·block_q
   block_k: int = 128  # keys per pipeline stage
   num_stages: int = 2  # depth of the K/V shared-memory ring
-  # With segment ids, stream only the key blocks that hold each CTA's documents (documents.py; forward and both
-  # backward kernels). On the H100 (2026-12-06) it took 8 packed documents at B4 S8192 H16 KV4 D128 causal from
-  # 1.85/8.89 ms (no segment ids) to 1.08/2.51 ms forward/forward+backward. Unsorted ids get every block (masked).
+  # With segment ids, stream only the key blocks that hold each CTA's documents, and run the blocks inside a CTA's
+  # one document without the element mask (documents.py; forward and both backward kernels). On the H100
+  # (2026-12-07, B4 S8192 H16 KV4 D128 causal, forward / forward+backward): no segment ids 1.85 / 8.83 ms, 8 packed
+  # documents 0.49 / 1.64, one document 1.97 / 8.92. Unsorted ids get every block, masked.
   skip_other_documents: bool = True
   # The backward kernels' knobs (hopper_backward.py), so that one BlockSizes tunes the op both ways.
   backward: hopper_backward.BlockSizes = dataclasses.field(default_factory=hopper_backward.BlockSizes)
