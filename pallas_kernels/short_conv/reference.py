@@ -75,13 +75,18 @@ def short_conv_lax(x_BTE: jax.Array, w_WE: jax.Array, bias_E: jax.Array | None =
 
 def short_conv_step(x_BE: jax.Array, state_BWE: jax.Array, w_WE: jax.Array,
                     bias_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """One decode token: y = Σ_j w[j]·[state; x][j] + bias, and the new state [state; x][1:] (oldest dropped)."""
+  """One decode token: y = Σ_j w[j]·[state; x][j] + bias, and the new state [state; x][1:] (oldest dropped).
+
+  The W products are summed elementwise, not as an einsum: XLA makes "bwe,we->be" a dot batched over E (E
+  products of [B, W]·[W], with the window transposed through memory for it), where the sum fuses into one pass
+  with its neighbours. This step runs once per layer per generated token, so its kernel count is its cost."""
   e = w_WE.shape[1]
   dtype = compute_dtype(x_BE, w_WE, bias_E, state_BWE)
   window_BWE = jnp.concatenate([state_BWE, x_BE[:, None].astype(state_BWE.dtype)], axis=1)
-  y_BE = jnp.einsum("bwe,we->be", window_BWE.astype(dtype), w_WE.astype(dtype), precision=_HIGHEST)
-  y_BE = (y_BE + _bias_or_zero(bias_E, e, dtype)).astype(x_BE.dtype)
-  return y_BE, window_BWE[:, 1:]
+  w_WE = w_WE.astype(dtype)
+  y_BE = _bias_or_zero(bias_E, e, dtype) + sum(w_WE[j] * window_BWE[:, j].astype(dtype)
+                                               for j in range(window_BWE.shape[1]))
+  return y_BE.astype(x_BE.dtype), window_BWE[:, 1:]
 
 
 def short_conv_scan(x_BTE: jax.Array, w_WE: jax.Array, bias_E: jax.Array | None = None, *,
