@@ -1,12 +1,13 @@
-"""Time of the packed-document block ranges alone (documents.kernel_ranges, what every segmented Hopper attention
-call computes before its kernels: once for the forward, twice for the backward), against the same search with
-jnp.searchsorted's default method (a while loop), at the documents benchmark's shape.
+"""Time of the packed-document block ranges alone (documents.kernel_ranges: what a segmented Hopper attention call
+computes with XLA before its kernels, once for the forward and twice for the backward) at the documents
+benchmark's shape: with one document per row it is about all that the call costs over no segment ids.
+Measured on the H100 (2026-12-07): 0.095 ms with the binary search as jnp.searchsorted's while loop, 0.097 ms
+unrolled (method="scan_unrolled").
 
   PYTHONPATH=. python benchmarks/scripts/document_ranges_time.py
 """
 import functools
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +31,9 @@ def main():
   ids = (jnp.arange(length) * documents_per_row // length + 1).astype(jnp.int32)
   ids_BT = jnp.broadcast_to(ids, (batch, length))
   ranges = functools.partial(documents.kernel_ranges, own_block=128, other_block=128, num_own_blocks=length // 128)
-  unrolled = _time(jax.jit(ranges), ids_BT, ids_BT)
-  default_search = functools.partial(jnp.searchsorted, method="scan")
-  with mock.patch.object(documents.jnp, "searchsorted",
-                         lambda a, v, side="left", method=None: default_search(a, v, side=side)):
-    looped = _time(jax.jit(ranges), ids_BT, ids_BT)
+  ms = _time(jax.jit(ranges), ids_BT, ids_BT)
   print(f"kernel_ranges B{batch} S{length} {documents_per_row} documents, {jax.devices()[0].device_kind}: "
-        f"unrolled search {unrolled:.3f} ms, while-loop search {looped:.3f} ms (median of 50, dispatch included)")
+        f"{ms:.3f} ms (median of 50, dispatch included)")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ def _positions(own_ids_BN, other_ids_BM, own_block: int, num_own_blocks: int):
   batch = other_ids_BM.shape[0]
   blocks_BJC = _edge_pad(own_ids_BN, num_own_blocks * own_block).reshape(batch, num_own_blocks, own_block)
   lo_id_BJ, hi_id_BJ = jnp.min(blocks_BJC, axis=2), jnp.max(blocks_BJC, axis=2)
-  # Unrolled: the default binary search is a while loop, a few kernel launches per step on a GPU, run once per
-  # side and per pass of every attention call; unrolled, its log2(M) steps fuse into straight-line code.
-  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side, method="scan_unrolled"),
-                  in_axes=(0, 0, None))
+  # The search costs the same unrolled (H100, 2026-12-07: 0.095 ms for both ranges at B4 S8192, dispatch included,
+  # benchmarks/scripts/document_ranges_time.py): about what a one-document row costs over no segment ids.
+  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
   first_BJ = find(other_ids_BM, lo_id_BJ, "left")  # first position with id >= the block's smallest id
   stop_BJ = find(other_ids_BM, hi_id_BJ, "right")  # one past the last position with id <= its largest
   sorted_B1 = jnp.all(other_ids_BM[:, 1:] >= other_ids_BM[:, :-1], axis=1, keepdims=True)
