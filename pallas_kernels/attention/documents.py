@@ -70,22 +70,15 @@ def block_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: i
   return jnp.stack([lo_BJ, hi_BJ], axis=-1)[:, :, None, :].astype(jnp.int32)
 
 
-def interior_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
-                    num_own_blocks: int) -> jax.Array:
-  """[B, J, 2] int32: for own block j whose positions all hold one id d, the [lo, hi) blocks of the other side
-  whose positions all hold d: as far as segment ids go, every pair of the two blocks is visible, so a kernel
-  needs no element mask there (the causal/window bounds still decide theirs). An empty range (0, 0) where block
-  j holds several ids or the row's other ids are unsorted. The other side's padding counts as part of its last
-  document: kernels mask padding keys by their own bounds, and padding query rows need no mask."""
-  positions = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
-  lo_BJ, hi_BJ = _interior_range(*positions, other_block, other_ids_BM.shape[1])
-  return jnp.stack([lo_BJ, hi_BJ], axis=-1).astype(jnp.int32)
-
-
 def kernel_ranges(own_ids_BN: jax.Array, other_ids_BM: jax.Array, *, own_block: int, other_block: int,
                   num_own_blocks: int) -> jax.Array:
-  """[B, J, 4] int32 (lo, hi, interior lo, interior hi): both ranges of own block j, as the Hopper kernels read
-  them (one small input, scalars per CTA), from one search."""
+  """[B, J, 4] int32 (lo, hi, interior lo, interior hi), as the Hopper kernels read them (one small input, scalars
+  per CTA), from one search: block_ranges's [lo, hi), and the interior: for own block j whose positions all hold
+  one id d, the [lo, hi) blocks of the other side whose positions all hold d. As far as segment ids go, every pair
+  of two such blocks is visible, so a kernel needs no element mask there (the causal/window bounds still decide
+  theirs). The interior is empty, (0, 0), where block j holds several ids or the row's other ids are unsorted.
+  The other side's padding counts as part of its last document: kernels mask padding keys by their own bounds,
+  and padding query rows need no mask."""
   first_BJ, stop_BJ, single_BJ, sorted_B1 = _positions(own_ids_BN, other_ids_BM, own_block, num_own_blocks)
   length = other_ids_BM.shape[1]
   ranges = (*_block_range(first_BJ, stop_BJ, sorted_B1, other_block, length),

@@ -70,8 +70,8 @@ def test_interior_ranges_are_the_blocks_wholly_inside_a_block_s_one_document(rng
   for ids in (_ids(RAGGED), _ids(EQUAL), _ids([[37, 43], [80]]), _unsorted(rng, 2, 80)):
     ids = np.asarray(ids)
     num_own = -(-ids.shape[1] // own_block)
-    interior = np.asarray(documents.interior_ranges(jnp.asarray(ids), jnp.asarray(ids), own_block=own_block,
-                                                    other_block=other_block, num_own_blocks=num_own))
+    interior = np.asarray(documents.kernel_ranges(jnp.asarray(ids), jnp.asarray(ids), own_block=own_block,
+                                                  other_block=other_block, num_own_blocks=num_own))[..., 2:]
     assert interior.shape == (ids.shape[0], num_own, 2)
     padded = np.pad(ids, ((0, 0), (0, num_own * own_block - ids.shape[1])), mode="edge")
     for b in range(ids.shape[0]):
