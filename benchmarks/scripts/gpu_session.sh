@@ -2,10 +2,13 @@
 # One GPU call's work, by step name (several in one call: `bash gpu_session.sh lc_bench zoo:420+lc_tests`):
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
-#   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
+#   zoo:S / based:S     S seconds (`rest`: what the call's CALL_S, default 585, leaves less 45 s) of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
-#                       --set overrides (e.g. model.implementation.based=reference)
+#                       --set overrides (e.g. model.implementation.based=reference); SWEEP_ROOT (default runs) holds
+#                       the sweeps' folders: /tmp/sweeps outlives the `.clean` copy, so a run cut by the time limit
+#                       goes on from its checkpoint in the next call to the same warm machine
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
+#   pick                point_time, then the fastest path per op added to SWEEP_SET for the later steps
 #   new_bench           the new kernels' acceptance rows: packed-document attention (and its ranges' search alone),
 #                       Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
@@ -22,11 +25,12 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 nvidia-smi -L > $OUT/device.log; python3 -c "import jax; print(jax.__version__, jax.devices())" >> $OUT/device.log
 
 sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine returns at most 8 files)
-  local dir=runs/$1-session
+  local limit=$2; [ "$limit" = rest ] && limit=$(( ${CALL_S:-585} - 45 - SECONDS ))
+  local dir=${SWEEP_ROOT:-runs}/$1-session
   mkdir -p $dir; [ -f $dir/results.jsonl ] || cp docs/zoology/$1-session.jsonl $dir/results.jsonl 2>/dev/null
   local pids=()  # its own shards only: a bare `wait` would also wait for an `A+B` step's background A, and reap it
   for i in 0 1 2 3; do
-    python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $2 \
+    python3 -m train.sweep --config configs/zoology/$1.yaml --budget session --shard $i/4 --time-limit $limit --out $dir \
       --set log.progress=plain ${SWEEP_SET:+$(printf -- '--set %s ' $SWEEP_SET)} > /tmp/$1-$i.log 2>&1 & pids+=($!)
   done; wait "${pids[@]}"
   for i in 0 1 2 3; do echo "== shard $i"; grep -E "^\[|error|Error" /tmp/$1-$i.log | tail -n 40; done > $OUT/$1.log
@@ -61,6 +65,8 @@ step() {
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
+    pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
+          echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log ;;
     gen:*) m=${1#gen:}; for model in ${m//,/ }; do
              # One preallocated pool: a growing one fragments and --batch max's batch then fails to allocate.
              XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 \
