@@ -2,7 +2,8 @@
 computes with XLA before its kernels, once for the forward and twice for the backward) at the documents
 benchmark's shape: with one document per row it is about all that the call costs over no segment ids.
 Measured on the H100 (2026-12-07): 0.095 ms with the binary search as jnp.searchsorted's while loop, 0.097 ms
-unrolled (method="scan_unrolled").
+unrolled (method="scan_unrolled"). The searches are now counts of comparisons (documents._positions); the
+searchsorted form is timed beside them in the same run, as the baseline.
 
   PYTHONPATH=. python benchmarks/scripts/document_ranges_time.py
 """
@@ -31,9 +32,14 @@ def main():
   ids = (jnp.arange(length) * documents_per_row // length + 1).astype(jnp.int32)
   ids_BT = jnp.broadcast_to(ids, (batch, length))
   ranges = functools.partial(documents.kernel_ranges, own_block=128, other_block=128, num_own_blocks=length // 128)
-  ms = _time(jax.jit(ranges), ids_BT, ids_BT)
-  print(f"kernel_ranges B{batch} S{length} {documents_per_row} documents, {jax.devices()[0].device_kind}: "
-        f"{ms:.3f} ms (median of 50, dispatch included)")
+  # The baseline: the two searches as binary searches (the form before the counts), nothing else.
+  search = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
+  blocks_BJ = ids_BT[:, ::128]
+  searches = lambda ids, keys: (search(ids, keys, "left"), search(ids, keys, "right"))
+  for name, fn in (("kernel_ranges (counts)", ranges), ("two jnp.searchsorted (baseline)", searches)):
+    ms = _time(jax.jit(fn), ids_BT, ids_BT if fn is ranges else blocks_BJ)
+    print(f"{name} B{batch} S{length} {documents_per_row} documents, {jax.devices()[0].device_kind}: "
+          f"{ms:.3f} ms (median of 50, dispatch included)")
 
 
 if __name__ == "__main__":

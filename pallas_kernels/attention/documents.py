@@ -36,11 +36,13 @@ def _positions(own_ids_BN, other_ids_BM, own_block: int, num_own_blocks: int):
   batch = other_ids_BM.shape[0]
   blocks_BJC = _edge_pad(own_ids_BN, num_own_blocks * own_block).reshape(batch, num_own_blocks, own_block)
   lo_id_BJ, hi_id_BJ = jnp.min(blocks_BJC, axis=2), jnp.max(blocks_BJC, axis=2)
-  # The search costs the same unrolled (H100, 2026-12-07: 0.095 ms for both ranges at B4 S8192, dispatch included,
-  # benchmarks/scripts/document_ranges_time.py): about what a one-document row costs over no segment ids.
-  find = jax.vmap(lambda ids_M, keys_J, side: jnp.searchsorted(ids_M, keys_J, side=side), in_axes=(0, 0, None))
-  first_BJ = find(other_ids_BM, lo_id_BJ, "left")  # first position with id >= the block's smallest id
-  stop_BJ = find(other_ids_BM, hi_id_BJ, "right")  # one past the last position with id <= its largest
+  # Where the other ids are sorted, the first position with id >= v is the count of positions with id < v, so
+  # both searches are counts of comparisons: one fused reduction each on a GPU, J·M compares (2M at B4 S8192).
+  # jnp.searchsorted's binary search is a chain of dependent gathers: about 28 small kernels at S 8192 (H100,
+  # 2026-12-07: 0.095 ms for both ranges as a while loop, 0.097 unrolled; benchmarks/scripts/document_ranges_time.py),
+  # about what a one-document row cost over no segment ids. Unsorted rows fall back to every block below.
+  first_BJ = jnp.sum(other_ids_BM[:, None, :] < lo_id_BJ[:, :, None], axis=2, dtype=jnp.int32)
+  stop_BJ = jnp.sum(other_ids_BM[:, None, :] <= hi_id_BJ[:, :, None], axis=2, dtype=jnp.int32)
   sorted_B1 = jnp.all(other_ids_BM[:, 1:] >= other_ids_BM[:, :-1], axis=1, keepdims=True)
   return first_BJ, stop_BJ, lo_id_BJ == hi_id_BJ, sorted_B1
 
