@@ -2,6 +2,7 @@
 # One GPU call's work, by step name (several in one call: `bash gpu_session.sh lc_bench zoo:420+lc_tests`):
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
+#   lc_blocks           benchmarks/scripts/long_conv_blocks_time.py: the portable kernel's forward over block sizes
 #   zoo:S / based:S     S seconds (`rest`: what the call's CALL_S, default 585, leaves less 45 s) of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
 #                       --set overrides (e.g. model.implementation.based=reference); SWEEP_ROOT (default runs) holds
@@ -47,6 +48,8 @@ step() {
   case "$1" in
     lc_bench) timeout 120 python3 -m benchmarks long_conv --impls pallas reference direct 2>&1 \
                 | tail -45 | tee $OUT/long_conv_bench.log ;;
+    lc_blocks) timeout 180 python3 benchmarks/scripts/long_conv_blocks_time.py 2>&1 | grep -E "^B[0-9]" \
+                 | tee $OUT/long_conv_blocks.log ;;
     lc_tests) gpu_tests long_conv_tests 240 tests/pallas_kernels/test_long_conv_kernel.py \
                 tests/pallas_kernels/test_long_conv_layers.py tests/jaxlm/test_mixers_recurrent.py ;;
     new_bench)
