@@ -9,7 +9,8 @@
 #                       the sweeps' folders: /tmp/sweeps outlives the `.clean` copy, so a run cut by the time limit
 #                       goes on from its checkpoint in the next call to the same warm machine
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
-#   pick                point_time, then the fastest path per op added to SWEEP_SET for the later steps
+#   pick                point_time, then the fastest path per op added to SWEEP_SET for the later steps, and kept in
+#                       $SWEEP_ROOT/sweep_set for later calls to the same warm machine (read when SWEEP_SET is unset)
 #   new_bench           the new kernels' acceptance rows: packed-document attention (and its ranges' search alone),
 #                       Monarch MLP headline
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
@@ -23,6 +24,7 @@
 # Logs under $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
+[ -z "${SWEEP_SET+set}" ] && [ -f ${SWEEP_ROOT:-runs}/sweep_set ] && SWEEP_SET=$(cat ${SWEEP_ROOT:-runs}/sweep_set)
 nvidia-smi -L > $OUT/device.log; python3 -c "import jax; print(jax.__version__, jax.devices())" >> $OUT/device.log
 
 sweep() {  # $1 sweep name, $2 seconds; one log back per sweep (the machine returns at most 8 files)
@@ -69,7 +71,8 @@ step() {
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
-          echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log ;;
+          echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log
+          mkdir -p ${SWEEP_ROOT:-runs}; echo "$SWEEP_SET" > ${SWEEP_ROOT:-runs}/sweep_set ;;
     gen:*) m=${1#gen:}; for model in ${m//,/ }; do
              # One preallocated pool: a growing one fragments and --batch max's batch then fails to allocate.
              XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 \
