@@ -205,3 +205,28 @@ def test_decode_breakdown_times_every_part_of_a_step():
     assert f"{kind} block" in names and f"{kind} mixer" in names
   assert names[-2:] == ["sum of blocks and head", "whole decode step"]
   assert all(float(row[3]) > 0 for row in rows)
+
+
+def test_mqar_pick_takes_each_ops_fastest_path_that_ran_every_point():
+  """benchmarks/scripts/mqar_pick.py on point_time lines: per op the label with the most tokens/s summed over the
+  op's points; a label that failed a point is out; an op timed under auto alone gets no override."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts"))
+  try:
+    from mqar_pick import pick
+  finally:
+    sys.path.pop(0)
+  rate = lambda tokens: f"done at step 80: loss 8.3, 0 skipped step(s), {tokens:,} tokens/s (median of 8 windows)"
+  slow = int(np.random.default_rng().integers(2_000_000, 9_000_000))
+  fast = 2 * slow
+  lines = [f"^based-L256_kv16-d128-lr1.0e-02    auto       {rate(slow)}",
+           f"^based-L256_kv16-d128-lr1.0e-02    reference  {rate(fast)}",
+           "^based-L256_kv16-d128-lr1.0e-02    quadratic  ",  # cut by its timeout: no line from the run
+           f"^h3-L256_kv16-d128-lr1.0e-02       auto       {rate(fast)}",
+           f"^h3-L256_kv16-d128-lr1.0e-02       direct     {rate(slow)}",
+           f"^hyena-L256_kv16-d128-lr1.0e-02    auto       {rate(slow)}",
+           f"^hyena-L256_kv16-d128-lr1.0e-02    direct     {rate(slow + 1)}",
+           f"^attention-L64_kv4-d128-lr1.0e-02  auto       {rate(fast)}"]
+  # long_conv sums over H3 and Hyena: auto fast + slow beats direct slow + slow + 1.
+  assert pick(lines) == ["model.implementation.based=reference", "model.implementation.long_conv=auto"]
+  assert pick(lines[:2] + ["^based-L256_kv16-d128-lr1.0e-02    quadratic  " + rate(fast + 1)]) == [
+      "model.implementation.based=quadratic"]

@@ -3,7 +3,8 @@
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
 #   lc_blocks           benchmarks/scripts/long_conv_blocks_time.py: the portable kernel's forward over block sizes
-#   zoo:S / based:S     S seconds (`rest`: what the call's CALL_S, default 585, leaves less 45 s) of the figure2_zoology / figure2_based `session` sweeps, 4 processes, resumed
+#   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps (`rest`: the call's CALL_S,
+#                       default 585, less 45 s and the time spent so far), 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
 #                       --set overrides (e.g. model.implementation.based=reference); SWEEP_ROOT (default runs) holds
 #                       the sweeps' folders: /tmp/sweeps outlives the `.clean` copy, so a run cut by the time limit

@@ -1,7 +1,7 @@
 """Reads mqar_point_time.sh's lines and prints the `--set` overrides that take each op's fastest path.
 
-One line per op whose fastest label is not `auto`, as `model.implementation.<op>=<label>` (gpu_session.sh's `pick`
-step adds them to SWEEP_SET). An op's labels are compared on the sum of their tokens/s over the op's timed points;
+One override per timed op, `model.implementation.<op>=<label>` for its fastest label, `auto` included (the sweep
+files set some ops' paths themselves; gpu_session.sh's `pick` step adds the overrides to SWEEP_SET). An op's labels are compared on the sum of their tokens/s over the op's timed points;
 an op with a label that failed or was not timed keeps `auto`, since only a path that ran every point is known to work.
 Usage: python3 benchmarks/scripts/mqar_pick.py point_time.log
 """
@@ -29,9 +29,7 @@ def pick(lines: list[str]) -> list[str]:
     points = max(len(v) for v in by_label.values())
     complete = {label: sum(v) for label, v in by_label.items() if len(v) == points and None not in v}
     if "auto" in complete and len(complete) > 1:
-      best = max(complete, key=complete.get)
-      if best != "auto":
-        overrides.append(f"model.implementation.{op}={best}")
+      overrides.append(f"model.implementation.{op}={max(complete, key=complete.get)}")
   return overrides
 
 

@@ -14,16 +14,16 @@ point() {  # $1 run-name regex, $2 label, rest: --set overrides
 # attention (measured 2026-12-06: the XLA form is 4.7-12x faster; both sweep files take it) only with POINT_ATTENTION=1
 if [ -n "$POINT_ATTENTION" ]; then
   for run in 'attention-L64_kv4-d128-lr1.0e-02' 'attention-L256_kv16-d256-lr1.0e-02'; do
-    point "^$run" auto
+    point "^$run" auto --set model.implementation.attention=auto  # explicit: the sweep files set reference
     point "^$run" reference --set model.implementation.attention=reference
   done
 fi
 for run in 'based-L256_kv16-d128-lr1.0e-02'; do
-  point "^$run" auto
+  point "^$run" auto --set model.implementation.based=auto  # explicit: the sweep files set quadratic
   point "^$run" reference --set model.implementation.based=reference
   point "^$run" quadratic --set model.implementation.based=quadratic
 done
 for run in 'h3-L256_kv16-d128-lr1.0e-02' 'hyena-L256_kv16-d128-lr1.0e-02'; do
-  point "^$run" auto
+  point "^$run" auto --set model.implementation.long_conv=auto
   point "^$run" direct --set model.implementation.long_conv=direct
 done
