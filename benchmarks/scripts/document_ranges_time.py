@@ -8,23 +8,12 @@ searchsorted form is timed beside them in the same run, as the baseline.
   PYTHONPATH=. python benchmarks/scripts/document_ranges_time.py
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.harness import median_ms
 from pallas_kernels.attention import documents
-
-
-def _time(fn, *args, repeats: int = 50) -> float:
-  """Median milliseconds of a jitted call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * sorted(times)[len(times) // 2]
 
 
 def main():
@@ -37,9 +26,10 @@ def main():
   blocks_BJ = ids_BT[:, ::128]
   searches = lambda ids, keys: (search(ids, keys, "left"), search(ids, keys, "right"))
   for name, fn in (("kernel_ranges (counts)", ranges), ("two jnp.searchsorted (baseline)", searches)):
-    ms = _time(jax.jit(fn), ids_BT, ids_BT if fn is ranges else blocks_BJ)
+    jitted, args = jax.jit(fn), (ids_BT, ids_BT if fn is ranges else blocks_BJ)
+    ms = median_ms(lambda a: jitted(*a), jax.block_until_ready, [args], repeats=20)[0]
     print(f"{name} B{batch} S{length} {documents_per_row} documents, {jax.devices()[0].device_kind}: "
-          f"{ms:.3f} ms (median of 50, dispatch included)")
+          f"{ms:.3f} ms (median of 20 samples, calls back to back)")
 
 
 if __name__ == "__main__":

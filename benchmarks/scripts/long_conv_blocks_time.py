@@ -7,28 +7,17 @@ same run: which (channels per program, warps) keeps a program's complex tile out
 import argparse
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.harness import median_ms
 from pallas_kernels.common.target import Target
 from pallas_kernels.long_conv import long_conv
 from pallas_kernels.long_conv.pallas import BlockSizes
 
 CHANNELS = 768
 VARIANTS = ((16, 8), (8, 8), (8, 16), (4, 8), (4, 4), (2, 4))  # (block_d, num_warps)
-
-
-def _time(fn, *args, repeats: int = 10) -> float:
-  """Median milliseconds of a jitted call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * sorted(times)[len(times) // 2]
 
 
 def main():
@@ -50,7 +39,8 @@ def main():
              for d, w in VARIANTS]
     for name, blocks in rows:
       try:
-        ms = _time(call("reference" if blocks is None else "pallas", blocks), u, k)
+        fn = call("reference" if blocks is None else "pallas", blocks)
+        ms = median_ms(lambda args: fn(*args), jax.block_until_ready, [(u, k)], repeats=10)[0]
         print(f"B{batch} L{length} D{CHANNELS} fwd {name:34s} {ms:8.3f} ms {signal_gb / ms * 1e3:8.1f} GB/s",
               flush=True)
       except Exception as error:  # a variant Triton refuses (resources) is a row, not the end of the run
