@@ -3,6 +3,7 @@
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
 #   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
 #   lc_blocks           benchmarks/scripts/long_conv_blocks_time.py: the portable kernel's forward over block sizes
+#   monarch_blocks      benchmarks/scripts/monarch_blocks_time.py: the portable Monarch kernel over block sizes
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps (`rest`: the call's CALL_S,
 #                       default 585, less 45 s and the time spent so far), 4 processes, resumed
 #                       from docs/zoology/<sweep>-session.jsonl; results copied to $OUT; SWEEP_SET="K=V ..." adds
@@ -53,6 +54,8 @@ step() {
                 | tail -45 | tee $OUT/long_conv_bench.log ;;
     lc_blocks) timeout 180 python3 benchmarks/scripts/long_conv_blocks_time.py 2>&1 | grep -E "^B[0-9]" \
                  | tee $OUT/long_conv_blocks.log ;;
+    monarch_blocks) timeout 240 python3 benchmarks/scripts/monarch_blocks_time.py 2>&1 | grep -E "^T[0-9]" \
+                      | tee $OUT/monarch_blocks.log ;;
     lc_tests) gpu_tests long_conv_tests 240 tests/pallas_kernels/test_long_conv_kernel.py \
                 tests/pallas_kernels/test_long_conv_layers.py tests/jaxlm/test_mixers_recurrent.py ;;
     new_bench)
