@@ -62,13 +62,13 @@ step() {
       timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
         | tail -24 | tee $OUT/attention_documents_bench.log
       timeout 40 python3 benchmarks/scripts/document_ranges_time.py 2>&1 | tail -2 | tee -a $OUT/attention_documents_bench.log
-      timeout 80 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
+      timeout 100 python3 -m benchmarks monarch --shapes headline --impls hopper pallas xla --repeats 10 2>&1 \
         | tail -16 | tee $OUT/monarch_bench.log ;;
     att_tests) gpu_tests att_tests 400 tests/pallas_kernels/test_attention_documents.py \
                  tests/pallas_kernels/test_attention_head_dims.py tests/pallas_kernels/test_attention_hopper.py ;;
     decode_tests) ALL_TESTS=1 gpu_tests decode_tests 300 tests/jaxlm/test_layers_attention_mlp.py \
                     tests/jaxlm/test_generate_chunked.py tests/pallas_kernels/test_based_decode_kernel.py ;;
-    new_tests) gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py \
+    new_tests) gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py tests/pallas_kernels/test_monarch_hopper.py \
                  tests/pallas_kernels/test_lolcats_kernel.py ;;
     based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \

@@ -1,9 +1,11 @@
 """Public Monarch functions: `monarch_linear` (validated, dispatched over implementations), its initialiser, and
 conversions to and from dense matrices. The math and the letters (N, M, K, P, Q, L, R, S) are in reference.py.
 
-Implementations: "pallas" (pallas.py: both factors and the permutation fused in one kernel; by name only until it
-has run on a GPU), "xla" (xla.py: 16-bit operands, float32 accumulation; auto's choice) and "reference" (the
-float32 oracle). `block_sizes=` tunes the kernel (pallas.BlockSizes).
+Implementations: "hopper" (hopper.py: the fused forward in Mosaic GPU with XLA's backward, 16-bit on sm90; by name
+only until it has run on an H100), "pallas" (pallas.py: both factors and the permutation fused in one kernel; by
+name only until it beats the XLA form on a GPU), "xla" (xla.py: 16-bit operands, float32 accumulation; auto's
+choice) and "reference" (the float32 oracle). `block_sizes=` tunes the kernel that runs (hopper.BlockSizes,
+pallas.BlockSizes).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import AUTO, Dispatcher, Implementation
-from pallas_kernels.monarch import pallas, reference, xla
+from pallas_kernels.monarch import hopper, pallas, reference, xla
 
 # auto takes the XLA form (16-bit operands, float32 accumulation) everywhere: the float32 oracle ran the
 # GPT-2-Monarch MLPs five times slower than dense ones on the H100 (issue 19); by name the oracle still runs.
 DISPATCHER = Dispatcher("monarch", (
+    # By name only: lowered for CUDA on CPU (tests/pallas_kernels/test_monarch_hopper.py), never run yet.
+    Implementation("hopper", hopper.monarch_multiply, supports=hopper.supports, in_auto=False, per_shard=True,
+                   block_sizes=hopper.BlockSizes),
     # By name only (fail-closed): the fused kernel is tested in interpret mode and lowered for Triton and TPU on
     # CPU, never run on a GPU. Once tests/pallas_kernels/test_monarch_kernel.py's gpu tests pass on the H100 and
     # `python -m benchmarks monarch` shows it ahead of "xla" there, auto should take it on GPU: in_auto=True,
@@ -47,7 +52,7 @@ def check_factors(w1: jax.Array, w2: jax.Array) -> None:
 
 
 def monarch_linear(x: jax.Array, w1: jax.Array, w2: jax.Array, *, implementation: str = AUTO,
-                   block_sizes: pallas.BlockSizes | None = None) -> jax.Array:
+                   block_sizes: hopper.BlockSizes | pallas.BlockSizes | None = None) -> jax.Array:
   """y[..., M] = Monarch(w1, w2) x[..., N]: block-diagonal w1, the reshape-transpose permutation, block-diagonal
   w2 (see reference.py); output in the dtype of x. block_sizes must be the running implementation's (name it),
   None its defaults for the shape."""

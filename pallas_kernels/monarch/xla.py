@@ -31,17 +31,21 @@ def _unpermute(u_LR: jax.Array, num_in_blocks: int) -> jax.Array:
   return jnp.swapaxes(u_LR, -1, -2).reshape(*batch, num_in_blocks, -1)
 
 
-def _forward(x_N, w1_KQP, w2_LSR):
+def intermediate(x_N: jax.Array, w1_KQP: jax.Array, num_out_blocks: int) -> jax.Array:
+  """u [..., L, R]: the first factor's products, permuted and rounded to x's dtype (what the backward reads)."""
   k, _, p = w1_KQP.shape
-  l, s, _ = w2_LSR.shape
-  batch, dtype = x_N.shape[:-1], x_N.dtype
-  x_KP = x_N.reshape(*batch, k, p)
+  x_KP = x_N.reshape(*x_N.shape[:-1], k, p)
   # The forward asks for float32 results, as before the written-out backward: on the H100 (2026-12-06/07, 16k
   # tokens, 2048->8192 nb8) asking for bf16 took its forward from 0.77 to 1.03 ms (dense 1.65 in both runs). The
   # backward's products ask for `dtype`: XLA's CPU dot has no 16-bit x 16-bit = float32 form for two of them.
-  u_LR = permute_intermediate(_dot("...kp,kqp->...kq", x_KP, w1_KQP, dtype, jnp.float32), l)
-  y_LS = _dot("...lr,lsr->...ls", u_LR, w2_LSR, dtype, jnp.float32)
-  return y_LS.reshape(*batch, l * s), u_LR
+  return permute_intermediate(_dot("...kp,kqp->...kq", x_KP, w1_KQP, x_N.dtype, jnp.float32), num_out_blocks)
+
+
+def _forward(x_N, w1_KQP, w2_LSR):
+  l, s, _ = w2_LSR.shape
+  u_LR = intermediate(x_N, w1_KQP, l)
+  y_LS = _dot("...lr,lsr->...ls", u_LR, w2_LSR, x_N.dtype, jnp.float32)
+  return y_LS.reshape(*x_N.shape[:-1], l * s), u_LR
 
 
 @jax.custom_vjp
@@ -55,7 +59,8 @@ def _monarch_fwd(x_N, w1_KQP, w2_LSR):
   return y_N, (x_N, w1_KQP, w2_LSR, u_LR)
 
 
-def _monarch_bwd(residuals, dy_M):
+def backward(residuals: tuple[jax.Array, ...], dy_M: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx, dw1, dw2) from the residuals (x, w1, w2, u = intermediate(x, w1, L)) and the output's cotangent."""
   x_N, w1_KQP, w2_LSR, u_LR = residuals
   k, _, p = w1_KQP.shape
   l, s, _ = w2_LSR.shape
@@ -73,4 +78,4 @@ def _monarch_bwd(residuals, dy_M):
   return dx_KP.reshape(x_N.shape), dw1_KQP, dw2_LSR
 
 
-monarch_multiply.defvjp(_monarch_fwd, _monarch_bwd)
+monarch_multiply.defvjp(_monarch_fwd, backward)
