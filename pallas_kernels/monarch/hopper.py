@@ -207,6 +207,24 @@ def _producer(plan: _Plan, tile, block, x_ref, a_ref, b_ref, sh: _Shared):
   mosaic.produce_ring(0, plan.second_steps, stages, [(sh.second_free, [mosaic.Stream(b_source, sh.b, sh.b_ready)])])
 
 
+def _accumulate(acc, count: int, first, stages: int, ready, free, operands):
+  """acc += Σ_{i < count} A_i @ B_i over ring steps first .. first+count-1: each step waits for its slot's `ready`
+  barriers, issues its wgmma and then frees the previous step's slot once that product is done, so the next load
+  overlaps this product. Returns the accumulator's value. operands(i, slot) -> (A, B)."""
+  def step(i, carry):
+    slot = lax.rem(first + i, stages)
+    for barrier in ready:
+      plgpu.barrier_wait(barrier.at[slot])
+    plgpu.wgmma(acc, *operands(i, slot))
+    plgpu.wgmma_wait(1)  # the previous step's product is done: its slot may be refilled
+    pl.when(i > 0)(lambda: plgpu.barrier_arrive(free.at[lax.rem(first + i - 1, stages)]))
+    return carry
+  lax.fori_loop(0, count, step, None)
+  plgpu.wgmma_wait(0)
+  plgpu.barrier_arrive(free.at[lax.rem(first + count - 1, stages)])
+  return acc[...]
+
+
 def _consumer(plan: _Plan, tile, block, wg, y_ref, sh: _Shared):
   stages, by = plan.blocks.num_stages, plan.blocks.block_y
   rows = pl.ds(wg * mosaic.WG_ROWS, mosaic.WG_ROWS)
@@ -214,32 +232,15 @@ def _consumer(plan: _Plan, tile, block, wg, y_ref, sh: _Shared):
 
   # Stage 1: u[:, r] = Σ_g Σ_pc x_k(r, g)[:, pc] @ slab(r, g)[pc], chunk by chunk, kept in shared memory.
   for r in range(plan.chunks):
-    def chunk(acc, r=r):
-      def step(i, carry):
-        slot = lax.rem(r * per_chunk + i, stages)
-        plgpu.barrier_wait(sh.x_ready.at[slot])
-        plgpu.barrier_wait(sh.a_ready.at[slot])
-        plgpu.wgmma(acc, sh.x.at[slot, rows], sh.a.at[slot])
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(sh.first_free.at[slot])
-        return carry
-      lax.fori_loop(0, per_chunk, step, None)
-      return acc[...]
+    chunk = lambda acc, r=r: _accumulate(acc, per_chunk, r * per_chunk, stages, (sh.x_ready, sh.a_ready),
+                                         sh.first_free, lambda i, slot: (sh.x.at[slot, rows], sh.a.at[slot]))
     sh.u.at[wg, r][...] = pl.run_scoped(chunk, plgpu.ACC((mosaic.WG_ROWS, CHUNK), jnp.float32)).astype(plan.dtype)
   plgpu.commit_smem()  # u is read by wgmma next: its stores must be visible to the async proxy
 
   # Stage 2: y_l[:, yc] = Σ_r u[:, r] @ b[l, r][:, yc], written out chunk by chunk.
   def out_chunk(yc, carry):
-    def products(acc):
-      def step(r, carry):
-        slot = lax.rem(yc * plan.chunks + r, stages)
-        plgpu.barrier_wait(sh.b_ready.at[slot])
-        plgpu.wgmma(acc, sh.u.at[wg, r], sh.b.at[slot])
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(sh.second_free.at[slot])
-        return carry
-      lax.fori_loop(0, plan.chunks, step, None)
-      return acc[...]
+    products = lambda acc: _accumulate(acc, plan.chunks, yc * plan.chunks, stages, (sh.b_ready,), sh.second_free,
+                                       lambda r, slot: (sh.u.at[wg, r], sh.b.at[slot]))
     y = pl.run_scoped(products, plgpu.ACC((mosaic.WG_ROWS, by), jnp.float32))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's copy has read the staging
     sh.out.at[wg][...] = y.astype(plan.dtype)
