@@ -57,6 +57,15 @@ class BlockSizes:
   block_y: int = 64  # output columns per second-factor chunk (the wgmma N)
   num_stages: int = 2  # depth of each ring
 
+  @classmethod
+  def for_shape(cls, w1_KQP, w2_LSR) -> "BlockSizes":
+    """The widest output chunk whose shared memory fits (fewer, larger second-factor products); untuned."""
+    for block_y in (256, 128, 64):
+      blocks = cls(block_y=block_y)
+      if shared_bytes(_plan(w1_KQP, w2_LSR, jnp.bfloat16, blocks)) <= mosaic.SMEM_USABLE:
+        return blocks
+    return cls()
+
   def check(self) -> None:
     if self.block_y not in (64, 128, 256):
       raise ValueError(f"block_y={self.block_y} must be 64, 128 or 256 (whole swizzle rows, wgmma N <= 256)")
@@ -304,7 +313,7 @@ def monarch_multiply(x_N: jax.Array, w1_KQP: jax.Array, w2_LSR: jax.Array, *,
                      block_sizes: BlockSizes | None = None) -> jax.Array:
   """y = (blockdiag(w2) · Perm · blockdiag(w1)) x on the last axis, the forward fused on a Hopper GPU; dtype of x
   (16-bit); differentiable (xla.backward)."""
-  blocks = block_sizes or BlockSizes()
+  blocks = block_sizes or BlockSizes.for_shape(w1_KQP, w2_LSR)
   blocks.check()
   if not mosaic.is_16bit(x_N.dtype):
     raise ValueError(f"monarch hopper kernel: x dtype {x_N.dtype} is not bfloat16 or float16")
