@@ -15,7 +15,8 @@
 #                       $SWEEP_ROOT/sweep_set for later calls to the same warm machine (read when SWEEP_SET is unset)
 #   new_bench           the new kernels' acceptance rows: packed-document attention (and its ranges' search alone),
 #                       Monarch MLP headline
-#   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch and lolcats;
+#   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch (the Hopper
+#                       forward's alone first, 120 s) and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
 #   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
 #                       BASED decode kernel: on the GPU they take the Triton decode kernels
@@ -62,13 +63,17 @@ step() {
       timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
         | tail -24 | tee $OUT/attention_documents_bench.log
       timeout 40 python3 benchmarks/scripts/document_ranges_time.py 2>&1 | tail -2 | tee -a $OUT/attention_documents_bench.log
-      timeout 100 python3 -m benchmarks monarch --shapes headline --impls hopper pallas xla --repeats 10 2>&1 \
-        | tail -16 | tee $OUT/monarch_bench.log ;;
+      timeout 80 python3 -m benchmarks monarch --shapes headline --impls pallas xla --repeats 10 2>&1 \
+        | tail -16 | tee $OUT/monarch_bench.log
+      # The Hopper forward has never run: alone and short, so that a hang costs one minute and no other row.
+      timeout 60 python3 -m benchmarks monarch --shapes headline --impls hopper --repeats 10 2>&1 \
+        | tail -12 | tee -a $OUT/monarch_bench.log ;;
     att_tests) gpu_tests att_tests 400 tests/pallas_kernels/test_attention_documents.py \
                  tests/pallas_kernels/test_attention_head_dims.py tests/pallas_kernels/test_attention_hopper.py ;;
     decode_tests) ALL_TESTS=1 gpu_tests decode_tests 300 tests/jaxlm/test_layers_attention_mlp.py \
                     tests/jaxlm/test_generate_chunked.py tests/pallas_kernels/test_based_decode_kernel.py ;;
-    new_tests) gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py tests/pallas_kernels/test_monarch_hopper.py \
+    new_tests) gpu_tests monarch_hopper_tests 120 tests/pallas_kernels/test_monarch_hopper.py  # first run: short
+               gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py \
                  tests/pallas_kernels/test_lolcats_kernel.py ;;
     based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
