@@ -62,7 +62,7 @@ class BlockSizes:
     """The widest output chunk whose shared memory fits (fewer, larger second-factor products); untuned."""
     for block_y in (256, 128, 64):
       blocks = cls(block_y=block_y)
-      if shared_bytes(_plan(w1_KQP, w2_LSR, jnp.bfloat16, blocks)) <= mosaic.SMEM_USABLE:
+      if shared_bytes(_plan(w1_KQP.shape, w2_LSR.shape, jnp.bfloat16, blocks)) <= mosaic.SMEM_USABLE:
         return blocks
     return cls()
 
@@ -107,10 +107,11 @@ def shared_bytes(plan: _Plan) -> int:
   return 2 * (ring + u + out)
 
 
-def _plan(w1_KQP, w2_LSR, dtype, blocks: BlockSizes) -> _Plan:
-  k, q, p = w1_KQP.shape
-  l, s, _ = w2_LSR.shape
-  c_pad = _padded_channels(block_pairs.channels(w1_KQP, w2_LSR))
+def _plan(w1_shape, w2_shape, dtype, blocks: BlockSizes) -> _Plan:
+  """The static plan for factors of shapes w1 [K, Q, P] and w2 [L, S, R]."""
+  k, q, p = w1_shape
+  l, s, _ = w2_shape
+  c_pad = _padded_channels(q // l)
   group = max(1, CHUNK // c_pad)
   chunks = -(-k * c_pad // CHUNK)
   return _Plan(k=k, l=l, c_pad=c_pad, group=group, chunks=chunks, p_steps=-(-p // CHUNK),
@@ -122,8 +123,7 @@ def supports(*, backend: str, dtype=None, nblocks: int, out_nblocks: int, block_
   """None when the Hopper forward covers the call, else why not."""
   if block_mid % out_nblocks:
     return f"block_mid={block_mid} is not a multiple of {out_nblocks=}"
-  fake = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-  plan = _plan(fake(nblocks, block_mid, block_in), fake(out_nblocks, block_out, nblocks * block_mid // out_nblocks),
+  plan = _plan((nblocks, block_mid, block_in), (out_nblocks, block_out, nblocks * block_mid // out_nblocks),
                jnp.bfloat16, BlockSizes())
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
@@ -272,7 +272,7 @@ def _forward(x_N: jax.Array, w1_KQP: jax.Array, w2_LSR: jax.Array, blocks: Block
   k, q, p = w1_KQP.shape
   l, s, _ = w2_LSR.shape
   dtype = x_N.dtype
-  plan = _plan(w1_KQP, w2_LSR, dtype, blocks)
+  plan = _plan(w1_KQP.shape, w2_LSR.shape, dtype, blocks)
   need = shared_bytes(plan)
   if need > mosaic.SMEM_USABLE:
     raise ValueError(f"monarch hopper kernel: {blocks} needs {need} bytes of shared memory for w1 shape "

@@ -28,7 +28,7 @@ SHAPES = {
 def _replay(x, w1, w2, blocks):
   """The kernel's schedule in float64 numpy: stage 1 step by step through hopper._first_step and the first-factor
   slabs, u rounded to nothing, then stage 2 through the second-factor slabs."""
-  plan = hopper._plan(w1, w2, x.dtype, blocks)
+  plan = hopper._plan(w1.shape, w2.shape, x.dtype, blocks)
   k, _, p = w1.shape
   l, s, _ = w2.shape
   p_pad, s_pad = plan.p_steps * hopper.CHUNK, plan.y_steps * blocks.block_y
