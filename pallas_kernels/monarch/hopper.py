@@ -17,6 +17,9 @@ TMA-loads the streamed tiles through two shared-memory rings (mosaic.produce_rin
                     each consumer accumulates y_l's chunk from its resident u_l (A operand, shared memory) and
                     writes it out through a staging tile (TMA).
 
+A consumer keeps one wgmma in flight: it issues step i's product, waits for step i-1's and frees that slot, so
+the producer's next load overlaps the product (`_accumulate`).
+
 The permutation is folded into which slabs a CTA reads (block_pairs.py), so u never leaves the chip. Chunks of the
 intermediate are 64 wide (one 128-byte swizzle row of 16-bit values, wgmma's K step): with C >= 64 a chunk holds
 64 channels of one input block; with C < 64 it holds 64/C input blocks side by side, each slab zero outside its
