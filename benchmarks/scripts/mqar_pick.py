@@ -1,8 +1,10 @@
 """Reads mqar_point_time.sh's lines and prints the `--set` overrides that take each op's fastest path.
 
 One override per timed op, `model.implementation.<op>=<label>` for its fastest label, `auto` included (the sweep
-files set some ops' paths themselves; gpu_session.sh's `pick` step adds the overrides to SWEEP_SET). An op's labels are compared on the sum of their tokens/s over the op's timed points;
-an op with a label that failed or was not timed keeps `auto`, since only a path that ran every point is known to work.
+files set some ops' paths themselves; gpu_session.sh's `pick` step adds the overrides to SWEEP_SET). An op's labels
+are compared on the sum of their tokens/s over the op's timed points, and only labels that ran every point compete:
+a path that failed or was not timed somewhere is not known to work there. An op timed under `auto` alone, or
+without `auto`, gets no override.
 Usage: python3 benchmarks/scripts/mqar_pick.py point_time.log
 """
 import collections

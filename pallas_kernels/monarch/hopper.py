@@ -121,19 +121,26 @@ def _plan(w1_shape, w2_shape, dtype, blocks: BlockSizes) -> _Plan:
                y_steps=-(-s // blocks.block_y), blocks=blocks, dtype=jnp.dtype(dtype))
 
 
+def _coverage(w1_shape, w2_shape, dtype, blocks: BlockSizes) -> str | None:
+  """Why the kernel cannot run factors of these shapes on inputs of `dtype` with `blocks`, or None."""
+  (nblocks, block_mid, _), out_nblocks = w1_shape, w2_shape[0]
+  if block_mid % out_nblocks:
+    return f"block_mid={block_mid} is not a multiple of out_nblocks={out_nblocks}"
+  plan = _plan(w1_shape, w2_shape, dtype, blocks)
+  return first_reason(
+      require(mosaic.is_16bit(dtype), f"x dtype {jnp.dtype(dtype)} is not bfloat16 or float16"),
+      require(shared_bytes(plan) <= mosaic.SMEM_USABLE,
+              f"the intermediate ({nblocks} blocks x {plan.c_pad} channels per output block) with {blocks} needs "
+              f"{shared_bytes(plan)} bytes of shared memory, more than {mosaic.SMEM_USABLE}"))
+
+
 def supports(*, backend: str, dtype=None, nblocks: int, out_nblocks: int, block_mid: int, block_in: int,
              block_out: int, **_) -> str | None:
-  """None when the Hopper forward covers the call, else why not."""
-  if block_mid % out_nblocks:
-    return f"block_mid={block_mid} is not a multiple of {out_nblocks=}"
-  plan = _plan((nblocks, block_mid, block_in), (out_nblocks, block_out, nblocks * block_mid // out_nblocks),
-               jnp.bfloat16, BlockSizes())
+  """None when the Hopper forward covers the call (with its narrowest output chunk), else why not."""
+  w2_shape = (out_nblocks, block_out, nblocks * block_mid // out_nblocks)
   return first_reason(
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
-      require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
-      require(shared_bytes(plan) <= mosaic.SMEM_USABLE,
-              f"the intermediate ({nblocks} blocks x {plan.c_pad} channels per output block) needs "
-              f"{shared_bytes(plan)} bytes of shared memory, more than {mosaic.SMEM_USABLE}"),
+      _coverage((nblocks, block_mid, block_in), w2_shape, dtype or jnp.float32, BlockSizes()),
       require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"))
 
 
@@ -276,10 +283,6 @@ def _forward(x_N: jax.Array, w1_KQP: jax.Array, w2_LSR: jax.Array, blocks: Block
   l, s, _ = w2_LSR.shape
   dtype = x_N.dtype
   plan = _plan(w1_KQP.shape, w2_LSR.shape, dtype, blocks)
-  need = shared_bytes(plan)
-  if need > mosaic.SMEM_USABLE:
-    raise ValueError(f"monarch hopper kernel: {blocks} needs {need} bytes of shared memory for w1 shape "
-                     f"{w1_KQP.shape}, w2 shape {w2_LSR.shape}; the limit is {mosaic.SMEM_USABLE}")
   batch = x_N.shape[:-1]
   tokens = math.prod(batch)
   t_pad, p_pad, s_pad = _round_up(max(tokens, 1), CTA_TOKENS), plan.p_steps * CHUNK, plan.y_steps * blocks.block_y
@@ -318,9 +321,7 @@ def monarch_multiply(x_N: jax.Array, w1_KQP: jax.Array, w2_LSR: jax.Array, *,
   (16-bit); differentiable (xla.backward)."""
   blocks = block_sizes or BlockSizes.for_shape(w1_KQP, w2_LSR)
   blocks.check()
-  if not mosaic.is_16bit(x_N.dtype):
-    raise ValueError(f"monarch hopper kernel: x dtype {x_N.dtype} is not bfloat16 or float16")
-  if w1_KQP.shape[1] % w2_LSR.shape[0]:
-    raise ValueError(f"monarch hopper kernel: block_mid={w1_KQP.shape[1]} is not a multiple of "
-                     f"out_nblocks={w2_LSR.shape[0]}")
+  reason = _coverage(w1_KQP.shape, w2_LSR.shape, x_N.dtype, blocks)
+  if reason is not None:
+    raise ValueError(f"monarch hopper kernel: {reason} (w1 shape {w1_KQP.shape}, w2 shape {w2_LSR.shape})")
   return _multiply(x_N, w1_KQP, w2_LSR, blocks)
