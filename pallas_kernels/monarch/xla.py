@@ -31,31 +31,35 @@ def _unpermute(u_LR: jax.Array, num_in_blocks: int) -> jax.Array:
   return jnp.swapaxes(u_LR, -1, -2).reshape(*batch, num_in_blocks, -1)
 
 
-def intermediate(x_N: jax.Array, w1_KQP: jax.Array, num_out_blocks: int) -> jax.Array:
-  """u [..., L, R]: the first factor's products, permuted and rounded to x's dtype (what the backward reads)."""
+def intermediate(x_N: jax.Array, w1_KQP: jax.Array, num_out_blocks: int, result=None) -> jax.Array:
+  """u [..., L, R]: the first factor's products, permuted and rounded to x's dtype (what the backward reads);
+  `result`: the dtype its products are asked for in (_forward says which)."""
   k, _, p = w1_KQP.shape
   x_KP = x_N.reshape(*x_N.shape[:-1], k, p)
-  # The forward asks for float32 results, as before the written-out backward: on the H100 (2026-12-06/07, 16k
-  # tokens, 2048->8192 nb8) asking for bf16 took its forward from 0.77 to 1.03 ms (dense 1.65 in both runs). The
-  # backward's products ask for `dtype`: XLA's CPU dot has no 16-bit x 16-bit = float32 form for two of them.
-  return permute_intermediate(_dot("...kp,kqp->...kq", x_KP, w1_KQP, x_N.dtype, jnp.float32), num_out_blocks)
+  return permute_intermediate(_dot("...kp,kqp->...kq", x_KP, w1_KQP, x_N.dtype, result), num_out_blocks)
 
 
-def _forward(x_N, w1_KQP, w2_LSR):
+def _forward(x_N, w1_KQP, w2_LSR, result):
   l, s, _ = w2_LSR.shape
-  u_LR = intermediate(x_N, w1_KQP, l)
-  y_LS = _dot("...lr,lsr->...ls", u_LR, w2_LSR, x_N.dtype, jnp.float32)
+  u_LR = intermediate(x_N, w1_KQP, l, result)
+  y_LS = _dot("...lr,lsr->...ls", u_LR, w2_LSR, x_N.dtype, result)
   return y_LS.reshape(*x_N.shape[:-1], l * s), u_LR
 
 
+# Which dtype the forward's products are asked for in, measured both ways on the H100 (16k tokens, 2048->8192->2048
+# MLP, bf16): alone, float32 results ran nb8 in 0.73-0.77 ms and bf16 results in 1.03 (dense 1.6 in all runs);
+# under the gradient, bf16 results ran forward+backward in 2.76 / 2.52 ms (nb4 / nb8, 2026-12-07, twelfth
+# session) and float32 results in 3.20 / 2.95 (fourteenth session), dense 4.0-4.2. So each path takes its faster
+# form; the values differ only in how the float32 accumulator is rounded to x's dtype. The backward's products ask
+# for `dtype`: XLA's CPU dot has no 16-bit x 16-bit = float32 form for two of them.
 @jax.custom_vjp
 def monarch_multiply(x_N: jax.Array, w1_KQP: jax.Array, w2_LSR: jax.Array) -> jax.Array:
   """y = (blockdiag(w2) · Perm · blockdiag(w1)) x on the last axis; dtype of x."""
-  return _forward(x_N, w1_KQP, w2_LSR)[0]
+  return _forward(x_N, w1_KQP, w2_LSR, jnp.float32)[0]
 
 
 def _monarch_fwd(x_N, w1_KQP, w2_LSR):
-  y_N, u_LR = _forward(x_N, w1_KQP, w2_LSR)
+  y_N, u_LR = _forward(x_N, w1_KQP, w2_LSR, None)
   return y_N, (x_N, w1_KQP, w2_LSR, u_LR)
 
 
