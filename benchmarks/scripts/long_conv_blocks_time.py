@@ -34,7 +34,7 @@ def main():
     call = lambda impl, blocks: jax.jit(functools.partial(long_conv, skip=skip, in_gate=ig, out_gate=og,
                                                           implementation=impl, block_sizes=blocks))
     rows = [("reference", None)]
-    default = BlockSizes.for_shape(channels=CHANNELS, target=Target.current())
+    default = BlockSizes.for_shape(length=length, channels=CHANNELS, dtype=u.dtype, target=Target.current())
     rows += [(f"pallas block_d={d} num_warps={w}", dataclasses.replace(default, block_d=d, num_warps=w))
              for d, w in VARIANTS]
     for name, blocks in rows:

@@ -65,15 +65,21 @@ class BlockSizes:
   num_stages: int = 1  # Triton only
 
   @classmethod
-  def for_shape(cls, *, channels: int, target: Target) -> "BlockSizes":
-    """Untuned defaults (no GPU timing yet). Triton holds a program's tiles in registers: 16 channels (a complex
-    float32 tile is 8·N·C bytes; 16 bf16 channels are one 32-byte sector per row). TPU blocks span whole 128-lane
-    multiples or all channels. Interpret mode (CPU) takes wide blocks: each grid step copies whole arrays."""
+  def for_shape(cls, *, length: int, channels: int, dtype, target: Target) -> "BlockSizes":
+    """Defaults per target. Triton, from the H100's forward over block sizes (2026-12-07, bf16, 768 channels,
+    benchmarks/scripts/long_conv_blocks_time.py): one pass (B64 L1024) ran fastest at 2-4 channels per program
+    (3.52-3.56 ms; 16 channels, the old default, 7.88), three passes (B4 L16384) at 8 (5.87 ms; 16: 30.8), both
+    with 8 warps: a complex float32 tile is 8·N·C bytes and wider ones spill. Float32 inputs take half as many
+    channels: at 16 their backward asked Triton for 573 KB (L 2048) and 327 KB (L 65536) of shared memory, above
+    the H100's 227 KB. TPU blocks span whole 128-lane multiples or all channels. Interpret mode (CPU) takes wide
+    blocks: each grid step copies whole arrays."""
     if target.mosaic_tpu:
       block_d = 128 if channels % 128 == 0 else channels
       return cls(block_d=block_d, block_b=8, inner=2048, block_m=128, min_factor=8)
     if target.triton:
-      return cls(block_d=_largest_dividing(channels, (16, 8)), num_warps=8)
+      factors = Factors.for_length(length, max_fused=cls.max_fused, inner=cls.inner, min_factor=cls.min_factor)
+      widest = (4 if factors.fused else 8) // (2 if jnp.dtype(dtype).itemsize == 4 else 1)
+      return cls(block_d=_largest_dividing(channels, (widest, 2)), num_warps=8)
     return cls(block_d=_largest_dividing(channels, (64, 32, 16, 8)), block_m=64)
 
 
@@ -248,7 +254,7 @@ def gated_long_conv(u_BLD: jax.Array, k_LD: jax.Array, skip_D: jax.Array | None 
   """og ⊙ causal_conv(ig ⊙ u, k) + skip ⊙ u by these kernels (split.py past max_fused); differentiable."""
   target = Target.current(interpret)
   batch, length, channels = u_BLD.shape
-  blocks = block_sizes or BlockSizes.for_shape(channels=channels, target=target)
+  blocks = block_sizes or BlockSizes.for_shape(length=length, channels=channels, dtype=u_BLD.dtype, target=target)
   check_block_sizes(blocks, channels=channels, target=target)
   factors = Factors.for_length(length, max_fused=blocks.max_fused, inner=blocks.inner,
                                min_factor=blocks.min_factor)

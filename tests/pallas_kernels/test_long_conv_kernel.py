@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.common.target import Target
 from pallas_kernels.long_conv import api, dft, pallas
 from tests.tolerances import assert_close, normal, relative_error, tolerance
 
@@ -133,6 +134,21 @@ def test_factors_cover_lengths():
     assert f.fused == (f.fft_size <= 4096)
     halves = (f.n2 // 2,) if f.fused else (f.n1 // 2, f.n2)
     assert min(*halves, f.n3) >= 16, f
+
+
+def test_triton_defaults_follow_the_block_size_timings():
+  """The GPU defaults: few channels per program (one pass 4, three passes 8, float32 half), 8 warps, valid for
+  every channel count the kernel takes."""
+  gpu = Target("gpu", interpret=False)
+  pick = lambda length, dtype, channels=768: pallas.BlockSizes.for_shape(length=length, channels=channels,
+                                                                         dtype=dtype, target=gpu)
+  assert (pick(1024, jnp.bfloat16).block_d, pick(16384, jnp.bfloat16).block_d) == (4, 8)
+  assert (pick(2048, jnp.float32).block_d, pick(65536, jnp.float32).block_d) == (2, 4)
+  assert pick(1024, jnp.float16).num_warps == 8
+  for channels in (8, 24, 40, 768):
+    for length in (128, 2048, 2049, 65536):
+      for dtype in (jnp.bfloat16, jnp.float32):
+        pallas.check_block_sizes(pick(length, dtype, channels), channels=channels, target=gpu)
 
 
 def test_auto_is_fail_closed():
