@@ -22,9 +22,11 @@ from pallas_kernels.common.dispatch import Dispatcher, Implementation
 from pallas_kernels.long_conv import pallas, reference
 
 DISPATCHER = Dispatcher("long_conv", (
-    # By name only for now (fail-closed): on the H100 (2026-12-06, an earlier revision of the kernel) its GPU
-    # test failed at L 2048 in float32 and it has not been timed; TPU is export-checked only. Once its GPU tests
-    # pass, auto should take it on GPU (and TPU once run there): in_auto=True, auto_backends=("gpu", "tpu").
+    # By name only (fail-closed): on the H100 (2026-12-07, 1d616d0) its GPU tests passed in bf16 and failed in
+    # float32 at L 2048 and 65536 (Triton asked for more shared memory than the card has, at 16 channels per
+    # program; the defaults take 2-4 since, untested there), and its best forward ran 1.6-2.2x slower than XLA's
+    # FFT (docs/benchmarks.md); TPU is export-checked only. Auto should take it where it passes and wins:
+    # in_auto=True, auto_backends=("gpu", "tpu").
     Implementation("pallas", pallas.gated_long_conv, supports=pallas.supports, in_auto=False, per_shard=True,
                    block_sizes=pallas.BlockSizes),
     Implementation("reference", reference.gated_long_conv),
