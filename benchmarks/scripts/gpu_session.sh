@@ -21,7 +21,8 @@
 #   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
 #                       BASED decode kernel: on the GPU they take the Triton decode kernels
 #   gen:M1,M2           python -m jaxlm.generate --benchmark for presets M1, M2 (e.g. gen:based-360m,transformer-360m):
-#                       --batch max at 1024+1024, 128+2048, 128+4096, prefill in pieces of 256, one timed round
+#                       --batch max at 1024+1024, 128+2048, 128+4096 (GEN_SETTINGS), one process of at most GEN_S
+#                       (200) seconds each, prefill in pieces of 256, one timed round
 #   breakdown:M@B       benchmarks/scripts/decode_breakdown.py: preset M's decode step split by part at batch B
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
@@ -83,11 +84,16 @@ step() {
           echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log
           mkdir -p ${SWEEP_ROOT:-runs}; echo "$SWEEP_SET" > ${SWEEP_ROOT:-runs}/sweep_set ;;
     gen:*) m=${1#gen:}; for model in ${m//,/ }; do
-             # One preallocated pool: a growing one fragments and --batch max's batch then fails to allocate.
-             XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 290 \
-               python3 -m jaxlm.generate --config $model --benchmark \
-               --batch max --setting 1024+1024 128+2048 128+4096 --prefill-chunk 256 --repeats 1 2>&1 \
-               | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/gen_$model.log
+             # One preallocated pool: a growing one fragments and --batch max's batch then fails to allocate. One
+             # process per setting, each with its own time limit (GEN_S, default 200 s): in one process of 290 s the
+             # 128-token settings never finished after the 1024+1024 one (2026-12-07, twice).
+             for setting in ${GEN_SETTINGS:-1024+1024 128+2048 128+4096}; do
+               XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout ${GEN_S:-200} \
+                 python3 -m jaxlm.generate --config $model --benchmark \
+                 --batch max --setting $setting --prefill-chunk 256 --repeats 1 2>&1 \
+                 | grep -vE "^(W|I)[0-9]{4}" | tee -a $OUT/gen_$model.log
+               echo "[$setting: ${SECONDS}s into the call]" | tee -a $OUT/gen_$model.log
+             done
            done ;;
     breakdown:*) m=${1#breakdown:}; timeout 200 python3 benchmarks/scripts/decode_breakdown.py --config ${m%@*} \
                    --batch ${m#*@} --length 1024 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/breakdown_${m%@*}.log ;;
