@@ -230,3 +230,35 @@ def test_mqar_pick_takes_each_ops_fastest_path_that_ran_every_point():
   assert pick(lines) == ["model.implementation.based=reference", "model.implementation.long_conv=auto"]
   assert pick(lines[:2] + ["^based-L256_kv16-d128-lr1.0e-02    quadratic  " + rate(fast + 1)]) == [
       "model.implementation.based=quadratic"]
+
+
+def test_loss_vs_time_reads_training_time_and_compares_with_the_baseline(tmp_path):
+  """benchmarks/scripts/loss_vs_time.py: training time at an eval is the sum of the windows ending by it; a run's
+  time to reach the baseline's final eval loss is its first eval at or below it, over the baseline's own time."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks" / "scripts"))
+  try:
+    import loss_vs_time
+  finally:
+    sys.path.pop(0)
+  rng = np.random.default_rng()
+
+  def write(name, window_s, losses):  # a window of 5 steps each, an eval every 10 steps
+    lines = []
+    for i, seconds in enumerate(window_s):
+      lines.append({"step": 5 * (i + 1), "loss": 1.0, "window_s": seconds})
+      if (i + 1) % 2 == 0:
+        lines.append({"step": 5 * (i + 1), loss_vs_time.EVAL_LOSS: losses[i // 2]})
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return str(tmp_path / name)
+
+  dense_s, fast_s = rng.uniform(1, 2, 6), rng.uniform(0.5, 1, 6)
+  dense = loss_vs_time.read_curve("dense", write("dense", dense_s, [5.0, 4.0, 3.0]))
+  fast = loss_vs_time.read_curve("monarch", write("monarch", fast_s, [4.5, 2.9, 2.5]))
+  never = loss_vs_time.read_curve("never", write("never", fast_s, [4.5, 3.5, 3.1]))
+  np.testing.assert_allclose(dense.seconds, np.cumsum(dense_s)[1::2])
+  assert dense.steps == (10, 20, 30) and fast.losses[-1] == 2.5
+  assert loss_vs_time.time_to_reach(fast, 3.0) == fast.seconds[1]
+  rows = loss_vs_time.table([dense, fast, never], "dense").splitlines()
+  assert rows[2].endswith("| 1.00x |") and rows[4].endswith("not reached |")
+  assert rows[3].endswith(f"| {fast.seconds[1] / dense.seconds[-1]:.2f}x |")

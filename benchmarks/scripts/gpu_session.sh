@@ -24,6 +24,10 @@
 #                       --batch max at 1024+1024, 128+2048, 128+4096 (GEN_SETTINGS), one process of at most GEN_S
 #                       (200) seconds each, prefill in pieces of 256, one timed round
 #   breakdown:M@B       benchmarks/scripts/decode_breakdown.py: preset M's decode step split by part at batch B
+#   monarch_speed       GPT-2-medium-Monarch training tokens/s, with Monarch and with dense MLPs (issue 19)
+#   monarch_text        GPT-2 small dense / Monarch MLPs / all Monarch on linux-doc (carry data/linux-doc), eval loss
+#                       vs training time: TEXT_VARIANTS, TEXT_S (250 s each), TEXT_SET (overrides), a PNG, a table, the runs'
+#                       metrics
 #   A+B                 A in the background while B runs (for steps that do not time anything)
 # Logs under $OUT.
 set -o pipefail
@@ -97,6 +101,24 @@ step() {
            done ;;
     breakdown:*) m=${1#breakdown:}; timeout 200 python3 benchmarks/scripts/decode_breakdown.py --config ${m%@*} \
                    --batch ${m#*@} --length 1024 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tee $OUT/breakdown_${m%@*}.log ;;
+    monarch_speed) for v in monarch dense_mlp; do  # issue 19: tokens/s of GPT-2-medium-Monarch, Monarch vs dense MLPs
+                     timeout 200 python3 -m train --config configs/train/gpt2_medium_monarch_synthetic.yaml \
+                       model.max_length=2048 name=gpt2_medium_$v run_dir=/tmp/train/gpt2_medium_$v log.progress=plain \
+                       $([ $v = dense_mlp ] && echo model.mlp=gelu) 2>&1 | grep -vE "^(W|I)[0-9]{4}" \
+                       | tail -8 | tee -a $OUT/monarch_speed.log
+                   done ;;
+    monarch_text) # issue 19: GPT-2 small on linux-doc (carried as data/linux-doc), dense and Monarch, same tokens
+      for v in ${TEXT_VARIANTS:-dense monarch_mlp monarch}; do
+        case $v in dense) o="model.mlp=gelu model.mixer_options.attention.projection=dense" ;;
+                   monarch_mlp) o="model.mixer_options.attention.projection=dense" ;; *) o="" ;; esac
+        timeout ${TEXT_S:-250} python3 -m train --config configs/train/gpt2_small_linux_doc.yaml \
+          data.text.path=${TEXT_DATA:-../data/linux-doc} name=$v run_dir=/tmp/text/$v log.progress=plain ${TEXT_SET:-} $o 2>&1 \
+          | grep -vE "^(W|I)[0-9]{4}" | grep -E "^(eval|done|compiled|step [0-9]+0/)" > $OUT/text_$v.log
+        tail -2 $OUT/text_$v.log
+      done
+      tar czf $OUT/text_runs.tgz -C /tmp text
+      python3 benchmarks/scripts/loss_vs_time.py $(for v in ${TEXT_VARIANTS:-dense monarch_mlp monarch}; do
+        echo $v=/tmp/text/$v; done) --out $OUT/gpt2_small_linux_doc.png 2>&1 | tee $OUT/text_table.md ;;
     zoo:*) sweep figure2_zoology ${1#zoo:} ;;
     based:*) sweep figure2_based ${1#based:} ;;
     *) echo "unknown step $1"; exit 2 ;;
