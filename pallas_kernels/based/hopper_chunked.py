@@ -103,6 +103,9 @@ class BlockSizes:
   num_stages: int = 2  # depth of the q/k/v ring (2 fits the shared-memory budget with phi(k) and the state)
   sequence_pieces: int | None = None  # None: by shape (sequence_pieces)
   backward: portable.BlockSizes | None = None  # the portable backward's (None: its defaults for the shape)
+  # "portable": pallas.based_chunked_backward (Triton on GPU); "hopper": hopper_chunked_bwd's Mosaic GPU kernels,
+  # by name only (lowered on CPU, never run on a GPU: auto keeps the default).
+  backward_kernel: str = "portable"
 
 
 def sequence_pieces(*, ctas: int, num_steps: int) -> int:
@@ -490,6 +493,14 @@ def _based_fwd(options, q_BTHF, k_BTHF, v_BTHD, state):
 def _based_bwd(options, residuals, cotangents):
   q, k, v, state, y, den = residuals
   dy, d_final = cotangents
+  if options.block_sizes.backward_kernel == "hopper":
+    from pallas_kernels.based import hopper_chunked_bwd  # imported here: it imports this module
+    s_in, z_in = _pack_state(state)
+    d_s_final, d_z_final = _pack_state(d_final)  # packing is a selection: its transpose is _unpack_state
+    dq, dk, dv, d_s, d_z = hopper_chunked_bwd.based_chunked_backward_hopper(
+        q, k, v, y, den, dy, d_s_final, d_z_final, s_initial=s_in, z_initial=z_in, normalize=options.normalize,
+        eps=options.eps, num_stages=options.block_sizes.num_stages)
+    return dq, dk, dv, _unpack_state(d_s, d_z)
   dq, dk, dv, d_state = portable.based_chunked_backward(
       q, k, v, y, den, dy, d_final, initial_state=state, normalize=options.normalize, eps=options.eps,
       chunk=options.chunk, block_sizes=options.block_sizes.backward)
@@ -503,12 +514,15 @@ def based_chunked_hopper(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: 
                          initial_state: BasedState | None = None, return_final_state: bool = False,
                          segment_ids=None, block_sizes: BlockSizes | None = None):
   """pallas.based_chunked's semantics on sm90 (api.py validates the inputs); F = 16, D in (64, 128), 16-bit
-  inputs, no segment ids. Gradients come from the portable backward."""
+  inputs, no segment ids. Gradients come from the portable backward (BlockSizes(backward_kernel="hopper"):
+  hopper_chunked_bwd's Mosaic GPU kernels)."""
   batch, _, heads, f = q_BTHF.shape
   d, dtype = v_BTHD.shape[-1], jnp.dtype(q_BTHF.dtype)
   if segment_ids is not None or f != _FEATURES or d not in _VALUE_DIMS or not mosaic.is_16bit(dtype):
     raise ValueError(f"the Hopper chunked BASED kernel takes F={_FEATURES}, D in {_VALUE_DIMS}, bfloat16/float16 "
                      f"and no segment ids; got F={f}, D={d}, {dtype}, segment_ids={segment_ids is not None}")
+  if block_sizes is not None and block_sizes.backward_kernel not in ("portable", "hopper"):
+    raise ValueError(f"{block_sizes.backward_kernel=} is not 'portable' or 'hopper'")
   options = _Options(normalize=bool(normalize), eps=float(eps), chunk=int(chunk),
                      has_initial=initial_state is not None, block_sizes=block_sizes or BlockSizes())
   state = initial_state if initial_state is not None else BasedState.zeros(batch, heads, f, d)
