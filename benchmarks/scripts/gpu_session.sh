@@ -81,7 +81,8 @@ step() {
                gpu_tests new_tests 300 tests/pallas_kernels/test_monarch_kernel.py \
                  tests/pallas_kernels/test_lolcats_kernel.py ;;
     based_tests) gpu_tests based_tests 400 tests/pallas_kernels/test_based_kernel.py \
-                   tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_parallel.py \
+                   tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_chunked_bwd.py \
+                   tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
