@@ -70,8 +70,17 @@ def array_shapes(shape: BasedShape):
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
-  return harness.our_candidates(names, "pallas_kernels.based.api", lambda api, name, shape: functools.partial(
-      api.based_linear_attention, normalize=True, implementation=name))
+  """Implementations by name; "hopper+hopper_bwd" is "hopper" with its Mosaic GPU backward (by name only)."""
+  def make(api, name, shape):
+    implementation, _, variant = name.partition("+")
+    kwargs = {}
+    if variant == "hopper_bwd":
+      from pallas_kernels.based import hopper_chunked
+      kwargs["block_sizes"] = hopper_chunked.BlockSizes(backward_kernel="hopper")
+    elif variant:
+      raise ValueError(f"--impls {name}: unknown variant {variant!r} (known: hopper+hopper_bwd)")
+    return functools.partial(api.based_linear_attention, normalize=True, implementation=implementation, **kwargs)
+  return harness.our_candidates(names, "pallas_kernels.based.api", make)
 
 
 def peer_candidates() -> list[Candidate | Skipped]:

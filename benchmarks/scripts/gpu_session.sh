@@ -18,6 +18,8 @@
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch (the Hopper
 #                       forward's alone first, 120 s) and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
+#   based_bwd           the Hopper chunked BASED backward's GPU tests (150 s), then fwd_bwd rows: hopper with the
+#                       portable and with the Hopper backward, hopper_parallel, fla (needs .peers carried)
 #   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
 #                       BASED decode kernel: on the GPU they take the Triton decode kernels
 #   gen:M1,M2           python -m jaxlm.generate --benchmark for presets M1, M2 (e.g. gen:based-360m,transformer-360m):
@@ -84,6 +86,10 @@ step() {
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_chunked_bwd.py \
                    tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
+    based_bwd) # the Hopper chunked backward, never run: its tests alone and short, then its rows beside the portable
+      gpu_tests based_bwd_tests 150 tests/pallas_kernels/test_based_hopper_chunked_bwd.py
+      timeout 150 python3 -m benchmarks based --impls hopper hopper+hopper_bwd hopper_parallel --modes fwd_bwd \
+        --repeats 10 2>&1 | tail -30 | tee $OUT/based_bwd_bench.log ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
           echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log
