@@ -204,7 +204,8 @@ def _shared_types(plan: _Plan) -> _Shared:
       written=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=1))
 
 
-class _Cta(NamedTuple):
+class Cta(NamedTuple):
+  """Which (batch row, head, value block) a CTA owns; the backward's kernels (hopper_chunked_bwd) share it."""
   batch: Any
   head: Any
   block: Any  # value block
@@ -214,7 +215,7 @@ class _Cta(NamedTuple):
     return pl.ds(self.block * _BLOCK_D, _BLOCK_D)
 
 
-def _producer(plan: _Plan, cta: _Cta, q_ref, k_ref, v_ref, sh: _Shared):
+def _producer(plan: _Plan, cta: Cta, q_ref, k_ref, v_ref, sh: _Shared):
   """Streams q, k, v of steps 0 .. num_steps-1 through the ring (k and v alone for the states-only pass)."""
   tokens = lambda ref, *cols: lambda n: ref.at[cta.batch, pl.ds(n * _STEP, _STEP), cta.head, *cols]
   streams = [] if plan.states_only else [mosaic.Stream(tokens(q_ref), sh.q, sh.q_ready)]
@@ -249,7 +250,7 @@ def _split_z(z, dtype):
   return jnp.where(col == 0, high, jnp.where(col == 1, low, zero))
 
 
-def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref, s_out_ref, z_out_ref,
+def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref, s_out_ref, z_out_ref,
               sh: _Shared):
   """Consumer w (static): its 64 query rows of every step and its state pieces OWNED[w]."""
   pieces = _OWNED[w]
@@ -386,7 +387,7 @@ def _kernel(q_ref, k_ref, v_ref, expand_ref, s_in_ref, z_in_ref, *refs, plan: _P
   """refs: (o, den if not states_only), s_out, z_out, _Shared."""
   o_ref, den_ref = refs[:2] if not plan.states_only else (None, None)
   s_out_ref, z_out_ref, sh = refs[-3:]
-  cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("value_blocks"))
+  cta = Cta(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("value_blocks"))
 
   def produce():
     plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])

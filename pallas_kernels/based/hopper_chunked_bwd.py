@@ -223,17 +223,7 @@ def _shared_types(plan: _Plan, dkv: bool) -> _Shared:
       written=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=1))
 
 
-class _Cta(NamedTuple):
-  batch: Any
-  head: Any
-  block: Any
-
-  @property
-  def cols(self):
-    return pl.ds(self.block * _BLOCK_D, _BLOCK_D)
-
-
-def _produce(plan: _Plan, cta: _Cta, sh: _Shared, expand_ref, expand_t_ref, refs, reverse: bool):
+def _produce(plan: _Plan, cta: hopper_chunked.Cta, sh: _Shared, expand_ref, expand_t_ref, refs, reverse: bool):
   """E, Eᵀ once; then q, k, v, dn, dd (and dd_cols) of every step, in reverse order for the dkv kernel."""
   plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])
   plgpu.copy_gmem_to_smem(expand_t_ref, sh.expand_t, sh.expand_ready.at[1])
@@ -249,7 +239,7 @@ def _produce(plan: _Plan, cta: _Cta, sh: _Shared, expand_ref, expand_t_ref, refs
   mosaic.produce_ring(0, plan.num_steps, plan.stages, [(sh.free, streams)])
 
 
-def _consumer(plan: _Plan, cta: _Cta, w: int, s_in_ref, z_in_ref, out_refs, sh: _Shared, dkv: bool):
+def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, out_refs, sh: _Shared, dkv: bool):
   """Consumer w (static) of either kernel: carries its pieces of S, z (dq) or G, gz (dkv) and walks the steps."""
   pieces = _OWNED[w]
   wgmma_layout = plgpu.Layout.WGMMA
@@ -390,7 +380,7 @@ def _kernel(*refs, plan: _Plan, dkv: bool):
   streams = 6 if dkv else 5
   inputs, (expand_ref, expand_t_ref, s_in_ref, z_in_ref) = refs[:streams], refs[streams:streams + 4]
   out_refs, sh = refs[streams + 4:-1], refs[-1]
-  cta = _Cta(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("value_blocks"))
+  cta = hopper_chunked.Cta(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("value_blocks"))
   mosaic.warp_specialized(
       functools.partial(_produce, plan, cta, sh, expand_ref, expand_t_ref, inputs, dkv),
       functools.partial(_consumer, plan, cta, s_in_ref=s_in_ref, z_in_ref=z_in_ref, out_refs=out_refs, sh=sh,

@@ -84,6 +84,14 @@ def test_sequence_pieces_fill_one_wave_of_long_pieces():
   assert hopper_chunked.sequence_pieces(ctas=16, num_steps=12) == 1  # too short to split
 
 
+def full_state_cotangent(rng, state: BasedFullState) -> BasedFullState:
+  """A random cotangent of a full-layout state, symmetric in (i, j) as the full states are: the layouts agree on
+  those (an antisymmetric part has no symmetric-layout counterpart)."""
+  c = BasedFullState(*(normal(rng, x.shape, jnp.float32) for x in state))
+  return c._replace(s2_BHFFD=(c.s2_BHFFD + jnp.swapaxes(c.s2_BHFFD, 2, 3)) / 2,
+                    z2_BHFF=(c.z2_BHFF + jnp.swapaxes(c.z2_BHFF, 2, 3)) / 2)
+
+
 @pytest.mark.parametrize("pieces", [None, 4])
 def test_portable_backward_from_a_given_forward_matches_reference(rng, pieces):
   """pallas.based_chunked_backward (the Hopper forward's gradients: portable kernels, interpret mode on CPU) from
@@ -92,12 +100,7 @@ def test_portable_backward_from_a_given_forward_matches_reference(rng, pieces):
   (q, k, v, sym_state), options, _ = _inputs(rng, T=128, initial_state=True)
   state = symmetric_to_full(sym_state)
   cotangent_y = normal(rng, v.shape, jnp.float32)
-  # A cotangent symmetric in (i, j), as the full states are: the layouts agree on those (an antisymmetric part has
-  # no symmetric-layout counterpart).
-  cotangent_state = BasedFullState(*(normal(rng, x.shape, jnp.float32) for x in state))
-  cotangent_state = cotangent_state._replace(
-      s2_BHFFD=(cotangent_state.s2_BHFFD + jnp.swapaxes(cotangent_state.s2_BHFFD, 2, 3)) / 2,
-      z2_BHFF=(cotangent_state.z2_BHFF + jnp.swapaxes(cotangent_state.z2_BHFF, 2, 3)) / 2)
+  cotangent_state = full_state_cotangent(rng, state)
 
   def quadratic(q, k, v, state):
     y, final = ref.based_quadratic(q, k, v, initial_state=full_to_symmetric(state), return_final_state=True)

@@ -17,6 +17,7 @@ from pallas_kernels.based import hopper_chunked_bwd as bwd
 from pallas_kernels.based import reference as ref
 from pallas_kernels.based.symmetric import BasedFullState, full_to_symmetric, on_full_layout, symmetric_to_full
 from pallas_kernels.common import mosaic
+from tests.pallas_kernels.test_based_hopper_chunked import full_state_cotangent
 from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
 
@@ -137,11 +138,7 @@ def test_schedule_replay_matches_reference_gradients(rng, normalize):
   (q, k, v, sym_state), _, _ = _inputs(rng, B=1, T=200, H=1, D=128, initial_state=True, normalize=normalize)
   state = symmetric_to_full(sym_state)
   cotangent_y = normal(rng, v.shape, jnp.float32)
-  # Symmetric in (i, j), as the full states are (see test_based_hopper_chunked's portable-backward test).
-  cotangent_state = BasedFullState(*(normal(rng, x.shape, jnp.float32) for x in state))
-  cotangent_state = cotangent_state._replace(
-      s2_BHFFD=(cotangent_state.s2_BHFFD + jnp.swapaxes(cotangent_state.s2_BHFFD, 2, 3)) / 2,
-      z2_BHFF=(cotangent_state.z2_BHFF + jnp.swapaxes(cotangent_state.z2_BHFF, 2, 3)) / 2)
+  cotangent_state = full_state_cotangent(rng, state)
 
   def quadratic(q, k, v, state):
     y, final = ref.based_quadratic(q, k, v, initial_state=full_to_symmetric(state), return_final_state=True,
