@@ -19,7 +19,7 @@ import jax
 
 from pallas_kernels.common import validation
 from pallas_kernels.common.dispatch import Dispatcher, Implementation
-from pallas_kernels.long_conv import pallas, reference
+from pallas_kernels.long_conv import hopper, pallas, reference
 
 DISPATCHER = Dispatcher("long_conv", (
     # By name only (fail-closed): on the H100 (2026-12-07, 1d616d0) its GPU tests passed in bf16 and failed in
@@ -29,6 +29,9 @@ DISPATCHER = Dispatcher("long_conv", (
     # in_auto=True, auto_backends=("gpu", "tpu").
     Implementation("pallas", pallas.gated_long_conv, supports=pallas.supports, in_auto=False, per_shard=True,
                    block_sizes=pallas.BlockSizes),
+    # By name only (fail-closed): the Hopper forward (Mosaic GPU, wgmma) has never run on a GPU.
+    Implementation("hopper", hopper.gated_long_conv, supports=hopper.supports, in_auto=False, per_shard=True,
+                   block_sizes=hopper.BlockSizes),
     Implementation("reference", reference.gated_long_conv),
     Implementation("direct", functools.partial(reference.gated_long_conv,
                                                causal_conv=reference.direct_causal_conv), in_auto=False),
