@@ -18,6 +18,7 @@
 #   att_tests           the attention GPU tests (documents, head dims, Hopper); new_tests: monarch (the Hopper
 #                       forward's alone first, 120 s) and lolcats;
 #   based_tests         the BASED kernels' and the kernel switch's GPU tests
+#   lc_hopper           the Hopper long_conv forward's GPU tests (180 s), then its rows against XLA's FFT
 #   based_bwd           the Hopper chunked BASED backward's GPU tests (150 s), then fwd_bwd rows: hopper with the
 #                       portable and with the Hopper backward, hopper_parallel, fla (needs .peers carried)
 #   decode_tests        every test (not only those marked gpu) of the attention layer, chunked prefill and the
@@ -86,6 +87,9 @@ step() {
                    tests/pallas_kernels/test_based_hopper_chunked.py tests/pallas_kernels/test_based_hopper_chunked_bwd.py \
                    tests/pallas_kernels/test_based_hopper_parallel.py \
                    tests/pallas_kernels/test_based_decode_kernel.py tests/jaxlm/test_kernel_switch.py ;;
+    lc_hopper) # the Hopper long_conv forward, never run: its tests alone and short, then its rows against XLA's FFT
+      gpu_tests long_conv_hopper_tests 180 tests/pallas_kernels/test_long_conv_hopper.py
+      timeout 120 python3 -m benchmarks long_conv --impls hopper reference 2>&1 | tail -30 | tee $OUT/long_conv_hopper_bench.log ;;
     based_bwd) # the Hopper chunked backward, never run: its tests alone and short, then its rows beside the portable
       gpu_tests based_bwd_tests 150 tests/pallas_kernels/test_based_hopper_chunked_bwd.py
       timeout 150 python3 -m benchmarks based --impls hopper hopper+hopper_bwd hopper_parallel --modes fwd_bwd \
