@@ -14,8 +14,10 @@ before the CTA exits.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -75,19 +77,47 @@ def sync(barrier):
   plgpu.barrier_wait(barrier)
 
 
+_INTERPRET = contextvars.ContextVar("mosaic_interpret", default=None)
+
+
+def interpreter_available() -> bool:
+  """Whether this jax has Mosaic GPU's interpreter (jax 0.10.2 has it under jax._src, no public name yet)."""
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+@contextlib.contextmanager
+def interpreted() -> Iterator[None]:
+  """Kernels launched inside run on the CPU in Mosaic GPU's interpreter: shared memory, barriers, TMA copies and
+  wgmma simulated, one warpgroup at a time, so a kernel's body is checked on CPU (tests; slow, tiny shapes). The
+  interpreter does not yet take every primitive (2026-12: not `plgpu.load` with a layout, nor accumulators made
+  from values), so only some kernels run in it."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  token = _INTERPRET.set(InterpretGPUParams())
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
 def launch(body: Callable[..., None], *args, name: str, out_type, scratch, grid: dict[str, int],
            approx_math: bool = True):
   """Runs body(*input refs, *output refs, scratch) on CONSUMERS + 1 warpgroups (axis "wg") per CTA of `grid` (axis
-  name -> size); `name` is the kernel's name in profiles. approx_math: fast approximate exp2/tanh/division."""
+  name -> size); `name` is the kernel's name in profiles. approx_math: fast approximate exp2/tanh/division.
+  Inside `interpreted()` the kernel runs in the interpreter instead."""
 
   def kernel(*refs):
     body(*refs)
 
   kernel.__name__ = name
+  interpret = {} if _INTERPRET.get() is None else {"interpret": _INTERPRET.get()}
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=[scratch], grid=tuple(grid.values()), grid_names=tuple(grid),
       num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-  )(*args)
+      **interpret)(*args)
 
 
 def warp_specialized(produce: Callable[[], None], consume: Callable[[Any], None], *,

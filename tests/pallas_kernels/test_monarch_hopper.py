@@ -64,6 +64,20 @@ def test_the_schedule_over_its_slabs_is_the_dense_product(rng, name, block_y):
   np.testing.assert_allclose(got, np.asarray(x, np.float64) @ dense_np(w1, w2).T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not mosaic.interpreter_available(), reason="this jax has no Mosaic GPU interpreter")
+@pytest.mark.parametrize("name", SHAPES)
+def test_the_kernel_in_the_interpreter_is_the_dense_product(rng, name):
+  """The kernel body itself (its barriers, TMA copies, rings and wgmmas), run on CPU by Mosaic GPU's interpreter,
+  in bf16 against the float64 dense product."""
+  w1_shape, w2_shape, tokens = SHAPES[name]
+  x, w1, w2 = (normal(rng, shape, jnp.bfloat16)
+               for shape in ((tokens, w1_shape[0] * w1_shape[2]), w1_shape, w2_shape))
+  with mosaic.interpreted():
+    got = hopper.monarch_multiply(x, w1, w2)
+  want = np.asarray(x, np.float64) @ dense_np(w1, w2).T
+  assert_close(got, want, dtype=jnp.bfloat16, reduction_len=w1_shape[2] * w2_shape[2], scale=2.0)
+
+
 @pytest.mark.parametrize("name", ["c2_groups_of_32", "c128_two_chunks_per_block"])
 def test_lowers_for_cuda_with_its_backward(name):
   w1_shape, w2_shape, tokens = SHAPES[name]
