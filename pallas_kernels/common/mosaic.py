@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -83,10 +84,9 @@ _INTERPRET = contextvars.ContextVar("mosaic_interpret", default=None)
 def interpreter_available() -> bool:
   """Whether this jax has Mosaic GPU's interpreter (jax 0.10.2 has it under jax._src, no public name yet)."""
   try:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: F401
-  except ImportError:
+    return importlib.util.find_spec("jax._src.pallas.mosaic_gpu.interpret.params") is not None
+  except ImportError:  # a parent package missing
     return False
-  return True
 
 
 @contextlib.contextmanager
@@ -113,11 +113,15 @@ def launch(body: Callable[..., None], *args, name: str, out_type, scratch, grid:
     body(*refs)
 
   kernel.__name__ = name
-  interpret = {} if _INTERPRET.get() is None else {"interpret": _INTERPRET.get()}
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=[scratch], grid=tuple(grid.values()), grid_names=tuple(grid),
       num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=approx_math),
-      **interpret)(*args)
+      **interpret_kwargs())(*args)
+
+
+def interpret_kwargs() -> dict[str, Any]:
+  """plgpu.kernel's `interpret=` inside `interpreted()`, nothing outside: for kernels launched without `launch`."""
+  return {} if _INTERPRET.get() is None else {"interpret": _INTERPRET.get()}
 
 
 def warp_specialized(produce: Callable[[], None], consume: Callable[[Any], None], *,

@@ -300,7 +300,7 @@ def _forward(plan: Plan, u, k, skip, in_gate, out_gate):
   y = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((batch, ROWS_IN, plan.n3, channels), u.dtype),
       scratch_types=[_shared_types(plan, copies)], grid=(channels // plan.block_d, batch),
-      grid_names=("channels", "batch"))(*[a for _, a in inputs])
+      grid_names=("channels", "batch"), **mosaic.interpret_kwargs())(*[a for _, a in inputs])
   return y.reshape(batch, lp, channels)
 
 

@@ -1,7 +1,7 @@
 """The Hopper long_conv forward (pallas_kernels/long_conv/hopper.py). On CPU: its schedule, replayed in numpy with
 the kernel's tables, products, order and 16-bit roundings (hopper.channel_conv over hopper.tables and
-hopper.filter_spectrum), equals the reference with every gate and skip option; it lowers for CUDA with its
-backward; it refuses what it does not cover. On an H100 (marked gpu): the kernel against the reference through the
+hopper.filter_spectrum), equals the reference with every gate and skip option; so does the kernel body run by
+Mosaic GPU's interpreter; it lowers for CUDA with its backward; it refuses what it does not cover. On an H100 (marked gpu): the kernel against the reference through the
 api by name, output and gradients.
 
 Letters: B batch, L length, D channels.
@@ -17,6 +17,7 @@ import pytest
 from pallas_kernels.common import mosaic
 from pallas_kernels.long_conv import api, hopper, reference
 from pallas_kernels.long_conv.dft import Complex
+from tests.pallas_kernels import mosaic_interpreter
 from tests.tolerances import assert_close, normal, relative_error, tolerance
 
 OPTIONS = ("skip", "in_gate", "out_gate")
@@ -76,6 +77,21 @@ def test_the_schedule_replayed_equals_the_reference(rng, case):
   batch, length, channels, dtype, options = REPLAY_CASES[case]
   u, k, gates = _inputs(rng, batch, length, channels, dtype, options)
   got = _replay(u, k, gates, dtype)
+  want = reference.gated_long_conv(u, k, **{f"{n}_D" if n == "skip" else f"{n}_BLD": g for n, g in gates.items()})
+  assert_close(got, want, dtype=dtype, reduction_len=length, scale=2.0)
+  assert relative_error(got, want) <= tolerance(dtype), relative_error(got, want)
+
+
+@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
+                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernel itself runs below")
+@pytest.mark.parametrize("case", REPLAY_CASES)
+def test_the_kernel_in_the_interpreter_equals_the_reference(rng, case):
+  """The kernel body itself (TMA copies, barriers, the channel loop, its wgmmas), run on CPU by Mosaic GPU's
+  interpreter (tests/pallas_kernels/mosaic_interpreter.py), against the reference."""
+  batch, length, channels, dtype, options = REPLAY_CASES[case]
+  u, k, gates = _inputs(rng, batch, length, channels, dtype, options)
+  with mosaic_interpreter.interpreted():
+    got = hopper.gated_long_conv(u, k, gates.get("skip"), gates.get("in_gate"), gates.get("out_gate"))
   want = reference.gated_long_conv(u, k, **{f"{n}_D" if n == "skip" else f"{n}_BLD": g for n, g in gates.items()})
   assert_close(got, want, dtype=dtype, reduction_len=length, scale=2.0)
   assert relative_error(got, want) <= tolerance(dtype), relative_error(got, want)

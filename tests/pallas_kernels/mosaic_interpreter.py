@@ -1,0 +1,130 @@
+"""Mosaic GPU's interpreter (jax 0.10.2, under jax._src) with three of its gaps filled, for tests only.
+
+`mosaic.interpreted()` runs a Hopper kernel's body on the CPU. The interpreter of jax 0.10.2 does not take three
+things our kernels use: `plgpu.load` with a layout, `layout_cast`, and an accumulator written from a value
+(`acc[...] = x`); and its wgmma reads its A operand from shared memory only, where ours may hold it in registers.
+On the CPU a layout is only a promise about registers, so here a layout load is a plain read, a layout cast is
+the value itself, and the other two are done on the interpreter's simulated memory, each threaded on the
+interpreter's token so that it stays ordered with the reads and writes around it. This leans on jax internals:
+`available()` says whether this jax has them, and tests skip otherwise.
+
+It runs the long_conv Hopper forward; the BASED Hopper kernels hang in it (2026-12-07, not investigated), so they
+are not tested this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.common import mosaic
+
+
+def available() -> bool:
+  if not mosaic.interpreter_available():
+    return False
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+  except ImportError:
+    return False
+  return hasattr(jaxpr_interpret.JaxprInterpreter, "_interpret_wgmma_ref_p")
+
+
+def _gap_eqn(eqn):
+  """An equation the interpreter takes in place of one it does not (or the equation itself)."""
+  from jax._src.lax import lax as lax_internal
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+  from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+  from jax._src.state import primitives as state_primitives
+
+  if eqn.primitive is gpu_primitives.load_p:
+    return eqn.replace(primitive=state_primitives.get_p,
+                       params={k: v for k, v in eqn.params.items() if k != "optimized"})
+  if eqn.primitive is gpu_core.layout_cast_p:
+    return eqn.replace(primitive=lax_internal.copy_p, params={})
+  if eqn.primitive is gpu_primitives.wgmma_accumulator_store_p:
+    return eqn.replace(primitive=gpu_primitives.wgmma_ref_p, params={"accumulator_store": True})
+  return eqn
+
+
+def _memory(device_id, grid_point_coords, thread_id):
+  """(simulated memory, the thread's global id, logging info) for a callback."""
+  from jax._src.pallas.mosaic.interpret import utils
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  memory = gpu_callbacks._get_shared_memory()
+  info = utils.GPULoggingInfo(device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
+                              thread_id=int(thread_id), source_info=None)
+  return memory, memory.get_global_thread_id(int(device_id), int(thread_id)), info
+
+
+def _store(token, device_id, grid_point_coords, thread_id, acc_key, value):
+  from jax._src.pallas.mosaic.interpret import utils
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  memory, thread, info = _memory(device_id, grid_point_coords, thread_id)
+  memory.store_buffer_content(gpu_callbacks.HostAllocationKey.from_array(acc_key), utils.to_range(()),
+                              np.asarray(value), thread, logging_info=info)
+  return token
+
+
+def _wgmma_register_a(token, device_id, grid_point_coords, thread_id, acc_key, a, b_key, b_transforms, *,
+                      acc_dtype):
+  from jax._src.pallas.mosaic.interpret import utils
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+  memory, thread, info = _memory(device_id, grid_point_coords, thread_id)
+  b_range = utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(b_transforms)))
+  b, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(b_key), b_range, thread,
+                                      logging_info=info)
+  acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_key)
+  acc, _, _ = memory.get_buffer_content(acc_key, utils.to_range(()), thread, logging_info=info)
+  memory.store_buffer_content(acc_key, utils.to_range(()), acc + np.matmul(np.asarray(a), b, dtype=acc_dtype),
+                              thread, logging_info=info)
+  return token
+
+
+@contextlib.contextmanager
+def interpreted() -> Iterator[None]:
+  """mosaic.interpreted() with the gaps above filled."""
+  from jax._src import callback
+  from jax._src import core as jax_core
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+  from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+
+  interpreter = jaxpr_interpret.JaxprInterpreter
+  original_interpret, original_wgmma = interpreter.interpret, interpreter._interpret_wgmma_ref_p
+  gaps = (gpu_primitives.load_p, gpu_core.layout_cast_p, gpu_primitives.wgmma_accumulator_store_p)
+
+  def interpret(self, jaxpr, token, *args):
+    if any(e.primitive in gaps for e in jaxpr.eqns):
+      jaxpr = jaxpr.replace(eqns=[_gap_eqn(e) for e in jaxpr.eqns])
+    return original_interpret(self, jaxpr, token, *args)
+
+  def wgmma(self, eqn, token, get_invals):
+    where = (jnp.int32(self.device_info.device_id), self.grid_point_coords, self.thread_id)
+    if eqn.params.get("accumulator_store"):
+      acc, value = get_invals()
+      return callback.io_callback(_store, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, *where, acc, value), [value]
+    if not isinstance(eqn.invars[1].aval, jax_core.ShapedArray):  # A in shared memory: the interpreter's own
+      return original_wgmma(self, eqn, token, get_invals)
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    trees = [eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")]
+    _, _, b_transforms = jax.tree.unflatten(jax.tree_util.treedef_tuple(trees), leaves)
+    run = functools.partial(_wgmma_register_a, acc_dtype=eqn.invars[0].aval.dtype)
+    return callback.io_callback(run, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, *where, acc, a, b, b_transforms), []
+
+  interpreter.interpret, interpreter._interpret_wgmma_ref_p = interpret, wgmma
+  try:
+    with mosaic.interpreted():
+      yield
+  finally:
+    interpreter.interpret, interpreter._interpret_wgmma_ref_p = original_interpret, original_wgmma
