@@ -8,8 +8,9 @@ the value itself, and the other two are done on the interpreter's simulated memo
 interpreter's token so that it stays ordered with the reads and writes around it. This leans on jax internals:
 `available()` says whether this jax has them, and tests skip otherwise.
 
-It runs the long_conv Hopper forward; the BASED Hopper kernels hang in it (2026-12-07, not investigated), so they
-are not tested this way.
+It runs the long_conv Hopper forward. The BASED chunked forward hangs in it (2026-12-07, B1 T128: both consumer
+warpgroups wait on a barrier after the producer has finished; whether the kernel or the interpreter is at fault is
+not known: the kernel passes its GPU tests), so the BASED kernels are not tested this way yet.
 """
 
 from __future__ import annotations
