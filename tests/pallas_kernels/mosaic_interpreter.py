@@ -8,9 +8,11 @@ the value itself, and the other two are done on the interpreter's simulated memo
 interpreter's token so that it stays ordered with the reads and writes around it. This leans on jax internals:
 `available()` says whether this jax has them, and tests skip otherwise.
 
-It runs the long_conv Hopper forward. The BASED chunked forward hangs in it (2026-12-07, B1 T128: both consumer
-warpgroups wait on a barrier after the producer has finished; whether the kernel or the interpreter is at fault is
-not known: the kernel passes its GPU tests), so the BASED kernels are not tested this way yet.
+Transposed shared-memory operands (`plgpu.transpose_ref`, a K tile read as wgmma's B) are read through their
+transforms here, so the wgmma is ours for every operand kind. It runs the long_conv Hopper forward and the Hopper
+attention forward and both backward kernels. The BASED chunked forward hangs in it (2026-12-07, B1 T128: consumer
+0 waits in `mosaic.sync` for consumer 1, which never reaches a barrier; whether the kernel or the interpreter is
+at fault is not known: the kernel passes its GPU tests), so the BASED kernels are not tested this way yet.
 """
 
 from __future__ import annotations
@@ -74,19 +76,37 @@ def _store(token, device_id, grid_point_coords, thread_id, acc_key, value):
   return token
 
 
-def _wgmma_register_a(token, device_id, grid_point_coords, thread_id, acc_key, a, b_key, b_transforms, *,
-                      acc_dtype):
+def _read(memory, key, transforms, thread, info) -> np.ndarray:
+  """A buffer's view through its transforms: indexers up to the first transpose as the interpreter reads them,
+  the rest (transposes, e.g. a K tile read transposed as a wgmma B operand) applied in numpy."""
+  from jax._src.pallas.mosaic.interpret import utils
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax._src.state.types import TransposeTransform
+
+  transforms = gpu_callbacks._remove_noop_transforms(transforms)
+  first = next((i for i, t in enumerate(transforms) if isinstance(t, TransposeTransform)), len(transforms))
+  value, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(key),
+                                          utils.to_range(jax.tree.map(int, transforms[:first])), thread,
+                                          logging_info=info)
+  for t in transforms[first:]:
+    value = (np.transpose(value, t.permutation) if isinstance(t, TransposeTransform)
+             else value[utils.to_range((jax.tree.map(int, t),))])
+  return value
+
+
+def _wgmma(token, device_id, grid_point_coords, thread_id, acc_key, a, a_transforms, b_key, b_transforms, *,
+           acc_dtype, a_in_registers: bool):
+  """acc += a @ b on the simulated memory, a a value (registers) or a buffer key, b a buffer key."""
   from jax._src.pallas.mosaic.interpret import utils
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
   memory, thread, info = _memory(device_id, grid_point_coords, thread_id)
-  b_range = utils.to_range(jax.tree.map(int, gpu_callbacks._remove_noop_transforms(b_transforms)))
-  b, _, _ = memory.get_buffer_content(gpu_callbacks.HostAllocationKey.from_array(b_key), b_range, thread,
-                                      logging_info=info)
+  a = np.asarray(a) if a_in_registers else _read(memory, a, a_transforms, thread, info)
+  b = _read(memory, b_key, b_transforms, thread, info)
   acc_key = gpu_callbacks.HostAllocationKey.from_array(acc_key)
   acc, _, _ = memory.get_buffer_content(acc_key, utils.to_range(()), thread, logging_info=info)
-  memory.store_buffer_content(acc_key, utils.to_range(()), acc + np.matmul(np.asarray(a), b, dtype=acc_dtype),
-                              thread, logging_info=info)
+  memory.store_buffer_content(acc_key, utils.to_range(()), acc + np.matmul(a, b, dtype=acc_dtype), thread,
+                              logging_info=info)
   return token
 
 
@@ -114,14 +134,14 @@ def interpreted() -> Iterator[None]:
     if eqn.params.get("accumulator_store"):
       acc, value = get_invals()
       return callback.io_callback(_store, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, *where, acc, value), [value]
-    if not isinstance(eqn.invars[1].aval, jax_core.ShapedArray):  # A in shared memory: the interpreter's own
-      return original_wgmma(self, eqn, token, get_invals)
     acc, a, b, *leaves = get_invals()
     empty = jax.tree.structure([])
     trees = [eqn.params[f"{x}_transforms_tree"] or empty for x in ("acc", "a", "b")]
-    _, _, b_transforms = jax.tree.unflatten(jax.tree_util.treedef_tuple(trees), leaves)
-    run = functools.partial(_wgmma_register_a, acc_dtype=eqn.invars[0].aval.dtype)
-    return callback.io_callback(run, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, *where, acc, a, b, b_transforms), []
+    _, a_transforms, b_transforms = jax.tree.unflatten(jax.tree_util.treedef_tuple(trees), leaves)
+    run = functools.partial(_wgmma, acc_dtype=eqn.invars[0].aval.dtype,
+                            a_in_registers=isinstance(eqn.invars[1].aval, jax_core.ShapedArray))
+    return callback.io_callback(run, gpu_callbacks.TOKEN_SHAPE_DTYPE, token, *where, acc, a, a_transforms, b,
+                                b_transforms), []
 
   interpreter.interpret, interpreter._interpret_wgmma_ref_p = interpret, wgmma
   try:

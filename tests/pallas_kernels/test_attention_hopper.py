@@ -1,7 +1,8 @@
 """The Hopper (Mosaic GPU) attention forward and backward: they lower for sm90 on this CPU-only machine
 (jax.export traces and lowers the kernels to Mosaic GPU MLIR, which checks shapes, layouts, wgmma operands and the
 shared-memory budget), the backward's block ranges cover every visible pair, the support check refuses what the
-kernels do not cover, and on an sm90 GPU they match the float32 reference in outputs, lse and all three gradients.
+kernels do not cover, on CPU Mosaic GPU's interpreter runs the kernels' bodies against the reference, and on an
+sm90 GPU they match the float32 reference in outputs, lse and all three gradients.
 
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 """
@@ -19,6 +20,7 @@ from pallas_kernels.attention import reference as ref
 from pallas_kernels.attention.masking import MaskSpec
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
+from tests.pallas_kernels import mosaic_interpreter
 from tests.pallas_kernels.test_attention_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
 
@@ -165,6 +167,23 @@ def test_auto_takes_hopper_first_on_gpu_only():
   else:
     assert api.ATTENTION.select("auto", **options).name == ("hopper" if mosaic.is_sm90() else "pallas")
     assert api.ATTENTION.select("auto", **dict(options, dtype=jnp.float32)).name == "pallas"
+
+
+# The kernels' bodies on CPU, forward and both backward kernels, by Mosaic GPU's interpreter
+# (tests/pallas_kernels/mosaic_interpreter.py): small, about 30 s each.
+INTERPRETED = {
+    "gqa_causal_documents": dict(causal=True, segments=True, T=130, S=200, H=2, K=1, D=64, dtype=jnp.bfloat16),
+    "window_both_sides_softcap_f16": dict(window=50, window_right=20, softcap=10.0, T=70, S=140, H=1, K=1, D=128,
+                                          dtype=jnp.float16),
+}
+
+
+@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
+                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+@pytest.mark.parametrize("case", INTERPRETED)
+def test_kernels_in_the_interpreter_match_reference(rng, case):
+  with mosaic_interpreter.interpreted():
+    _check_against_reference(rng, hopper.flash_attention, INTERPRETED[case])
 
 
 _on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(),
