@@ -78,14 +78,14 @@ from pallas_kernels.common import mosaic
 from pallas_kernels.common.dispatch import first_reason, require
 from pallas_kernels.common.layout import round_up
 
-_FEATURES = 16  # F: the kernel's only feature dim (Based's)
-_STEP = mosaic.CTA_ROWS  # C: tokens per step, WG_ROWS = 64 query rows per consumer
-_BLOCK_D = 64  # Dc: value columns per CTA
-_PIECE = 64  # expanded features per piece
-_PIECES = 5  # 4 order-2 pieces and the order-0/1 piece
-_ORDER01 = 4  # index of the order-0/1 piece
-_EXPAND_B = _PIECES  # index of E_b among the expansion matrices (E_0..E_4 come first)
-_OWNED = ((0, 1, _ORDER01), (2, 3))  # state pieces of consumer 0 and 1
+FEATURES = 16  # F: the kernel's only feature dim (Based's)
+STEP = mosaic.CTA_ROWS  # C: tokens per step, WG_ROWS = 64 query rows per consumer
+BLOCK_D = 64  # Dc: value columns per CTA
+PIECE = 64  # expanded features per piece
+PIECES = 5  # 4 order-2 pieces and the order-0/1 piece
+ORDER01 = 4  # index of the order-0/1 piece
+EXPAND_B = PIECES  # index of E_b among the expansion matrices (E_0..E_4 come first)
+OWNED = ((0, 1, ORDER01), (2, 3))  # state pieces of consumer 0 and 1
 _VALUE_DIMS = (64, 128)
 
 
@@ -115,8 +115,8 @@ def sequence_pieces(*, ctas: int, num_steps: int) -> int:
 
 def _pieces_by_shape(*, batch: int, length: int, heads: int, value_dim: int) -> tuple[int, int]:
   """(CTAs of the unsplit call, the sequence pieces sequence_pieces picks for it)."""
-  ctas = batch * heads * (value_dim // _BLOCK_D)
-  return ctas, sequence_pieces(ctas=ctas, num_steps=-(-length // _STEP))
+  ctas = batch * heads * (value_dim // BLOCK_D)
+  return ctas, sequence_pieces(ctas=ctas, num_steps=-(-length // STEP))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,23 +134,23 @@ class _Plan:
 
   @property
   def c1(self) -> float:
-    return taylor_scales(_FEATURES)[0]
+    return taylor_scales(FEATURES)[0]
 
   @property
   def c2(self) -> float:
-    return taylor_scales(_FEATURES)[1]
+    return taylor_scales(FEATURES)[1]
 
 
 def expansion_matrices(dtype) -> np.ndarray:
   """[5 + 1, F, 64] 0/1 matrices: x·E_p repeats x_i (i in [4p, 4p + 4)) along piece p's columns for p < 4,
   x·E_4 is x in columns 0..15, x·E_b (the last) tiles x_j across every group of 16 columns."""
-  f, group = _FEATURES, _PIECE // _FEATURES
-  e = np.zeros((_PIECES + 1, f, _PIECE), np.float32)
-  col = np.arange(_PIECE)
-  for p in range(_PIECES - 1):
+  f, group = FEATURES, PIECE // FEATURES
+  e = np.zeros((PIECES + 1, f, PIECE), np.float32)
+  col = np.arange(PIECE)
+  for p in range(PIECES - 1):
     e[p, p * group + col // f, col] = 1.0
-  e[_ORDER01, np.arange(f), np.arange(f)] = 1.0
-  e[_EXPAND_B, col % f, col] = 1.0
+  e[ORDER01, np.arange(f), np.arange(f)] = 1.0
+  e[EXPAND_B, col % f, col] = 1.0
   return e.astype(dtype)
 
 
@@ -174,7 +174,7 @@ class _Shared(NamedTuple):
   written: Any  # 2 arrivals: both consumers published their pieces of the state
 
 
-_Z_COLS = 16  # the narrowest wgmma N the 32-byte swizzle allows; z needs one column (two with its low part)
+Z_COLS = 16  # the narrowest wgmma N the 32-byte swizzle allows; z needs one column (two with its low part)
 
 
 def _shared_types(plan: _Plan) -> _Shared:
@@ -183,17 +183,17 @@ def _shared_types(plan: _Plan) -> _Shared:
   narrow, wide = mosaic.swizzled(32), mosaic.swizzled(128)
   stages, dt = plan.stages, plan.dtype
   return _Shared(
-      q=plgpu.SMEM((stages, _STEP, _FEATURES), dt, transforms=narrow),
-      k=plgpu.SMEM((stages, _STEP, _FEATURES), dt, transforms=narrow),
-      v=plgpu.SMEM((stages, _STEP, _BLOCK_D), dt, transforms=narrow),
-      expand=plgpu.SMEM((_PIECES + 1, _FEATURES, _PIECE), dt, transforms=narrow),
-      ones=plgpu.SMEM((_STEP, _Z_COLS), dt, transforms=narrow),
-      union=plgpu.RefUnion(plgpu.SMEM((_PIECES, _STEP, _PIECE), dt, transforms=narrow),
-                           (plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _BLOCK_D), jnp.float32),
-                            plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _Z_COLS), jnp.float32))),
-      state=plgpu.SMEM((_PIECES, _PIECE, _BLOCK_D), dt, transforms=wide),
-      z=plgpu.SMEM((_PIECES, _PIECE, _Z_COLS), dt, transforms=narrow),
-      out=plgpu.SMEM((mosaic.CONSUMERS, mosaic.WG_ROWS, _BLOCK_D), dt, transforms=wide),
+      q=plgpu.SMEM((stages, STEP, FEATURES), dt, transforms=narrow),
+      k=plgpu.SMEM((stages, STEP, FEATURES), dt, transforms=narrow),
+      v=plgpu.SMEM((stages, STEP, BLOCK_D), dt, transforms=narrow),
+      expand=plgpu.SMEM((PIECES + 1, FEATURES, PIECE), dt, transforms=narrow),
+      ones=plgpu.SMEM((STEP, Z_COLS), dt, transforms=narrow),
+      union=plgpu.RefUnion(plgpu.SMEM((PIECES, STEP, PIECE), dt, transforms=narrow),
+                           (plgpu.SMEM((mosaic.CONSUMERS, PIECE, BLOCK_D), jnp.float32),
+                            plgpu.SMEM((mosaic.CONSUMERS, PIECE, Z_COLS), jnp.float32))),
+      state=plgpu.SMEM((PIECES, PIECE, BLOCK_D), dt, transforms=wide),
+      z=plgpu.SMEM((PIECES, PIECE, Z_COLS), dt, transforms=narrow),
+      out=plgpu.SMEM((mosaic.CONSUMERS, mosaic.WG_ROWS, BLOCK_D), dt, transforms=wide),
       den=plgpu.SMEM((mosaic.CONSUMERS, mosaic.WG_ROWS), jnp.float32),
       expand_ready=plgpu.Barrier(num_barriers=1),
       q_ready=plgpu.Barrier(num_barriers=stages),
@@ -212,12 +212,12 @@ class Cta(NamedTuple):
 
   @property
   def cols(self):
-    return pl.ds(self.block * _BLOCK_D, _BLOCK_D)
+    return pl.ds(self.block * BLOCK_D, BLOCK_D)
 
 
 def _producer(plan: _Plan, cta: Cta, q_ref, k_ref, v_ref, sh: _Shared):
   """Streams q, k, v of steps 0 .. num_steps-1 through the ring (k and v alone for the states-only pass)."""
-  tokens = lambda ref, *cols: lambda n: ref.at[cta.batch, pl.ds(n * _STEP, _STEP), cta.head, *cols]
+  tokens = lambda ref, *cols: lambda n: ref.at[cta.batch, pl.ds(n * STEP, STEP), cta.head, *cols]
   streams = [] if plan.states_only else [mosaic.Stream(tokens(q_ref), sh.q, sh.q_ready)]
   streams += [mosaic.Stream(tokens(k_ref), sh.k, sh.k_ready), mosaic.Stream(tokens(v_ref, cta.cols), sh.v, sh.v_ready)]
   mosaic.produce_ring(0, plan.num_steps, plan.stages, [(sh.free, streams)])
@@ -228,16 +228,16 @@ def _expanded(x_ref, e_ref):
   def run(acc):
     plgpu.wgmma(acc, x_ref, e_ref)
     return plgpu.wgmma_accumulator_load(acc)
-  return pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, _PIECE), jnp.float32))
+  return pl.run_scoped(run, plgpu.ACC((mosaic.WG_ROWS, PIECE), jnp.float32))
 
 
 def _feature_piece(plan: _Plan, x_ref, p: int, tiled, sh: _Shared):
   """Piece p of phi(x) for 64 rows x [64, F] (tiled = x·E_b, shared by the order-2 pieces), float32 [64, 64]."""
   repeated = _expanded(x_ref, sh.expand.at[p])
-  if p != _ORDER01:
+  if p != ORDER01:
     return plan.c2 * repeated * tiled
   col = plgpu.broadcasted_iota(jnp.int32, repeated.shape, 1, layout=plgpu.Layout.WGMMA)
-  return jnp.where(col == _FEATURES, 1.0, plan.c1 * repeated)
+  return jnp.where(col == FEATURES, 1.0, plan.c1 * repeated)
 
 
 def _split_z(z, dtype):
@@ -253,7 +253,7 @@ def _split_z(z, dtype):
 def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref, s_out_ref, z_out_ref,
               sh: _Shared):
   """Consumer w (static): its 64 query rows of every step and its state pieces OWNED[w]."""
-  pieces = _OWNED[w]
+  pieces = OWNED[w]
   phik, (s_staging, z_staging) = sh.union
   wgmma_layout = plgpu.Layout.WGMMA
   batch, head = cta.batch, cta.head
@@ -262,17 +262,17 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
     # S_p [64, Dc] and z_p [64, 16] (every column the same: phi(k)ᵀ·ones) of the owned pieces, float32.
     s_accs, z_accs = accs[:len(pieces)], accs[len(pieces):]
     if w == 0:
-      sh.ones[...] = plgpu.layout_cast(jnp.ones((_STEP, _Z_COLS), plan.dtype), wgmma_layout)
+      sh.ones[...] = plgpu.layout_cast(jnp.ones((STEP, Z_COLS), plan.dtype), wgmma_layout)
     for p, s_acc, z_acc in zip(pieces, s_accs, z_accs):
       if plan.has_initial:
         s = plgpu.load(s_in_ref.at[batch, head, p, :, cta.cols], (), layout=wgmma_layout, optimized=False)
         z = plgpu.load(z_in_ref.at[batch, head, p], (), layout=wgmma_layout.reduce(1), optimized=False)
-        z = mosaic.rows(z, (_PIECE, _Z_COLS))
+        z = mosaic.rows(z, (PIECE, Z_COLS))
         s_acc[...] = s
         z_acc[...] = z
       else:
-        s = plgpu.layout_cast(jnp.zeros((_PIECE, _BLOCK_D), jnp.float32), wgmma_layout)
-        z = plgpu.layout_cast(jnp.zeros((_PIECE, _Z_COLS), jnp.float32), wgmma_layout)
+        s = plgpu.layout_cast(jnp.zeros((PIECE, BLOCK_D), jnp.float32), wgmma_layout)
+        z = plgpu.layout_cast(jnp.zeros((PIECE, Z_COLS), jnp.float32), wgmma_layout)
       sh.state.at[p][...] = s.astype(plan.dtype)
       sh.z.at[p][...] = _split_z(z, plan.dtype)
     plgpu.commit_smem()
@@ -299,7 +299,7 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
       def scores(acc):
         plgpu.wgmma(acc, q_rows, plgpu.transpose_ref(sh.k.at[slot], (1, 0)))
         return plgpu.wgmma_accumulator_load(acc)
-      s = pl.run_scoped(scores, plgpu.ACC((mosaic.WG_ROWS, _STEP), jnp.float32)) * (1.0 / math.sqrt(_FEATURES))
+      s = pl.run_scoped(scores, plgpu.ACC((mosaic.WG_ROWS, STEP), jnp.float32)) * (1.0 / math.sqrt(FEATURES))
       row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=wgmma_layout) + w * mosaic.WG_ROWS
       col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=wgmma_layout)
       a = jnp.where(col <= row, 1.0 + s + 0.5 * s * s, 0.0)
@@ -307,8 +307,8 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
       # 2. readout of the state before the step, piece by piece; the normaliser's through z's two columns.
       def readout(y_acc, den_acc):
         plgpu.wgmma(y_acc, a.astype(plan.dtype), v_tile)
-        tiled = _expanded(q_rows, sh.expand.at[_EXPAND_B])
-        for p in range(_PIECES):
+        tiled = _expanded(q_rows, sh.expand.at[EXPAND_B])
+        for p in range(PIECES):
           phi = _feature_piece(plan, q_rows, p, tiled, sh).astype(plan.dtype)
           plgpu.wgmma(y_acc, phi, sh.state.at[p])
           if plan.normalize:
@@ -320,12 +320,12 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
         z_col = plgpu.broadcasted_iota(jnp.int32, den_cols.shape, 1, layout=wgmma_layout)
         return y, jnp.sum(a, axis=1) + jnp.sum(jnp.where(z_col < 2, den_cols, 0.0), axis=1)
 
-      y, den = pl.run_scoped(readout, plgpu.ACC((mosaic.WG_ROWS, _BLOCK_D), jnp.float32),
-                             plgpu.ACC((mosaic.WG_ROWS, _Z_COLS), jnp.float32))
+      y, den = pl.run_scoped(readout, plgpu.ACC((mosaic.WG_ROWS, BLOCK_D), jnp.float32),
+                             plgpu.ACC((mosaic.WG_ROWS, Z_COLS), jnp.float32))
       plgpu.barrier_arrive(sh.read.at[0])
 
       # 3. output (and den) through shared memory; the previous step's copies must have read their staging.
-      start = n * _STEP + w * mosaic.WG_ROWS
+      start = n * STEP + w * mosaic.WG_ROWS
       if plan.normalize:
         y = y * mosaic.rows(1.0 / (den + plan.eps), y.shape)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -339,10 +339,10 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
 
     def update(slot, v_tile):
       # 4. phi(k) of the C keys for the owned pieces, then S_p += phi(k)_pᵀ·V and z_p += phi(k)_pᵀ·1.
-      for half in range(_STEP // mosaic.WG_ROWS):
+      for half in range(STEP // mosaic.WG_ROWS):
         rows = pl.ds(half * mosaic.WG_ROWS, mosaic.WG_ROWS)
         k_rows = sh.k.at[slot, rows]
-        tiled = _expanded(k_rows, sh.expand.at[_EXPAND_B])
+        tiled = _expanded(k_rows, sh.expand.at[EXPAND_B])
         for p in pieces:
           phik.at[p, rows][...] = _feature_piece(plan, k_rows, p, tiled, sh).astype(plan.dtype)
       plgpu.commit_smem()
@@ -378,8 +378,8 @@ def _consumer(plan: _Plan, cta: Cta, w: int, s_in_ref, z_in_ref, o_ref, den_ref,
       plgpu.copy_smem_to_gmem(z_staging.at[w], z_out_ref.at[batch, head, cta.block, p])
     plgpu.wait_smem_to_gmem(0)
 
-  accs = [plgpu.ACC((_PIECE, _BLOCK_D), jnp.float32) for _ in pieces]
-  accs += [plgpu.ACC((_PIECE, _Z_COLS), jnp.float32) for _ in pieces]
+  accs = [plgpu.ACC((PIECE, BLOCK_D), jnp.float32) for _ in pieces]
+  accs += [plgpu.ACC((PIECE, Z_COLS), jnp.float32) for _ in pieces]
   pl.run_scoped(run, *accs)
 
 
@@ -393,7 +393,7 @@ def _kernel(q_ref, k_ref, v_ref, expand_ref, s_in_ref, z_in_ref, *refs, plan: _P
     plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])
     _producer(plan, cta, q_ref, k_ref, v_ref, sh)
 
-  # Static consumer indices: each consumer owns different state pieces (_OWNED).
+  # Static consumer indices: each consumer owns different state pieces (OWNED).
   mosaic.warp_specialized(produce, functools.partial(
       _consumer, plan, cta, s_in_ref=s_in_ref, z_in_ref=z_in_ref, o_ref=o_ref, den_ref=den_ref,
       s_out_ref=s_out_ref, z_out_ref=z_out_ref, sh=sh), static_consumers=True)
@@ -408,8 +408,8 @@ def _forward(plan: _Plan, q, k, v, s_in, z_in):
   expand = jnp.asarray(expansion_matrices(jnp.dtype(plan.dtype)))
   outputs = (jax.ShapeDtypeStruct(v.shape, v.dtype),
              jax.ShapeDtypeStruct((batch, plan.heads, plan.value_blocks, t_pad), jnp.float32))
-  states = (jax.ShapeDtypeStruct((batch, plan.heads, _PIECES, _PIECE, d), jnp.float32),
-            jax.ShapeDtypeStruct((batch, plan.heads, plan.value_blocks, _PIECES, _PIECE, _Z_COLS), jnp.float32))
+  states = (jax.ShapeDtypeStruct((batch, plan.heads, PIECES, PIECE, d), jnp.float32),
+            jax.ShapeDtypeStruct((batch, plan.heads, plan.value_blocks, PIECES, PIECE, Z_COLS), jnp.float32))
   # approx_math off: the kernel has always run with exact division (its GPU checks and timings are so).
   return mosaic.launch(
       functools.partial(_kernel, plan=plan), q, k, v, expand, s_in, z_in,
@@ -422,18 +422,18 @@ def _pack_state(state: BasedState):
   """BasedState -> (s [B, H, 5, 64, D], z [B, H, 5, 64]) in the kernel's feature order (module docstring)."""
   s0, s1, s2, z0, z1, z2 = state
   b, h, f, d = s1.shape
-  spare = _PIECE - f - 1
+  spare = PIECE - f - 1
   s01 = jnp.concatenate([s1, s0[:, :, None], jnp.zeros((b, h, spare, d), s1.dtype)], axis=2)
   z01 = jnp.concatenate([z1, z0[:, :, None], jnp.zeros((b, h, spare), z1.dtype)], axis=2)
-  s = jnp.concatenate([s2.reshape(b, h, f * f, d), s01], axis=2).reshape(b, h, _PIECES, _PIECE, d)
-  z = jnp.concatenate([z2.reshape(b, h, f * f), z01], axis=2).reshape(b, h, _PIECES, _PIECE)
+  s = jnp.concatenate([s2.reshape(b, h, f * f, d), s01], axis=2).reshape(b, h, PIECES, PIECE, d)
+  z = jnp.concatenate([z2.reshape(b, h, f * f), z01], axis=2).reshape(b, h, PIECES, PIECE)
   return s.astype(jnp.float32), z.astype(jnp.float32)
 
 
 def _unpack_state(s, z) -> BasedState:
   b, h, _, _, d = s.shape
-  f = _FEATURES
-  s, z = s.reshape(b, h, _PIECES * _PIECE, d), z.reshape(b, h, _PIECES * _PIECE)
+  f = FEATURES
+  s, z = s.reshape(b, h, PIECES * PIECE, d), z.reshape(b, h, PIECES * PIECE)
   order2 = f * f
   return BasedState(s0_BHD=s[:, :, order2 + f], s1_BHFD=s[:, :, order2:order2 + f],
                     s2_BHFFD=s[:, :, :order2].reshape(b, h, f, f, d), z0_BH=z[:, :, order2 + f],
@@ -454,14 +454,14 @@ def _hopper_forward(options: _Options, q_BTHF, k_BTHF, v_BTHD, state: BasedState
   the kernel on pieces [B·pieces, T_pad/pieces] from their starting states, unpads."""
   batch, seq_len, heads, _ = q_BTHF.shape
   d = v_BTHD.shape[-1]
-  value_blocks = d // _BLOCK_D
+  value_blocks = d // BLOCK_D
   pieces = options.block_sizes.sequence_pieces or _pieces_by_shape(
       batch=batch, length=seq_len, heads=heads, value_dim=d)[1]
-  t_pad = round_up(seq_len, pieces * _STEP)
+  t_pad = round_up(seq_len, pieces * STEP)
   piece_len = t_pad // pieces
   prepare = lambda x: sequence_split.split(jnp.pad(x, ((0, 0), (0, t_pad - seq_len), (0, 0), (0, 0))), pieces)
   q, k, v = prepare(q_BTHF), prepare(k_BTHF), prepare(v_BTHD)
-  plan = _Plan(dtype=jnp.dtype(q_BTHF.dtype), heads=heads, num_steps=piece_len // _STEP,
+  plan = _Plan(dtype=jnp.dtype(q_BTHF.dtype), heads=heads, num_steps=piece_len // STEP,
                value_blocks=value_blocks, normalize=options.normalize, eps=options.eps,
                has_initial=options.has_initial or pieces > 1, stages=options.block_sizes.num_stages)
   s_in, z_in = _pack_state(state)
@@ -519,8 +519,8 @@ def based_chunked_hopper(q_BTHF, k_BTHF, v_BTHD, *, chunk: int = 64, normalize: 
   hopper_chunked_bwd's Mosaic GPU kernels)."""
   batch, _, heads, f = q_BTHF.shape
   d, dtype = v_BTHD.shape[-1], jnp.dtype(q_BTHF.dtype)
-  if segment_ids is not None or f != _FEATURES or d not in _VALUE_DIMS or not mosaic.is_16bit(dtype):
-    raise ValueError(f"the Hopper chunked BASED kernel takes F={_FEATURES}, D in {_VALUE_DIMS}, bfloat16/float16 "
+  if segment_ids is not None or f != FEATURES or d not in _VALUE_DIMS or not mosaic.is_16bit(dtype):
+    raise ValueError(f"the Hopper chunked BASED kernel takes F={FEATURES}, D in {_VALUE_DIMS}, bfloat16/float16 "
                      f"and no segment ids; got F={f}, D={d}, {dtype}, segment_ids={segment_ids is not None}")
   if block_sizes is not None and block_sizes.backward_kernel not in ("portable", "hopper"):
     raise ValueError(f"{block_sizes.backward_kernel=} is not 'portable' or 'hopper'")
@@ -539,7 +539,7 @@ def supports(*, backend: str, dtype=None, feature_dim: int | None = None, value_
       require(backend == "gpu", f"Mosaic GPU kernels run on GPU, not {backend=}"),
       require(chunk in (16, 32, 64, 128), f"{chunk=} not in (16, 32, 64, 128) (the portable backward's tiles)"),
       require(mosaic.is_16bit(dtype), f"{dtype=} is not bfloat16 or float16"),
-      require(feature_dim == _FEATURES, f"{feature_dim=} is not {_FEATURES}"),
+      require(feature_dim == FEATURES, f"{feature_dim=} is not {FEATURES}"),
       require(value_dim in _VALUE_DIMS, f"{value_dim=} not in {_VALUE_DIMS}"),
       require(not has_segment_ids, "segment ids are not supported (the portable kernel has them)"),
       require(backend != "gpu" or mosaic.is_sm90(), "needs an sm90 (Hopper) GPU"),

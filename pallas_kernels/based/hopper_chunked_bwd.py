@@ -19,7 +19,7 @@ parts are the public functions below (score_weights, score_grad, feature_piece, 
 and the CPU schedule replay in tests/pallas_kernels/test_based_hopper_chunked_bwd.py both call them.
 
 Two kernels, each a CTA per (batch, head, value block of Dc = 64 columns), hopper_chunked's warp specialisation
-(a TMA producer, wg 2, and two consumers that own the state pieces _OWNED[w] in float32 wgmma accumulators):
+(a TMA producer, wg 2, and two consumers that own the state pieces OWNED[w] in float32 wgmma accumulators):
   dq   forward order: recomputes S_n, z_n from the initial state (the forward's update step), consumer w
        computes dq of its 64 query rows from the step's keys (key halves h <= w) and the 16-bit state copy.
   dkv  reverse order: carries G and gz (the dq kernel's S and z roles), consumer w computes dk, dv of its 64 key
@@ -52,22 +52,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.based import hopper_chunked
+# The forward's layout (step, value block, state pieces, which consumer owns which): one definition for both.
+from pallas_kernels.based.hopper_chunked import (BLOCK_D, EXPAND_B, FEATURES, ORDER01, OWNED, PIECE, PIECES, STEP,
+                                                 Z_COLS)
 from pallas_kernels.based.reference import taylor_scales
 from pallas_kernels.common import mosaic
 from pallas_kernels.common.layout import round_up
 
-_FEATURES = 16  # F
-_STEP = mosaic.CTA_ROWS  # C
 _HALF = mosaic.WG_ROWS  # rows per consumer and per intra-step tile
-_BLOCK_D = 64  # Dc
-_PIECE = 64
-_PIECES = 5
-_ORDER01 = 4
-_EXPAND_B = _PIECES  # E_b's index among the expansion matrices
-_OWNED = ((0, 1, _ORDER01), (2, 3))  # state (or state-gradient) pieces of consumer 0 and 1
-_Z_COLS = 16  # narrowest wgmma N under the 32-byte swizzle
-_SCALE = 1.0 / math.sqrt(_FEATURES)
-_C1, _C2 = taylor_scales(_FEATURES)
+_SCALE = 1.0 / math.sqrt(FEATURES)
+_C1, _C2 = taylor_scales(FEATURES)
 
 
 # ------------------------------------------------------------------------ per-step math (kernels and replay)
@@ -85,15 +79,15 @@ def score_grad(s, da):
 
 def feature_piece(repeated, tiled, col, p: int):
   """Piece p of phi(x) [rows, 64] from repeated = x·E_p and tiled = x·E_b; col: the tile's column index."""
-  if p != _ORDER01:
+  if p != ORDER01:
     return _C2 * repeated * tiled
-  return jnp.where(col == _FEATURES, 1.0, _C1 * repeated)
+  return jnp.where(col == FEATURES, 1.0, _C1 * repeated)
 
 
 def feature_piece_grad(dphi, repeated, tiled, p: int):
   """(u, w) with d<phi_p(x), dphi>/dx = u·E_pᵀ + w·E_bᵀ; w is None for the order-0/1 piece (E_4ᵀ has no row for
   the constant column, so u needs no mask)."""
-  if p == _ORDER01:
+  if p == ORDER01:
     return _C1 * dphi, None
   return _C2 * dphi * tiled, _C2 * dphi * repeated
 
@@ -108,7 +102,7 @@ def dd_columns(dd, dtype):
   operand that sums phi(Q)ᵀ·dd to about float32 accuracy)."""
   high = dd.astype(dtype)
   low = (dd - high.astype(jnp.float32)).astype(dtype)
-  zeros = jnp.zeros((*dd.shape, _Z_COLS - 2), dtype)
+  zeros = jnp.zeros((*dd.shape, Z_COLS - 2), dtype)
   return jnp.concatenate([high[..., None], low[..., None], zeros], axis=-1)
 
 
@@ -155,8 +149,8 @@ def _iota(shape, dim):
 
 def _phi(x_rows, p: int, sh):
   """Piece p of phi for 64 rows x [64, F] in shared memory, float32, with its two expansions."""
-  repeated = _product(x_rows, sh.expand.at[p], _PIECE)
-  tiled = _product(x_rows, sh.expand.at[_EXPAND_B], _PIECE)
+  repeated = _product(x_rows, sh.expand.at[p], PIECE)
+  tiled = _product(x_rows, sh.expand.at[EXPAND_B], PIECE)
   return feature_piece(repeated, tiled, _iota(repeated.shape, 1), p), repeated, tiled
 
 
@@ -165,7 +159,7 @@ def _jacobian_into(acc, dphi, repeated, tiled, p: int, sh, dtype):
   u, w = feature_piece_grad(dphi, repeated, tiled, p)
   plgpu.wgmma(acc, u.astype(dtype), sh.expand_t.at[p])
   if w is not None:
-    plgpu.wgmma(acc, w.astype(dtype), sh.expand_t.at[_EXPAND_B])
+    plgpu.wgmma(acc, w.astype(dtype), sh.expand_t.at[EXPAND_B])
 
 
 def _z_column(z_acc):
@@ -202,20 +196,20 @@ def _shared_types(plan: _Plan, dkv: bool) -> _Shared:
   narrow, wide = mosaic.swizzled(32), mosaic.swizzled(128)
   stages, dt = plan.stages, plan.dtype
   tile = lambda *shape: plgpu.SMEM(shape, dt, transforms=narrow)
-  staging = (plgpu.SMEM((mosaic.CONSUMERS, _PIECE, _BLOCK_D), jnp.float32),
-             plgpu.SMEM((mosaic.CONSUMERS, _PIECE), jnp.float32))
+  staging = (plgpu.SMEM((mosaic.CONSUMERS, PIECE, BLOCK_D), jnp.float32),
+             plgpu.SMEM((mosaic.CONSUMERS, PIECE), jnp.float32))
   streams = 6 if dkv else 5
   return _Shared(
-      q=tile(stages, _STEP, _FEATURES), k=tile(stages, _STEP, _FEATURES), v=tile(stages, _STEP, _BLOCK_D),
-      dn=tile(stages, _STEP, _BLOCK_D), dd=plgpu.SMEM((stages, _STEP), jnp.float32),
-      dd_cols=tile(stages, _STEP, _Z_COLS) if dkv else None,
-      expand=tile(_PIECES + 1, _FEATURES, _PIECE), expand_t=tile(_PIECES + 1, _PIECE, _FEATURES),
-      ones=None if dkv else tile(_STEP, _Z_COLS),
-      union=plgpu.RefUnion(tile(mosaic.CONSUMERS, _STEP, _PIECE), staging) if dkv else tile(
-          mosaic.CONSUMERS, _STEP, _PIECE),
-      state=tile(_PIECES, _PIECE, _BLOCK_D), z=plgpu.SMEM((_PIECES, _PIECE), jnp.float32),
-      grad_f=plgpu.SMEM((mosaic.CONSUMERS, _HALF, _FEATURES), jnp.float32),
-      grad_v=plgpu.SMEM((mosaic.CONSUMERS, _HALF, _BLOCK_D), dt, transforms=wide) if dkv else None,
+      q=tile(stages, STEP, FEATURES), k=tile(stages, STEP, FEATURES), v=tile(stages, STEP, BLOCK_D),
+      dn=tile(stages, STEP, BLOCK_D), dd=plgpu.SMEM((stages, STEP), jnp.float32),
+      dd_cols=tile(stages, STEP, Z_COLS) if dkv else None,
+      expand=tile(PIECES + 1, FEATURES, PIECE), expand_t=tile(PIECES + 1, PIECE, FEATURES),
+      ones=None if dkv else tile(STEP, Z_COLS),
+      union=plgpu.RefUnion(tile(mosaic.CONSUMERS, STEP, PIECE), staging) if dkv else tile(
+          mosaic.CONSUMERS, STEP, PIECE),
+      state=tile(PIECES, PIECE, BLOCK_D), z=plgpu.SMEM((PIECES, PIECE), jnp.float32),
+      grad_f=plgpu.SMEM((mosaic.CONSUMERS, _HALF, FEATURES), jnp.float32),
+      grad_v=plgpu.SMEM((mosaic.CONSUMERS, _HALF, BLOCK_D), dt, transforms=wide) if dkv else None,
       expand_ready=plgpu.Barrier(num_barriers=2),
       ready=tuple(plgpu.Barrier(num_barriers=stages) for _ in range(streams)),
       free=plgpu.Barrier(num_arrivals=mosaic.CONSUMERS, num_barriers=stages),
@@ -227,13 +221,13 @@ def _produce(plan: _Plan, cta: hopper_chunked.Cta, sh: _Shared, expand_ref, expa
   """E, Eᵀ once; then q, k, v, dn, dd (and dd_cols) of every step, in reverse order for the dkv kernel."""
   plgpu.copy_gmem_to_smem(expand_ref, sh.expand, sh.expand_ready.at[0])
   plgpu.copy_gmem_to_smem(expand_t_ref, sh.expand_t, sh.expand_ready.at[1])
-  start = (lambda j: (plan.num_steps - 1 - j) * _STEP) if reverse else (lambda j: j * _STEP)
+  start = (lambda j: (plan.num_steps - 1 - j) * STEP) if reverse else (lambda j: j * STEP)
   b, h = cta.batch, cta.head
   q_ref, k_ref, v_ref, dn_ref, dd_ref, *dd_cols_ref = refs
-  sources = [lambda j, r=r: r.at[b, pl.ds(start(j), _STEP), h] for r in (q_ref, k_ref)]
-  sources += [lambda j, r=r: r.at[b, pl.ds(start(j), _STEP), h, cta.cols] for r in (v_ref, dn_ref)]
-  sources += [lambda j: dd_ref.at[b, h, pl.ds(start(j), _STEP)]]
-  sources += [lambda j, r=r: r.at[b, h, pl.ds(start(j), _STEP)] for r in dd_cols_ref]
+  sources = [lambda j, r=r: r.at[b, pl.ds(start(j), STEP), h] for r in (q_ref, k_ref)]
+  sources += [lambda j, r=r: r.at[b, pl.ds(start(j), STEP), h, cta.cols] for r in (v_ref, dn_ref)]
+  sources += [lambda j: dd_ref.at[b, h, pl.ds(start(j), STEP)]]
+  sources += [lambda j, r=r: r.at[b, h, pl.ds(start(j), STEP)] for r in dd_cols_ref]
   slots = (sh.q, sh.k, sh.v, sh.dn, sh.dd, sh.dd_cols)
   streams = [mosaic.Stream(src, slot, ready) for src, slot, ready in zip(sources, slots, sh.ready)]
   mosaic.produce_ring(0, plan.num_steps, plan.stages, [(sh.free, streams)])
@@ -241,7 +235,7 @@ def _produce(plan: _Plan, cta: hopper_chunked.Cta, sh: _Shared, expand_ref, expa
 
 def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, out_refs, sh: _Shared, dkv: bool):
   """Consumer w (static) of either kernel: carries its pieces of S, z (dq) or G, gz (dkv) and walks the steps."""
-  pieces = _OWNED[w]
+  pieces = OWNED[w]
   wgmma_layout = plgpu.Layout.WGMMA
   b, h = cta.batch, cta.head
   first = (cta.block == 0).astype(jnp.float32)  # dd's terms count in value block 0 only
@@ -249,12 +243,12 @@ def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, 
   def run(*accs):
     s_accs, z_accs = accs[:len(pieces)], accs[len(pieces):]
     if not dkv and w == 0:
-      sh.ones[...] = plgpu.layout_cast(jnp.ones((_STEP, _Z_COLS), plan.dtype), wgmma_layout)
+      sh.ones[...] = plgpu.layout_cast(jnp.ones((STEP, Z_COLS), plan.dtype), wgmma_layout)
     for p, s_acc, z_acc in zip(pieces, s_accs, z_accs):
       s = plgpu.load(s_in_ref.at[b, h, p, :, cta.cols], (), layout=wgmma_layout, optimized=False)
       z = plgpu.load(z_in_ref.at[b, h, p], (), layout=wgmma_layout.reduce(1), optimized=False)
       s_acc[...] = s
-      z_acc[...] = jnp.where(_iota((_PIECE, _Z_COLS), 1) == 0, mosaic.rows(z, (_PIECE, _Z_COLS)), 0.0)
+      z_acc[...] = jnp.where(_iota((PIECE, Z_COLS), 1) == 0, mosaic.rows(z, (PIECE, Z_COLS)), 0.0)
       sh.state.at[p][...] = s.astype(plan.dtype)
       sh.z.at[p][...] = z
     plgpu.commit_smem()
@@ -267,7 +261,7 @@ def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, 
       slot = lax.rem(j, plan.stages)
       for ready in sh.ready:
         plgpu.barrier_wait(ready.at[slot])
-      start = ((plan.num_steps - 1 - j) if dkv else j) * _STEP + w * _HALF
+      start = ((plan.num_steps - 1 - j) if dkv else j) * STEP + w * _HALF
       if dkv:
         dk, dv = _dkv_rows(plan, w, slot, sh, first)
       else:
@@ -284,7 +278,7 @@ def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, 
       # The carried pieces: S += phi(K)ᵀ·V, z += phi(K)ᵀ·1 (dq); G += phi(Q)ᵀ·dn, gz += phi(Q)ᵀ·dd (dkv).
       x_tile, b_tile, z_tile = (sh.q, sh.dn, sh.dd_cols) if dkv else (sh.k, sh.v, None)
       for p, s_acc, z_acc in zip(pieces, s_accs, z_accs):
-        for half in range(_STEP // _HALF):
+        for half in range(STEP // _HALF):
           phi, _, _ = _phi(x_tile.at[slot, _rows(half)], p, sh)
           phi_buffer.at[_rows(half)][...] = phi.astype(plan.dtype)
         plgpu.commit_smem()
@@ -316,8 +310,8 @@ def _consumer(plan: _Plan, cta: hopper_chunked.Cta, w: int, s_in_ref, z_in_ref, 
         plgpu.copy_smem_to_gmem(z_staging.at[w], out_refs[3].at[b, h, cta.block, p])
     plgpu.wait_smem_to_gmem(0)
 
-  accs = [plgpu.ACC((_PIECE, _BLOCK_D), jnp.float32) for _ in pieces]
-  accs += [plgpu.ACC((_PIECE, _Z_COLS), jnp.float32) for _ in pieces]
+  accs = [plgpu.ACC((PIECE, BLOCK_D), jnp.float32) for _ in pieces]
+  accs += [plgpu.ACC((PIECE, Z_COLS), jnp.float32) for _ in pieces]
   pl.run_scoped(run, *accs)
 
 
@@ -336,14 +330,14 @@ def _dq_rows(plan: _Plan, w: int, slot, sh: _Shared, first):
       if h == w:
         ds = jnp.where(_iota(tile, 1) <= _iota(tile, 0), ds, 0.0)
       plgpu.wgmma(dq_acc, ds.astype(plan.dtype), k_h)
-    for p in range(_PIECES):
+    for p in range(PIECES):
       z = plgpu.load(sh.z.at[p], (), layout=plgpu.Layout.WGMMA.reduce(0))
-      dphi = _product(dn_w, _t(sh.state.at[p]), _PIECE) + mosaic.rows(dd_w, tile) * mosaic.cols(z, tile)
+      dphi = _product(dn_w, _t(sh.state.at[p]), PIECE) + mosaic.rows(dd_w, tile) * mosaic.cols(z, tile)
       _, repeated, tiled = _phi(q_w, p, sh)
       _jacobian_into(dq_acc, dphi, repeated, tiled, p, sh, plan.dtype)
     return plgpu.wgmma_accumulator_load(dq_acc)
 
-  return pl.run_scoped(run, plgpu.ACC((_HALF, _FEATURES), jnp.float32))
+  return pl.run_scoped(run, plgpu.ACC((_HALF, FEATURES), jnp.float32))
 
 
 def _dkv_rows(plan: _Plan, w: int, slot, sh: _Shared, first):
@@ -352,7 +346,7 @@ def _dkv_rows(plan: _Plan, w: int, slot, sh: _Shared, first):
   tile = (_HALF, _HALF)
 
   def run(dk_acc, dv_acc):
-    for h in range(w, _STEP // _HALF):  # query halves that see these keys; h == w is the diagonal
+    for h in range(w, STEP // _HALF):  # query halves that see these keys; h == w is the diagonal
       q_h, dn_h = sh.q.at[slot, _rows(h)], sh.dn.at[slot, _rows(h)]
       dd_h = plgpu.load(sh.dd.at[slot, _rows(h)], (), layout=plgpu.Layout.WGMMA.reduce(0)) * first
       s = _product(k_w, _t(q_h), _HALF) * _SCALE  # sᵀ: keys on rows
@@ -363,16 +357,16 @@ def _dkv_rows(plan: _Plan, w: int, slot, sh: _Shared, first):
         a, ds = jnp.where(visible, a, 0.0), jnp.where(visible, ds, 0.0)
       plgpu.wgmma(dv_acc, a.astype(plan.dtype), dn_h)
       plgpu.wgmma(dk_acc, ds.astype(plan.dtype), q_h)
-    for p in range(_PIECES):
+    for p in range(PIECES):
       phi, repeated, tiled = _phi(k_w, p, sh)
       plgpu.wgmma(dv_acc, phi.astype(plan.dtype), sh.state.at[p])
       gz = plgpu.load(sh.z.at[p], (), layout=plgpu.Layout.WGMMA.reduce(0)) * first
-      dphi = _product(v_w, _t(sh.state.at[p]), _PIECE) + mosaic.cols(gz, tile)
+      dphi = _product(v_w, _t(sh.state.at[p]), PIECE) + mosaic.cols(gz, tile)
       _jacobian_into(dk_acc, dphi, repeated, tiled, p, sh, plan.dtype)
     return plgpu.wgmma_accumulator_load(dk_acc), plgpu.wgmma_accumulator_load(dv_acc)
 
-  return pl.run_scoped(run, plgpu.ACC((_HALF, _FEATURES), jnp.float32),
-                       plgpu.ACC((_HALF, _BLOCK_D), jnp.float32))
+  return pl.run_scoped(run, plgpu.ACC((_HALF, FEATURES), jnp.float32),
+                       plgpu.ACC((_HALF, BLOCK_D), jnp.float32))
 
 
 def _kernel(*refs, plan: _Plan, dkv: bool):
@@ -393,8 +387,8 @@ def based_chunked_backward_hopper(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BT
   [B, T, H]; states and their cotangents in its packed layout (s [B, H, 5, 64, D], z [B, H, 5, 64], float32)."""
   batch, length, heads, _ = q_BTHF.shape
   d, dtype = v_BTHD.shape[-1], jnp.dtype(q_BTHF.dtype)
-  t_pad = round_up(length, _STEP)
-  plan = _Plan(dtype=dtype, heads=heads, num_steps=t_pad // _STEP, value_blocks=d // _BLOCK_D, stages=num_stages)
+  t_pad = round_up(length, STEP)
+  plan = _Plan(dtype=dtype, heads=heads, num_steps=t_pad // STEP, value_blocks=d // BLOCK_D, stages=num_stages)
   dn, dd_BTH = output_cotangents(y_BTHD, den_BTH, dy_BTHD, normalize=normalize, eps=eps)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, t_pad - length)) + ((0, 0),) * (x.ndim - 2))
   q, k, v, dn = pad(q_BTHF), pad(k_BTHF), pad(v_BTHD.astype(dtype)), pad(dn).astype(dtype)
@@ -402,14 +396,14 @@ def based_chunked_backward_hopper(q_BTHF, k_BTHF, v_BTHD, y_BTHD, den_BTH, dy_BT
   expand = jnp.asarray(hopper_chunked.expansion_matrices(dtype))
   expand_t = jnp.asarray(transposed_expansions(dtype))
   grid = dict(value_blocks=plan.value_blocks, heads=heads, batch=batch)
-  partial = jax.ShapeDtypeStruct((batch, heads, plan.value_blocks, t_pad, _FEATURES), jnp.float32)
+  partial = jax.ShapeDtypeStruct((batch, heads, plan.value_blocks, t_pad, FEATURES), jnp.float32)
   s_in = s_initial.astype(jnp.float32)
   z_in = z_initial.astype(jnp.float32)
   dq = mosaic.launch(functools.partial(_kernel, plan=plan, dkv=False), q, k, v, dn, dd_BHT, expand, expand_t, s_in,
                      z_in, name="based_chunked_hopper_dq", out_type=partial, scratch=_shared_types(plan, False),
                      grid=grid, approx_math=False)
   states = (jax.ShapeDtypeStruct(s_in.shape, jnp.float32),
-            jax.ShapeDtypeStruct((batch, heads, plan.value_blocks, _PIECES, _PIECE), jnp.float32))
+            jax.ShapeDtypeStruct((batch, heads, plan.value_blocks, PIECES, PIECE), jnp.float32))
   dk, dv, ds_in, dz_in = mosaic.launch(
       functools.partial(_kernel, plan=plan, dkv=True), q, k, v, dn, dd_BHT, dd_columns(dd_BHT, dtype), expand,
       expand_t, d_s_final.astype(jnp.float32), d_z_final.astype(jnp.float32), name="based_chunked_hopper_dkv",

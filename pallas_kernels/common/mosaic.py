@@ -94,7 +94,7 @@ def interpreted() -> Iterator[None]:
   """Kernels launched inside run on the CPU in Mosaic GPU's interpreter: shared memory, barriers, TMA copies and
   wgmma simulated, one warpgroup at a time, so a kernel's body is checked on CPU (tests; slow, tiny shapes). The
   interpreter does not yet take every primitive (2026-12: not `plgpu.load` with a layout, nor accumulators made
-  from values), so only some kernels run in it."""
+  from values); tests/pallas_kernels/mosaic_interpreter.py fills those gaps for tests."""
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   token = _INTERPRET.set(InterpretGPUParams())
   try:
