@@ -205,7 +205,7 @@ def _shared_types(plan: _Plan, dkv: bool) -> _Shared:
       dd_cols=tile(stages, STEP, Z_COLS) if dkv else None,
       expand=tile(PIECES + 1, FEATURES, PIECE), expand_t=tile(PIECES + 1, PIECE, FEATURES),
       ones=None if dkv else tile(STEP, Z_COLS),
-      union=plgpu.RefUnion(tile(mosaic.CONSUMERS, STEP, PIECE), staging) if dkv else tile(
+      union=mosaic.ref_union(tile(mosaic.CONSUMERS, STEP, PIECE), staging) if dkv else tile(
           mosaic.CONSUMERS, STEP, PIECE),
       state=tile(PIECES, PIECE, BLOCK_D), z=plgpu.SMEM((PIECES, PIECE), jnp.float32),
       grad_f=plgpu.SMEM((mosaic.CONSUMERS, _HALF, FEATURES), jnp.float32),

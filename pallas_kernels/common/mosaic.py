@@ -124,6 +124,14 @@ def interpret_kwargs() -> dict[str, Any]:
   return {} if _INTERPRET.get() is None else {"interpret": _INTERPRET.get()}
 
 
+def ref_union(*members):
+  """plgpu.RefUnion(*members): scratch whose members share one shared-memory range, for phases that never overlap.
+  Inside `interpreted()` the members get ranges of their own: jax 0.10.2's interpreter cannot read or write through
+  a union's aliased views ('Unsupported transform: ExtractAliasedRef'), and a kernel that uses a union passes no
+  data from one member to another, so apart they compute the same."""
+  return members if _INTERPRET.get() is not None else plgpu.RefUnion(*members)
+
+
 def warp_specialized(produce: Callable[[], None], consume: Callable[[Any], None], *,
                      static_consumers: bool = False):
   """Runs produce() on warpgroup CONSUMERS and consume(wg) on warpgroups 0 .. CONSUMERS-1, with registers moved

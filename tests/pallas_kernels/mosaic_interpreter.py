@@ -9,10 +9,12 @@ interpreter's token so that it stays ordered with the reads and writes around it
 `available()` says whether this jax has them, and tests skip otherwise.
 
 Transposed shared-memory operands (`plgpu.transpose_ref`, a K tile read as wgmma's B) are read through their
-transforms here, so the wgmma is ours for every operand kind. It runs the long_conv Hopper forward and the Hopper
-attention forward and both backward kernels. The BASED chunked forward hangs in it (2026-12-07, B1 T128: consumer
-0 waits in `mosaic.sync` for consumer 1, which never reaches a barrier; whether the kernel or the interpreter is
-at fault is not known: the kernel passes its GPU tests), so the BASED kernels are not tested this way yet.
+transforms here, so the wgmma is ours for every operand kind. It runs the long_conv Hopper forward, the Hopper
+attention forward and both backward kernels, and the BASED Hopper kernels (chunked forward and backward, parallel
+forward and backward). Two things it needs from outside this file: scratch unions made by `mosaic.ref_union`
+(members apart here), and XLA's CPU pool larger than the number of warpgroups blocked at once (tests/conftest.py
+sets PJRT_NPROC): with one thread per core a warpgroup could wait for a thread forever. (The BASED hang noted
+here before: a write through a union's view raised in consumer 1, and the others waited for it at a barrier.)
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pallas_kernels.based import hopper_chunked_bwd as bwd
 from pallas_kernels.based import reference as ref
 from pallas_kernels.based.symmetric import BasedFullState, full_to_symmetric, on_full_layout, symmetric_to_full
 from pallas_kernels.common import mosaic
+from tests.pallas_kernels import mosaic_interpreter
 from tests.pallas_kernels.test_based_hopper_chunked import full_state_cotangent
 from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
 from tests.tolerances import assert_close, normal
@@ -161,6 +162,27 @@ def test_schedule_replay_matches_reference_gradients(rng, normalize):
   for name, g, w in zip(("dq", "dk", "dv", "d initial_state"), got, want):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
       assert_close(a, b, dtype=jnp.float32, reduction_len=q.shape[1], name=name)
+
+
+# ------------------------------------------------------------------------------------------ in the interpreter
+
+# The Hopper forward and both backward kernels' bodies on CPU, by Mosaic GPU's interpreter
+# (tests/pallas_kernels/mosaic_interpreter.py): one (batch, head), about 15-40 s each.
+INTERPRETED = {
+    "t256_bf16": dict(B=1, T=256, H=1, D=64, chunk=64, dtype=jnp.bfloat16),
+    "t200_d128_f16_state_unnormalized": dict(B=1, T=200, H=1, D=128, chunk=64, dtype=jnp.float16,
+                                             initial_state=True, normalize=False),
+}
+
+
+@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
+                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+@pytest.mark.parametrize("case", INTERPRETED)
+def test_kernels_in_the_interpreter_match_reference(rng, case):
+  """Outputs, final state and dq, dk, dv, d initial_state of the forward with this backward, against float32."""
+  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=_BLOCKS, **kw)
+  with mosaic_interpreter.interpreted():
+    _check_against_reference(rng, on_full_layout(kernel), INTERPRETED[case])
 
 
 # --------------------------------------------------------------------------------------------------- on GPU

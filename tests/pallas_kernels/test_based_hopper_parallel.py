@@ -1,7 +1,7 @@
 """The Hopper (Mosaic GPU) parallel BASED kernels: forward and backward lower for sm90 on this CPU-only machine
 (jax.export traces and lowers the kernels to Mosaic GPU MLIR, which checks shapes, layouts, wgmma operands and
-swizzles), the support check refuses what they do not cover, and on an sm90 GPU the output and dq, dk, dv match
-the float32 quadratic reference.
+swizzles), the support check refuses what they do not cover, the kernels' bodies run in Mosaic GPU's interpreter
+on CPU, and there and on an sm90 GPU the output and dq, dk, dv match the float32 quadratic reference.
 
 Letters: B batch, T length, H heads, F feature dim, D value dim.
 """
@@ -15,6 +15,7 @@ import pytest
 from pallas_kernels.based import hopper_parallel as hopper
 from pallas_kernels.based import reference as ref
 from pallas_kernels.common import mosaic
+from tests.pallas_kernels import mosaic_interpreter
 from tests.pallas_kernels.test_based_kernel import _inputs
 from tests.tolerances import assert_close, normal
 
@@ -113,6 +114,24 @@ def _check(rng, case, block_sizes=None):
   _, want = value_and_grads(quadratic)(*upcast)
   for name, g, w in zip(("dq", "dk", "dv"), got, want):
     assert_close(g, w, dtype=dtype, reduction_len=n, name=name, scale=8.0)
+
+
+# One (batch, head) each, about 20-40 s in the interpreter (tests/pallas_kernels/mosaic_interpreter.py).
+INTERPRETED = {
+    "t150_segments_bf16": dict(B=1, H=1, T=150, segments=True, dtype=jnp.bfloat16),
+    "f8_d128_unnormalized_f16_two_key_blocks": dict(B=1, H=1, F=8, D=128, T=130, normalize=False,
+                                                    dtype=jnp.float16, block_sizes=hopper.BlockSizes(
+                                                        block_k=64, block_q_dkv=128, num_stages=2)),
+}
+
+
+@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
+                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+@pytest.mark.parametrize("case", INTERPRETED)
+def test_kernels_in_the_interpreter_match_reference(rng, case):
+  case = dict(INTERPRETED[case])
+  with mosaic_interpreter.interpreted():
+    _check(rng, case, case.pop("block_sizes", None))
 
 
 @pytest.mark.gpu
