@@ -46,11 +46,12 @@ def _forward(options):
 def test_lowers_to_mosaic_gpu(name, with_backward):
   args, options = _shapes(**LOWERING[name])
   forward = _forward(options)
-  fn = forward
-  if with_backward:
-    def fn(q, k, v, *ids):
-      loss = lambda q, k, v: jnp.sum(forward(q, k, v, *ids).astype(jnp.float32))
-      return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def forward_backward(q, k, v, *ids):
+    loss = lambda q, k, v: jnp.sum(forward(q, k, v, *ids).astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  fn = forward_backward if with_backward else forward
   text = jax.export.export(jax.jit(fn), platforms=("cuda",))(*args).mlir_module()
   # One Mosaic GPU custom call per kernel: the forward, plus the dk/dv and dq kernels.
   assert text.count("stablehlo.custom_call @mosaic_gpu") == (3 if with_backward else 1)
