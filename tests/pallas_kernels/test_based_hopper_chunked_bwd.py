@@ -19,8 +19,8 @@ from pallas_kernels.based.symmetric import BasedFullState, full_to_symmetric, on
 from pallas_kernels.common import mosaic
 from tests.pallas_kernels import mosaic_interpreter
 from tests.pallas_kernels.test_based_hopper_chunked import full_state_cotangent
-from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs
-from tests.tolerances import assert_close, normal
+from tests.pallas_kernels.test_based_kernel import _check_against_reference, _inputs, _loss_and_grads
+from tests.tolerances import assert_close, normal, relative_error
 
 _BLOCKS = hopper_chunked.BlockSizes(backward_kernel="hopper")
 
@@ -175,14 +175,43 @@ INTERPRETED = {
 }
 
 
-@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
-                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+_in_interpreter = pytest.mark.skipif(
+    not mosaic_interpreter.available() or jax.default_backend() != "cpu",
+    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+
+
+@_in_interpreter
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernels_in_the_interpreter_match_reference(rng, case):
   """Outputs, final state and dq, dk, dv, d initial_state of the forward with this backward, against float32."""
   kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=_BLOCKS, **kw)
   with mosaic_interpreter.interpreted():
     _check_against_reference(rng, on_full_layout(kernel), INTERPRETED[case])
+
+
+@_in_interpreter
+def test_in_the_interpreter_as_accurate_as_the_portable_backward(rng):
+  """dq, dk, dv no further from the float32 reference (relative error in norm) than 1.5x the portable backward's
+  plus 0.001, on the same inputs and forward. The elementwise bound above is loose in bf16 (4.0 at 256 tokens):
+  dropping the normaliser's term from dk's scores in the kernel body passes it, but doubles dk's error in norm
+  (0.0028 -> 0.0061 against the portable backward's 0.0023), which this bound does not allow."""
+  (q, k, v, state), options, _ = _inputs(rng, **INTERPRETED["t256_bf16"])
+  cotangent_y = normal(rng, v.shape, jnp.float32)
+  cotangent_state = [normal(rng, x.shape, jnp.float32) for x in ref.BasedState.zeros(1, 1, q.shape[-1], v.shape[-1])]
+
+  def grads(based, *qkv):
+    return jax.tree.leaves(_loss_and_grads(based, *qkv, state, cotangent_y, cotangent_state, **options)[2])
+
+  def with_backward(backward_kernel):
+    blocks = hopper_chunked.BlockSizes(backward_kernel=backward_kernel)
+    return on_full_layout(lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw))
+
+  with mosaic_interpreter.interpreted():
+    hopper, portable = grads(with_backward("hopper"), q, k, v), grads(with_backward("portable"), q, k, v)
+  want = grads(lambda *a, chunk, **kw: ref.based_quadratic(*a, **kw), *(x.astype(jnp.float32) for x in (q, k, v)))
+  for name, h, p, w in zip(("dq", "dk", "dv"), hopper, portable, want):
+    assert relative_error(h, w) <= 1.5 * relative_error(p, w) + 1e-3, (
+        f"{name}: relative error {relative_error(h, w):.4f}, portable backward's {relative_error(p, w):.4f}")
 
 
 # --------------------------------------------------------------------------------------------------- on GPU
