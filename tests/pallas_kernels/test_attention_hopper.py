@@ -7,6 +7,7 @@ sm90 GPU they match the float32 reference in outputs, lse and all three gradient
 Letters: B batch, T query length, S key length, H query heads, K kv heads, D head dim.
 """
 
+import functools
 from unittest import mock
 
 import jax
@@ -175,6 +176,10 @@ INTERPRETED = {
     "gqa_causal_documents": dict(causal=True, segments=True, T=130, S=200, H=2, K=1, D=64, dtype=jnp.bfloat16),
     "window_both_sides_softcap_f16": dict(window=50, window_right=20, softcap=10.0, T=70, S=140, H=1, K=1, D=128,
                                           dtype=jnp.float16),
+    # 64-key blocks: the first CTA's 128 rows lie in one document [0, 170), whose key blocks are [0, 3) with block 1
+    # wholly inside (run without the element mask) and block 2 shared with the next document (masked).
+    "one_document_cta_noncausal_k64": dict(documents=(170, 86), T=256, S=256, B=1, H=2, K=1, D=64,
+                                           dtype=jnp.bfloat16, block_sizes=hopper.BlockSizes(block_k=64)),
 }
 
 
@@ -182,8 +187,13 @@ INTERPRETED = {
                     reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernels_in_the_interpreter_match_reference(rng, case):
+  case = dict(INTERPRETED[case])
+  kernel = functools.partial(hopper.flash_attention, block_sizes=case.pop("block_sizes", None))
+  if "documents" in case:
+    ids = jnp.asarray(np.repeat(np.arange(len(case["documents"])), case.pop("documents"))[None], jnp.int32)
+    case.update(segment_ids=ids, kv_segment_ids=ids)
   with mosaic_interpreter.interpreted():
-    _check_against_reference(rng, hopper.flash_attention, INTERPRETED[case])
+    _check_against_reference(rng, kernel, case)
 
 
 _on_sm90 = pytest.mark.skipif(jax.default_backend() != "gpu" or not mosaic.is_sm90(),
