@@ -7,6 +7,8 @@ reference. On an sm90 GPU: forward + this backward against the float32 reference
 Letters: B batch, T length, H heads, F feature dim, D value dim, C = 128 tokens per step, X = 320 features.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +174,9 @@ INTERPRETED = {
     "t256_bf16": dict(B=1, T=256, H=1, D=64, chunk=64, dtype=jnp.bfloat16),
     "t200_d128_f16_state_unnormalized": dict(B=1, T=200, H=1, D=128, chunk=64, dtype=jnp.float16,
                                              initial_state=True, normalize=False),
+    # Two sequence pieces of 2 steps: the forward's states-only pass, XLA's prefix sum, then the pieces.
+    "t400_two_pieces_state": dict(B=1, T=400, H=1, D=64, chunk=64, dtype=jnp.bfloat16, initial_state=True,
+                                  sequence_pieces=2),
 }
 
 
@@ -184,9 +189,11 @@ _in_interpreter = pytest.mark.skipif(
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernels_in_the_interpreter_match_reference(rng, case):
   """Outputs, final state and dq, dk, dv, d initial_state of the forward with this backward, against float32."""
-  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=_BLOCKS, **kw)
+  case = dict(INTERPRETED[case])
+  blocks = dataclasses.replace(_BLOCKS, sequence_pieces=case.pop("sequence_pieces", None))
+  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw)
   with mosaic_interpreter.interpreted():
-    _check_against_reference(rng, on_full_layout(kernel), INTERPRETED[case])
+    _check_against_reference(rng, on_full_layout(kernel), case)
 
 
 @_in_interpreter
