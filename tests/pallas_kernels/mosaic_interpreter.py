@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels.common import mosaic
 
@@ -38,6 +39,15 @@ def available() -> bool:
   except ImportError:
     return False
   return hasattr(jaxpr_interpret.JaxprInterpreter, "_interpret_wgmma_ref_p")
+
+
+def _on_cpu() -> bool:
+  return available() and jax.default_backend() == "cpu"
+
+
+# The mark of a test that runs a kernel's body here: on CPU only (on a GPU the kernels themselves are tested).
+on_cpu = pytest.mark.skipif(not _on_cpu(), reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the "
+                                                   "kernels themselves are tested")
 
 
 def _gap_eqn(eqn):

@@ -180,23 +180,22 @@ INTERPRETED = {
 }
 
 
-_in_interpreter = pytest.mark.skipif(
-    not mosaic_interpreter.available() or jax.default_backend() != "cpu",
-    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+def _hopper_chunked(blocks):
+  """based_chunked_hopper with these block sizes, on the reference's (full-layout) state."""
+  return on_full_layout(lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw))
 
 
-@_in_interpreter
+@mosaic_interpreter.on_cpu
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernels_in_the_interpreter_match_reference(rng, case):
   """Outputs, final state and dq, dk, dv, d initial_state of the forward with this backward, against float32."""
   case = dict(INTERPRETED[case])
-  blocks = dataclasses.replace(_BLOCKS, sequence_pieces=case.pop("sequence_pieces", None))
-  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw)
+  kernel = _hopper_chunked(dataclasses.replace(_BLOCKS, sequence_pieces=case.pop("sequence_pieces", None)))
   with mosaic_interpreter.interpreted():
-    _check_against_reference(rng, on_full_layout(kernel), case)
+    _check_against_reference(rng, kernel, case)
 
 
-@_in_interpreter
+@mosaic_interpreter.on_cpu
 def test_in_the_interpreter_as_accurate_as_the_portable_backward(rng):
   """dq, dk, dv no further from the float32 reference (relative error in norm) than 1.5x the portable backward's
   plus 0.001, on the same inputs and forward. The elementwise bound above is loose in bf16 (4.0 at 256 tokens):
@@ -209,12 +208,9 @@ def test_in_the_interpreter_as_accurate_as_the_portable_backward(rng):
   def grads(based, *qkv):
     return jax.tree.leaves(_loss_and_grads(based, *qkv, state, cotangent_y, cotangent_state, **options)[2])
 
-  def with_backward(backward_kernel):
-    blocks = hopper_chunked.BlockSizes(backward_kernel=backward_kernel)
-    return on_full_layout(lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=blocks, **kw))
-
   with mosaic_interpreter.interpreted():
-    hopper, portable = grads(with_backward("hopper"), q, k, v), grads(with_backward("portable"), q, k, v)
+    hopper, portable = (grads(_hopper_chunked(hopper_chunked.BlockSizes(backward_kernel=kind)), q, k, v)
+                        for kind in ("hopper", "portable"))
   want = grads(lambda *a, chunk, **kw: ref.based_quadratic(*a, **kw), *(x.astype(jnp.float32) for x in (q, k, v)))
   for name, h, p, w in zip(("dq", "dk", "dv"), hopper, portable, want):
     assert relative_error(h, w) <= 1.5 * relative_error(p, w) + 1e-3, (
@@ -241,5 +237,4 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_hopper_backward_matches_reference(rng, case):
   """Outputs, final state and dq, dk, dv, d initial_state of the Hopper forward with this backward."""
-  kernel = lambda *a, **kw: hopper_chunked.based_chunked_hopper(*a, block_sizes=_BLOCKS, **kw)
-  _check_against_reference(rng, on_full_layout(kernel), CASES[case])
+  _check_against_reference(rng, _hopper_chunked(_BLOCKS), CASES[case])

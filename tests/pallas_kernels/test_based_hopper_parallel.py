@@ -126,8 +126,7 @@ INTERPRETED = {
 }
 
 
-@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
-                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernels themselves run below")
+@mosaic_interpreter.on_cpu
 @pytest.mark.parametrize("case", INTERPRETED)
 def test_kernels_in_the_interpreter_match_reference(rng, case):
   case = dict(INTERPRETED[case])

@@ -82,8 +82,7 @@ def test_the_schedule_replayed_equals_the_reference(rng, case):
   assert relative_error(got, want) <= tolerance(dtype), relative_error(got, want)
 
 
-@pytest.mark.skipif(not mosaic_interpreter.available() or jax.default_backend() != "cpu",
-                    reason="the interpreter on CPU (jax 0.10.2 has it); on a GPU the kernel itself runs below")
+@mosaic_interpreter.on_cpu
 @pytest.mark.parametrize("case", REPLAY_CASES)
 def test_the_kernel_in_the_interpreter_equals_the_reference(rng, case):
   """The kernel body itself (TMA copies, barriers, the channel loop, its wgmmas), run on CPU by Mosaic GPU's
