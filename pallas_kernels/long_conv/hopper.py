@@ -1,6 +1,7 @@
 """The gated causal long convolution's forward for Hopper (sm90) in Mosaic GPU, FlashFFTConv's algorithm with the
 DFT as wgmma products; the backward is the reference's (jax.vjp of reference.gated_long_conv, XLA's FFT), so the
-op is differentiable and trains with this forward. By name only: it has never run on a GPU.
+op is differentiable and trains with this forward. Checked in Mosaic GPU's interpreter on CPU; its one GPU run
+(2026-12-07, before the channel-major layout) did not compile, and this layout has not run on a GPU yet.
 
   y = og ⊙ conv(ig ⊙ u, k) + skip ⊙ u,  conv by the N-point DFT, N = 2^n >= 2L zero-padded (dft.py)
 
@@ -17,17 +18,19 @@ take the signal as the register operand A (the previous accumulator, rounded to 
 memory as B. Complex products are real ones (`forward_first` .. `inverse_last`), twiddles and the filter's
 spectrum elementwise in float32 (dft.multiply).
 
-Schedule. A CTA (one warpgroup) owns one batch row and C = 8 channels. It TMA-loads u, ig and og [Lp, C] into one
-time-major shared buffer, as they lie in HBM. Per channel it moves the channel's strided column into contiguous
-[64, N3] matrices (one element per thread and step: wgmma's register layout loads only unit-stride rows), forms
-x = ig ⊙ u (rows a >= 32 zero) as operand B, runs the transform above, and writes og ⊙ c + skip ⊙ u back over u's
-column the same way; one TMA store sends y out. The filter's spectrum K/N, [2, D, 64, N3] float32, is computed
+Schedule. XLA transposes u, ig and og to channel-major [B, D, Lp] (one extra HBM pass each, and one for y back):
+the first GPU run (jax 0.11.2) refused the time-major design, whose per-channel columns were strided views of
+shared memory (`We cannot apply swizzle to non-contiguous refs`, Mosaic GPU's layout inference). A CTA (one
+warpgroup) owns one batch row and C = 8 channels. It TMA-loads u, ig and og [C, Lp] into one channel-major shared
+buffer; per channel it moves the channel's rows (one element per thread and step) into contiguous [64, N3]
+matrices, forms x = ig ⊙ u (rows a >= 32 zero) as operand B, runs the transform above, and writes og ⊙ c + skip ⊙ u
+back over u's rows; one TMA store sends y out. The filter's spectrum K/N, [2, D, 64, N3] float32, is computed
 once per call by XLA (dft.spectrum) and read from global memory (L2) per channel; F_64 and the twiddles come from
-global memory into registers, F_N3 by TMA into shared memory. u, the gates and y cross HBM once (plus XLA's pad
-to Lp where L is not N/2). Untuned: one warpgroup, no overlap of loads with products, scalar column moves.
+global memory into registers, F_N3 by TMA into shared memory. Untuned: one warpgroup, no overlap of loads with
+products.
 
-Eight channels per CTA because the whole spectrum of each stays on chip; shared memory (16-bit) is the time-major
-buffer 3·Lp·C·2 bytes (96 KiB at L 2048) + the channel's four matrices, x, V (re, im) [64, N3] and F_N3 (re, im,
+Eight channels per CTA because the whole spectrum of each stays on chip; shared memory (16-bit) is the channel-major
+buffer 3·C·Lp·2 bytes (96 KiB at L 2048) + the channel's four matrices, x, V (re, im) [64, N3] and F_N3 (re, im,
 -im) [N3, N3] (80 KiB at N3 64): 176 KiB (180,224 bytes) of the 232,448 a block may opt into (`shared_bytes`).
 
 Letters: B batch, L length (Lp = N/2 padded), D channels (C per CTA), N = 64·N3 the FFT size.
@@ -56,22 +59,22 @@ MAX_LENGTH = 2048  # one pass: N <= 4096
 N2 = 64  # wgmma's M: the first factor, k_a
 ROWS_IN = N2 // 2  # the nonzero rows a of the zero-padded input
 MIN_FFT = 1024  # N3 >= 16: wgmma's K step for 16-bit operands
-REGIONS = 3  # u (then y), in_gate, out_gate: the time-major buffer
+REGIONS = 3  # u (then y), in_gate, out_gate: the channel-major buffer
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  block_d: int = 8  # channels per CTA (C): one 16-byte TMA row of 16-bit values
+  block_d: int = 8  # channels per CTA (C)
 
   @classmethod
   def for_shape(cls, *, length: int, channels: int, dtype=None) -> "BlockSizes":
-    """The only block the kernel has: 8 channels (wider blocks would not fit the time-major buffer at L 2048)."""
+    """The only block the kernel has: 8 channels (wider blocks would not fit the channel-major buffer at L 2048)."""
     del length, channels, dtype
     return cls()
 
   def check(self) -> None:
     if self.block_d != 8:
-      raise ValueError(f"block_d={self.block_d} must be 8 (one 16-byte row per time step)")
+      raise ValueError(f"block_d={self.block_d} must be 8 (the one block size the kernel is tested at; 16 would not fit at L 2048)")
 
 
 class Plan(NamedTuple):
@@ -177,7 +180,7 @@ def channel_conv(x, kf: Complex, tw: Complex, f2: Complex, f2_out: Complex, f3: 
 # ----------------------------------------------------------------------------------------------------- kernel
 
 class _Shared(NamedTuple):
-  signal: Any  # [3·32, N3, C] time-major (row a, column b, channel): u (y over it), in_gate, out_gate
+  signal: Any  # [3, C, 32, N3] channel-major: u (y over it), in_gate, out_gate; each channel's rows a < 32
   channel: Any  # [4, 64, N3] one channel's matrices: x (rows a >= 32 zero), u, out_gate, y
   x: Any  # [64, N3] x again as operand B (tiled, swizzled)
   v: Any  # [2, 64, N3] the inverse's last operand B (re, im)
@@ -188,7 +191,7 @@ class _Shared(NamedTuple):
 def _shared_types(plan: Plan, copies: int) -> _Shared:
   n3, tiles = plan.n3, mosaic.swizzled(2 * plan.n3)
   return _Shared(
-      signal=plgpu.SMEM((REGIONS * ROWS_IN, n3, plan.block_d), plan.dtype),
+      signal=plgpu.SMEM((REGIONS, plan.block_d, ROWS_IN, n3), plan.dtype),
       channel=plgpu.SMEM((4, N2, n3), plan.dtype),
       x=plgpu.SMEM((N2, n3), plan.dtype, transforms=tiles),
       v=plgpu.SMEM((2, N2, n3), plan.dtype, transforms=tiles),
@@ -196,7 +199,7 @@ def _shared_types(plan: Plan, copies: int) -> _Shared:
       loaded=plgpu.Barrier(num_barriers=copies))
 
 
-_REGIONS = {"u": 0, "in_gate": 1, "out_gate": 2}  # y goes over u's column once the channel has read it
+_REGIONS = {"u": 0, "in_gate": 1, "out_gate": 2}  # y goes over u's rows once the channel has read them
 _X, _U, _OG, _Y = range(4)  # the per-channel matrices
 
 
@@ -206,16 +209,16 @@ def _kernel(*refs, plan: Plan, names: tuple[str, ...]):
   d_block, batch = lax.axis_index("channels"), lax.axis_index("batch")
   c_total, n3 = plan.block_d, plan.n3
   d0 = d_block * c_total
-  copies = [(r[n].at[batch, :, :, pl.ds(d0, c_total)], sh.signal.at[pl.ds(i * ROWS_IN, ROWS_IN)])
-            for n, i in _REGIONS.items() if n in r]
+  copies = [(r[n].at[batch, pl.ds(d0, c_total)], sh.signal.at[i]) for n, i in _REGIONS.items() if n in r]
   copies += [(r["f3"].at[i], sh.f3.at[i]) for i in range(3)]
   for i, (src, dst) in enumerate(copies):
     plgpu.copy_gmem_to_smem(src, dst, sh.loaded.at[i])
 
   wgmma = plgpu.Layout.WGMMA
-  shape, top = (N2, n3), (ROWS_IN, n3)
+  top = (ROWS_IN, n3)
   tiled = lambda ref: plgpu.load(ref, (), layout=wgmma, optimized=False)
-  strided = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED(top, vec_size=1), optimized=False)
+  # Rows a < 32 of a channel, [32, N3], one element per thread and step: the WGMMA layout covers 64 rows only.
+  rows = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WG_STRIDED(top, vec_size=1), optimized=False)
   f2, f2_out = (Complex(tiled(r[n].at[0]), tiled(r[n].at[1])) for n in ("f2", "f2_out"))
   tw = Complex(tiled(r["tw"].at[0]), tiled(r["tw"].at[1]))
   f3 = [sh.f3.at[i] for i in range(3)]
@@ -223,18 +226,13 @@ def _kernel(*refs, plan: Plan, names: tuple[str, ...]):
   for i in range(len(copies)):
     plgpu.barrier_wait(sh.loaded.at[i])
 
-  def column(name: str, c):
-    """Channel c of array `name`, rows a < 32, [32, N3]: one element per thread and step (the column is strided
-    by C in the time-major buffer, so no vector load reads it)."""
-    return strided(sh.signal.at[pl.ds(_REGIONS[name] * ROWS_IN, ROWS_IN), :, c])
-
   def mm(pairs):
     def products(acc):
       for lhs, rhs in pairs:
         plgpu.wgmma(acc, lhs, rhs)
       plgpu.wgmma_wait(0)
       return acc[...]
-    return pl.run_scoped(products, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(products, plgpu.ACC((N2, n3), jnp.float32))
 
   def to_rhs(v: Complex) -> Complex:
     sh.v.at[0][...] = v.re.astype(plan.dtype)
@@ -243,13 +241,16 @@ def _kernel(*refs, plan: Plan, names: tuple[str, ...]):
     return Complex(sh.v.at[0], sh.v.at[1])
 
   def channel(c, carry):
-    # Time-major column -> the channel's contiguous [64, N3] matrices (a strided layout), then to wgmma's layout.
-    u = column("u", c)
-    x = u if "in_gate" not in r else (u.astype(jnp.float32) * column("in_gate", c).astype(jnp.float32))
+    # The channel's rows -> its [64, N3] matrices (every shared view here is unit-stride: Mosaic GPU's layout
+    # inference refuses strided ones), then to wgmma's layout.
+    u = rows(sh.signal.at[_REGIONS["u"], c])
+    x = u
+    if "in_gate" in r:
+      x = u.astype(jnp.float32) * rows(sh.signal.at[_REGIONS["in_gate"], c]).astype(jnp.float32)
     sh.channel.at[_X, pl.ds(0, ROWS_IN)][...] = x.astype(plan.dtype)
     sh.channel.at[_U, pl.ds(0, ROWS_IN)][...] = u
     if "out_gate" in r:
-      sh.channel.at[_OG, pl.ds(0, ROWS_IN)][...] = column("out_gate", c)
+      sh.channel.at[_OG, pl.ds(0, ROWS_IN)][...] = rows(sh.signal.at[_REGIONS["out_gate"], c])
     sh.x[...] = tiled(sh.channel.at[_X])
     plgpu.commit_smem()
     d = d0 + c
@@ -260,23 +261,12 @@ def _kernel(*refs, plan: Plan, names: tuple[str, ...]):
     if "skip" in r:
       y = y + r["skip"][d] * tiled(sh.channel.at[_U]).astype(jnp.float32)
     sh.channel.at[_Y][...] = y.astype(plan.dtype)  # rows a >= 32 are the pad's: never sent
-    # Back into the time-major column 128 elements at a time: a store first reads the old values in the widest
-    # strided layout of the view's size, and only a 128-element view makes that one element per thread.
-    rows = 128 // n3
-
-    def piece(j, carry):
-      part = pl.ds(j * rows, rows)
-      value = plgpu.load(sh.channel.at[_Y, part], (), layout=plgpu.Layout.WG_STRIDED((rows, n3), vec_size=1),
-                         optimized=False)
-      sh.signal.at[part, :, c][...] = value
-      return carry
-
-    lax.fori_loop(0, ROWS_IN // rows, piece, None)
+    sh.signal.at[_REGIONS["u"], c][...] = rows(sh.channel.at[_Y, pl.ds(0, ROWS_IN)])
     return carry
 
   lax.fori_loop(0, c_total, channel, None)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(sh.signal.at[pl.ds(0, ROWS_IN)], r["y"].at[batch, :, :, pl.ds(d0, c_total)])
+  plgpu.copy_smem_to_gmem(sh.signal.at[_REGIONS["u"]], r["y"].at[batch, pl.ds(d0, c_total)])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -284,8 +274,10 @@ def _forward(plan: Plan, u, k, skip, in_gate, out_gate):
   """y [B, Lp, D] from the padded signals."""
   batch, lp, channels = u.shape
   t = tables(plan)
-  as_rows = lambda x: None if x is None else x.reshape(batch, ROWS_IN, plan.n3, channels)
-  inputs = [("u", as_rows(u)), ("in_gate", as_rows(in_gate)), ("out_gate", as_rows(out_gate)),
+  # Channel-major [B, D, 32, N3] (XLA's transposes, one HBM pass each way): each channel's rows are one
+  # contiguous [32, N3] box, so a CTA never moves a strided column on chip.
+  by_channel = lambda x: None if x is None else jnp.swapaxes(x, 1, 2).reshape(batch, channels, ROWS_IN, plan.n3)
+  inputs = [("u", by_channel(u)), ("in_gate", by_channel(in_gate)), ("out_gate", by_channel(out_gate)),
             ("skip", None if skip is None else skip.astype(jnp.float32)), ("kf", filter_spectrum(k, plan)),
             ("f2", jnp.asarray(t.f2, plan.dtype)), ("f2_out", jnp.asarray(t.f2_out, plan.dtype)),
             ("tw", jnp.asarray(t.tw)), ("f3", jnp.asarray(t.f3, plan.dtype))]
@@ -298,10 +290,10 @@ def _forward(plan: Plan, u, k, skip, in_gate, out_gate):
 
   body.__name__ = "long_conv_hopper_fwd"
   y = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((batch, ROWS_IN, plan.n3, channels), u.dtype),
+      body, out_type=jax.ShapeDtypeStruct((batch, channels, ROWS_IN, plan.n3), u.dtype),
       scratch_types=[_shared_types(plan, copies)], grid=(channels // plan.block_d, batch),
       grid_names=("channels", "batch"), **mosaic.interpret_kwargs())(*[a for _, a in inputs])
-  return y.reshape(batch, lp, channels)
+  return jnp.swapaxes(y.reshape(batch, channels, lp), 1, 2)
 
 
 # --------------------------------------------------------------------------------------------- custom_vjp, api
