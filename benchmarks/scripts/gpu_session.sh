@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call's work, by step name (several in one call: `bash gpu_session.sh lc_bench zoo:420+lc_tests`):
 #   lc_bench            python -m benchmarks long_conv (pallas, reference, direct), alone on the GPU
-#   lc_tests            the long_conv GPU tests (kernel, layers, mixers)
+#   lc_tests            the long_conv GPU tests (kernel, layers, mixers), 420 s (240 s left the float32 cases unfinished)
 #   lc_blocks           benchmarks/scripts/long_conv_blocks_time.py: the portable kernel's forward over block sizes
 #   monarch_blocks      benchmarks/scripts/monarch_blocks_time.py: the portable Monarch kernel over block sizes
 #   zoo:S / based:S     S seconds of the figure2_zoology / figure2_based `session` sweeps (`rest`: the call's CALL_S,
@@ -65,7 +65,7 @@ step() {
                  | tee $OUT/long_conv_blocks.log ;;
     monarch_blocks) timeout 240 python3 benchmarks/scripts/monarch_blocks_time.py 2>&1 | grep -E "^T[0-9]" \
                       | tee $OUT/monarch_blocks.log ;;
-    lc_tests) gpu_tests long_conv_tests 240 tests/pallas_kernels/test_long_conv_kernel.py \
+    lc_tests) gpu_tests long_conv_tests 420 tests/pallas_kernels/test_long_conv_kernel.py \
                 tests/pallas_kernels/test_long_conv_layers.py tests/jaxlm/test_mixers_recurrent.py ;;
     new_bench)
       timeout 100 python3 -m benchmarks attention --shapes documents --impls hopper pallas --repeats 10 2>&1 \
