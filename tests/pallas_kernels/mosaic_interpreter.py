@@ -13,7 +13,9 @@ transforms here, so the wgmma is ours for every operand kind. It runs the long_c
 attention forward and both backward kernels, and the BASED Hopper kernels (chunked forward and backward, parallel
 forward and backward). Two things it needs from outside this file: scratch unions made by `mosaic.ref_union`
 (members apart here), and XLA's CPU pool larger than the number of warpgroups blocked at once (tests/conftest.py
-sets PJRT_NPROC): with one thread per core a warpgroup could wait for a thread forever. (The BASED hang noted
+sets PJRT_NPROC): with one thread per core a warpgroup could wait for a thread forever. One rule of the GPU's compiler
+that jax 0.10.2 does not enforce is enforced here (`_strided_view`): a shared-memory read or write through a view
+whose innermost stride is not 1 raises, as jax 0.11.2 refuses it at compile time. (The BASED hang noted
 here before: a write through a union's view raised in consumer 1, and the others waited for it at a barrier.)
 """
 
@@ -65,6 +67,36 @@ def _gap_eqn(eqn):
   if eqn.primitive is gpu_primitives.wgmma_accumulator_store_p:
     return eqn.replace(primitive=gpu_primitives.wgmma_ref_p, params={"accumulator_store": True})
   return eqn
+
+
+def _strided_view(eqn) -> str | None:
+  """Why a shared-memory read or write of this equation goes through a view whose innermost stride is not 1, or
+  None. jax 0.11.2's Mosaic GPU layout inference refuses such views at compile time ("We cannot apply swizzle to
+  non-contiguous refs", swizzled or not: the long_conv Hopper forward's first GPU run, 2026-12-07), while jax
+  0.10.2 lowers and interprets them; so the interpreter refuses them too. Only views made of plain indexers are
+  judged (a column c of a [.., N, C] buffer, or a strided slice of its last axis, is the case that failed)."""
+  from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+  from jax._src.state import indexing
+  from jax._src.state import primitives as state_primitives
+
+  if eqn.primitive in (gpu_primitives.load_p, state_primitives.get_p):
+    ref, leaves = eqn.invars[0], eqn.invars[1:]
+  elif eqn.primitive is state_primitives.swap_p:
+    ref, leaves = eqn.invars[0], eqn.invars[2:]
+  else:
+    return None
+  if "smem" not in str(getattr(ref.aval, "memory_space", "")).lower():
+    return None
+  transforms = eqn.params["tree"].unflatten(leaves)
+  if not all(isinstance(t, indexing.NDIndexer) for t in transforms):
+    return None
+  for t in transforms:
+    last, size = t.indices[-1], t.shape[-1]
+    if size > 1 and not isinstance(last, indexing.Slice):
+      return f"a scalar index on the innermost axis (size {size}) of a {t.shape} shared-memory view"
+    if isinstance(last, indexing.Slice) and last.stride != 1 and last.size > 1:
+      return f"a stride-{last.stride} slice of the innermost axis of a {t.shape} shared-memory view"
+  return None
 
 
 def _memory(device_id, grid_point_coords, thread_id):
@@ -137,6 +169,11 @@ def interpreted() -> Iterator[None]:
   gaps = (gpu_primitives.load_p, gpu_core.layout_cast_p, gpu_primitives.wgmma_accumulator_store_p)
 
   def interpret(self, jaxpr, token, *args):
+    from jax._src import source_info_util
+    for e in jaxpr.eqns:
+      if (why := _strided_view(e)) is not None:
+        raise ValueError(f"{e.primitive} through {why}: Mosaic GPU (jax 0.11.2) refuses views whose innermost "
+                         f"stride is not 1 (at {source_info_util.summarize(e.source_info)})")
     if any(e.primitive in gaps for e in jaxpr.eqns):
       jaxpr = jaxpr.replace(eqns=[_gap_eqn(e) for e in jaxpr.eqns])
     return original_interpret(self, jaxpr, token, *args)
