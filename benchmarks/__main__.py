@@ -6,6 +6,7 @@
   python -m benchmarks long_conv --impls pallas reference             # GB/s against the copy rate, vs XLA's FFT
   python -m benchmarks monarch --impls pallas xla                     # the Monarch MLP against the dense one
   python -m benchmarks matmul                                         # the bf16 8192³ matmul rate (a yardstick)
+  python -m benchmarks attention --impls hopper --profile             # each row's kernels and their device time
 
 Progress goes to stderr as rows complete; stdout ends with the table. Exit status 1 when a row failed with an
 unexpected error (unsupported shapes and OOM are results, not failures).
@@ -35,6 +36,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=20, help="timed samples per row; the median is reported")
   parser.add_argument("--out", default="benchmarks/results", help="folder for <op>-<UTC date>.jsonl")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--profile", action="store_true",
+                      help="after each row's timing, trace one sample and print its kernels' device time")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f"--repeats must be positive, got {args.repeats}")
@@ -68,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for shape in shapes:
     for mode in modes:
       for candidate in candidates:
-        row = harness.measure(candidate, suite, shape, mode, args.dtype, args.repeats, args.seed)
+        row = harness.measure(candidate, suite, shape, mode, args.dtype, args.repeats, args.seed, args.profile)
         shown = f"{row.ms:.3f} ms" if row.ms is not None else f"{row.status} {row.detail}"
         print(f"[{args.op}] {row.impl} {row.shape} {row.mode}: {shown}", file=sys.stderr, flush=True)
         rows.append(row)
@@ -85,6 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ratio: peer {ratio_peer} was not measured in this run, no ratios")
   print(f"{args.op} on {env['device']} ({env['backend']}), jax {env['jax_version']}, {args.dtype}, "
         f"median of {args.repeats}; {len(rows)} rows appended to {path}")
+  if args.profile:  # before the table, which ends stdout
+    from benchmarks import kernel_profile
+    for row in rows:
+      if row.status == "ok":
+        print(f"kernels of {row.impl} {row.shape} {row.mode} ({row.ms:.3f} ms per call):")
+        print(kernel_profile.format_breakdown(row.kernels))
   print(report.format_table(rows, unit=suite.unit, ratio_peer=ratio_peer))
   return 1 if any(row.status == "error" for row in rows) else 0
 

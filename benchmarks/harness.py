@@ -98,6 +98,7 @@ class Row:
   ratio: float | None = None  # ratio peer's ms / this row's ms: > 1 means faster than the peer
   warmup_s: float | None = None  # compile + one call per input set
   detail: str = ""  # why a row has no time
+  kernels: tuple = ()  # with --profile: kernel_profile.KernelTime per kernel one call launches, longest first
 
 
 def our_candidates(names: Sequence[str], module: str, make: Callable[[Any, str, Any], Callable[..., Any]]
@@ -230,9 +231,10 @@ def torch_timing(fn: Callable[..., Any], input_shapes, output_shape, dtype: str,
 
 
 def measure(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype: str, repeats: int,
-            seed: int) -> Row:
-  """One row: the candidate's median time on `shape`, or why it has none (unsupported, OOM, error)."""
-  row = _timed_row(candidate, suite, shape, mode, dtype, repeats, seed)
+            seed: int, profile: bool = False) -> Row:
+  """One row: the candidate's median time on `shape`, or why it has none (unsupported, OOM, error); `profile`:
+  with the device time of each kernel a call launches (benchmarks/kernel_profile.py), traced after the timing."""
+  row = _timed_row(candidate, suite, shape, mode, dtype, repeats, seed, profile)
   # Peers share the GPU: once the inputs are gone, hand torch's cached blocks back for the jax candidates.
   if candidate.framework == "torch":
     import torch
@@ -240,8 +242,22 @@ def measure(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype: st
   return row
 
 
+def _profiled(call: Callable[[tuple], Any], sync: Callable[[Any], None], input_sets: Sequence[tuple]) -> tuple:
+  """The kernels of CALLS_PER_SAMPLE calls dispatched as a sample dispatches them; () if the trace fails (a
+  profile is extra information: it never costs a row its time)."""
+  from benchmarks import kernel_profile
+
+  def run():
+    sync([call(input_sets[i % len(input_sets)]) for i in range(CALLS_PER_SAMPLE)])
+  try:
+    return tuple(kernel_profile.trace(run, CALLS_PER_SAMPLE))
+  except Exception as error:  # noqa: BLE001 - reported, and the row keeps its time
+    print(f"profile failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return ()
+
+
 def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype: str, repeats: int,
-               seed: int) -> Row:
+               seed: int, profile: bool = False) -> Row:
   input_shapes, output_shape = suite.array_shapes(shape)
   try:
     if candidate.framework == "jax":
@@ -253,6 +269,7 @@ def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype:
       timing = torch_timing
     call, sync, input_sets = timing(candidate.make(shape), input_shapes, output_shape, dtype, mode, seed)
     ms, warmup_s = median_ms(call, sync, input_sets, repeats)
+    kernels = _profiled(call, sync, input_sets) if profile else ()
   except Exception as error:  # noqa: BLE001 - one failing candidate must not end a long run
     status, detail = classify_failure(error)
     if status == "error":
@@ -261,4 +278,4 @@ def _timed_row(candidate: Candidate, suite: Suite, shape: Any, mode: str, dtype:
     return Row(candidate.name, shape.name, mode, status, detail=detail)
   itemsize = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
   rate = suite.work(shape, mode, itemsize) / (ms * 1e-3) / (1e12 if suite.unit == "TFLOP/s" else 1e9)
-  return Row(candidate.name, shape.name, mode, "ok", ms=ms, rate=rate, warmup_s=warmup_s)
+  return Row(candidate.name, shape.name, mode, "ok", ms=ms, rate=rate, warmup_s=warmup_s, kernels=kernels)

@@ -52,6 +52,8 @@ def write_jsonl(rows: Sequence[Row], *, op: str, out_dir: str, env: Mapping[str,
                 "ratio_peer": ratio_peer, "warmup_s": row.warmup_s, "detail": row.detail,
                 "repeats": repeats, "shape_params": dataclasses.asdict(shapes[row.shape]),
                 "skipped": dict(skipped), **env}
+      if row.kernels:
+        record["kernels"] = [dataclasses.asdict(k) for k in row.kernels]
       f.write(json.dumps(record) + "\n")
   return path
 

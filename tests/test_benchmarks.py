@@ -262,3 +262,51 @@ def test_loss_vs_time_reads_training_time_and_compares_with_the_baseline(tmp_pat
   rows = loss_vs_time.table([dense, fast, never], "dense").splitlines()
   assert rows[2].endswith("| 1.00x |") and rows[4].endswith("not reached |")
   assert rows[3].endswith(f"| {fast.seconds[1] / dense.seconds[-1]:.2f}x |")
+
+
+_TRACE = '''
+planes {
+  id: 1 name: "/device:GPU:0"
+  lines { id: 1 name: "Stream #13(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 6000000 }
+    events { metadata_id: 2 offset_ps: 7000000 duration_ps: 2000000 }
+    events { metadata_id: 1 offset_ps: 9000000 duration_ps: 4000000 }
+    events { metadata_id: 3 offset_ps: 14000000 duration_ps: 1000000 } }
+  lines { id: 2 name: "Stream #14(MemcpyH2D)" timestamp_ns: 1000
+    events { metadata_id: 4 offset_ps: 0 duration_ps: 3000000 } }
+  lines { id: 3 name: "XLA Ops" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 6000000 } }
+  event_metadata { key: 1 value { id: 1 name: "attention_fwd" } }
+  event_metadata { key: 2 value { id: 2 name: "fusion_7" } }
+  event_metadata { key: 3 value { id: 3 name: "fusion_8" } }
+  event_metadata { key: 4 value { id: 4 name: "MemcpyH2D" } }
+}
+planes {
+  id: 2 name: "/host:CPU"
+  lines { id: 1 name: "python" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 50000000 } }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(step)" } }
+}
+'''
+
+
+def test_kernel_breakdown_counts_device_streams_only_per_call():
+  from jax.profiler import ProfileData
+
+  from benchmarks import kernel_profile
+  kernels = kernel_profile.breakdown(ProfileData.from_text_proto(_TRACE), calls=2)
+  # Stream events only (not the derived "XLA Ops" line, not the host plane), per call, longest first.
+  assert [(k.name, k.launches, k.us) for k in kernels] == [
+      ("attention_fwd", 1.0, 5.0), ("MemcpyH2D", 0.5, 1.5), ("fusion_7", 0.5, 1.0), ("fusion_8", 0.5, 0.5)]
+  text = kernel_profile.format_breakdown(kernels, top=2)
+  assert "attention_fwd" in text and "fusion_8" not in text and "(2 more)" in text
+  assert text.splitlines()[-1].split()[:2] == ["8.0", "2.50"]  # the total line: µs and launches per call
+  with pytest.raises(ValueError, match="calls=0"):
+    kernel_profile.breakdown(ProfileData.from_text_proto(_TRACE), calls=0)
+
+
+def test_cli_profile_prints_each_rows_kernels_before_the_table(tmp_path):
+  result = _run_cli("matmul", "--shapes", "tiny", "--repeats", "1", "--profile", out=tmp_path)
+  assert result.returncode == 0, result.stderr
+  assert "kernels of xla:dot tiny-M128-N128-K128 fwd" in result.stdout  # on a CPU: the note that none were seen
+  assert _table_rows(result.stdout)[0][0] == "xla:dot"
