@@ -10,6 +10,8 @@
 #                       --set overrides (e.g. model.implementation.based=reference); SWEEP_ROOT (default runs) holds
 #                       the sweeps' folders: /tmp/sweeps outlives the `.clean` copy, so a run cut by the time limit
 #                       goes on from its checkpoint in the next call to the same warm machine
+#   profile             the kernels of the rows whose speed targets are missed (attention with documents, Monarch,
+#                       long_conv, BASED at T65536): python -m benchmarks ... --profile, one log per op
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
 #   pick                point_time, then the fastest path per op added to SWEEP_SET for the later steps, and kept in
 #                       $SWEEP_ROOT/sweep_set for later calls to the same warm machine (read when SWEEP_SET is unset)
@@ -94,6 +96,13 @@ step() {
       gpu_tests based_bwd_tests 150 tests/pallas_kernels/test_based_hopper_chunked_bwd.py
       timeout 150 python3 -m benchmarks based --impls hopper hopper+hopper_bwd hopper_parallel --modes fwd_bwd \
         --repeats 10 2>&1 | tail -30 | tee $OUT/based_bwd_bench.log ;;
+    profile) # what the missed speed targets' calls are made of: each row's kernels (python -m benchmarks --profile)
+      prof() { local name=$1 limit=$2; shift 2; timeout $limit python3 -m benchmarks "$@" --repeats 5 --profile 2>&1 \
+                 | grep -vE "^(W|I)[0-9]{4}|^\[" > $OUT/profile_$name.log; tail -12 $OUT/profile_$name.log; }
+      prof attention 120 attention --shapes documents --impls hopper --peers jax.nn:cudnn
+      prof monarch 90 monarch --shapes headline --impls xla --modes fwd_bwd
+      prof long_conv 90 long_conv --shapes B64-D768-L1024 B1-D768-L65536 --impls reference pallas
+      prof based 90 based --shapes B8-T2048-H16-F16-D64 B1-T65536-H16-F16-D64 --impls hopper hopper_parallel ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
           echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log
