@@ -4,7 +4,8 @@ whole step, timed in the same run at one batch, each with the bytes it must move
 The generation benchmark gives one number per step (e.g. based-360m at batch 512: 4.68 ms, 47% of the copy rate,
 H100, 2026-12-07); this splits it. Each part runs `--steps` times inside one jitted fori_loop (its output fed back
 as its input, its cache donated and carried), as the decode loop runs it, so dispatch is not timed. KV caches are
-filled to --length tokens (lengths set; the values are zeros, which costs the same to read).
+filled to --length tokens (lengths set; the values are zeros, which costs the same to read). Above the table: the
+whole step's kernels from a jax.profiler trace (device time per step, and how busy the device is).
 
   PYTHONPATH=. python benchmarks/scripts/decode_breakdown.py --config based-360m --batch 512 --length 1024
 """
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import kernel_profile
 from jaxlm.generate import roofline
 from jaxlm.layers.attention import KVCache
 from jaxlm.models import LM
@@ -40,8 +42,9 @@ def _cache_bytes(cache, length: int) -> int:
   return kv * min(length, slots) // slots + kv // slots
 
 
-def _time(step, carry, steps: int, repeats: int = 3) -> float:
-  """Seconds per step of `step(carry) -> carry` run `steps` times in one program (the carry donated)."""
+def _time(step, carry, steps: int, repeats: int = 3, profile: bool = False):
+  """Seconds per step of `step(carry) -> carry` run `steps` times in one program (the carry donated); with
+  `profile`, (seconds, the kernels of one more run per step: benchmarks/kernel_profile.py)."""
   loop = jax.jit(lambda c: jax.lax.fori_loop(0, steps, lambda i, c: step(c), c), donate_argnums=0)
   carry = jax.block_until_ready(loop(carry))  # compile and warm up
   best = float("inf")
@@ -49,7 +52,11 @@ def _time(step, carry, steps: int, repeats: int = 3) -> float:
     start = time.perf_counter()
     carry = jax.block_until_ready(loop(carry))
     best = min(best, time.perf_counter() - start)
-  return best / steps
+  if not profile:
+    return best / steps
+  held = [carry]
+  kernels = kernel_profile.trace(lambda: held.append(jax.block_until_ready(loop(held.pop()))), steps)
+  return best / steps, kernels
 
 
 def main():
@@ -92,13 +99,19 @@ def main():
        head_bytes)
   tokens_B = jnp.zeros((B,), jnp.int32)
   graphdef, state = nnx.split(model)
-  whole = _time(lambda c: (lambda logits, cache: (jnp.argmax(logits, -1).astype(jnp.int32), cache))(
-      *nnx.merge(graphdef, state).decode(*c)), (tokens_B, jax.tree.map(jnp.copy, cache)), args.steps)
+  whole, kernels = _time(lambda c: (lambda logits, cache: (jnp.argmax(logits, -1).astype(jnp.int32), cache))(
+      *nnx.merge(graphdef, state).decode(*c)), (tokens_B, jax.tree.map(jnp.copy, cache)), args.steps, profile=True)
 
   # 1 GiB as the generation benchmark measures it: over 64 MiB the copy ran at 954 GB/s, launch-bound (H100).
   copy = roofline.copy_rate(1 << 30)
   print(f"{args.config}, batch {B}, caches at {args.length} tokens, {jax.devices()[0].device_kind}, "
         f"{args.steps} steps in one loop (best of 3); device copy rate {copy / 1e9:.0f} GB/s (x + 1 over 1 GiB)")
+  # The whole step's kernels first (the table ends stdout): device time against the step's wall time says how
+  # much of a step the GPU idles between launches, the names which kernels cost most.
+  busy = sum(k.us for k in kernels) / (1e6 * whole) if kernels else None
+  print(f"kernels of the whole decode step, per step (device busy {busy:.0%} of the step):" if busy is not None
+        else "kernels of the whole decode step: none traced (no GPU)")
+  print(kernel_profile.format_breakdown(kernels, top=15))
   print("| part | layers | ms per layer | ms per step | MB per layer | GB/s |")
   print("|---|---:|---:|---:|---:|---:|")
   blocks_ms = 0.0
