@@ -49,10 +49,17 @@ def breakdown(data, calls: int) -> list[KernelTime]:
   return sorted(kernels, key=lambda k: (-k.us, k.name))
 
 
+def read_trace(folder: str, calls: int) -> list[KernelTime]:
+  """The breakdown of the trace jax.profiler wrote under `folder` ([] if it wrote none)."""
+  from jax.profiler import ProfileData
+
+  paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+  return breakdown(ProfileData.from_file(paths[0]), calls) if paths else []
+
+
 def trace(run: Callable[[], None], calls: int) -> list[KernelTime]:
   """The breakdown of `run()`, which makes `calls` calls and waits for the device."""
   import jax
-  from jax.profiler import ProfileData
 
   with tempfile.TemporaryDirectory() as folder:
     jax.profiler.start_trace(folder)
@@ -60,10 +67,7 @@ def trace(run: Callable[[], None], calls: int) -> list[KernelTime]:
       run()
     finally:
       jax.profiler.stop_trace()
-    paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-      return []
-    return breakdown(ProfileData.from_file(paths[0]), calls)
+    return read_trace(folder, calls)
 
 
 def format_breakdown(kernels: Sequence[KernelTime], top: int = 10) -> str:

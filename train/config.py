@@ -99,6 +99,9 @@ class LogConfig:
   progress: str = "auto"  # auto (bar on a terminal), bar, plain, none
   tensorboard: bool = True  # TensorBoard event files in the run directory (needs tensorboardX)
   peak_tflops: float = 0.0  # per-device peak for MFU; 0 = looked up from the device kind
+  # > 0: trace that many steps from step `every` on with jax.profiler and print each kernel's device time per step
+  # (train/step_profile.py); the traced steps count in no throughput window. 0 = off.
+  profile_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +201,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.mqar.test.*.num_kv_pairs": (1, None), "data.mqar.test.*.num_examples": (1, None),
     "data.text.seq_len": (1, None), "data.synthetic_seq_len": (1, None),
     "checkpoint.every": (0, None), "checkpoint.keep": (1, None), "checkpoint.resume_step": (-1, None),
-    "log.every": (1, None), "log.peak_tflops": (0.0, None), "mesh.devices": (0, None),
+    "log.every": (1, None), "log.peak_tflops": (0.0, None), "log.profile_steps": (0, None),
+    "mesh.devices": (0, None),
 }
 
 

@@ -44,6 +44,7 @@ from train.models import ModelSpec, build_model
 from train.optimizer import decay_mask, make_optimizer, unit_schedule
 from train.state import Setup, abstract_model, abstract_state, create_state
 from train.step import make_eval_step, make_forward, make_train_step
+from train.step_profile import StepProfile
 from train.throughput import Throughput
 
 
@@ -253,6 +254,7 @@ def _loop(run: _Run, compiled, eval_fn, on_step, summary: dict[str, Any]) -> dic
   evals: dict[str, float] = {}
   pending: list[tuple[int, dict]] = []
   synced = False  # the device has nothing queued: a new throughput window may start
+  profile = StepProfile(config.log.every, config.log.profile_steps)
 
   def sync_and_fetch() -> None:
     """Waits for the steps in flight, ends the throughput window and logs their metrics."""
@@ -281,6 +283,9 @@ def _loop(run: _Run, compiled, eval_fn, on_step, summary: dict[str, Any]) -> dic
     throughput.start(run.step)
     try:
       while run.step < run.total_steps:
+        if profile.due(run.step):
+          sync_and_fetch()  # the device idle and the window closed: the traced steps count in none
+          profile.begin()
         run.state, metrics = compiled(run.state, batch)
         run.step += 1
         pending.append((run.step, metrics))
@@ -307,10 +312,13 @@ def _loop(run: _Run, compiled, eval_fn, on_step, summary: dict[str, Any]) -> dic
           break
         if save_due:
           _save(run)  # the last step is saved in _finish, marked finished
-        if synced:  # after the fetch, and after any eval or save that followed it
+        if profile.finish(run.step, run.state, run.step == run.total_steps, run.log.print):
+          synced = True
+        if synced and not profile.active:  # after the fetch, and after any eval or save that followed it
           throughput.start(run.step)
           synced = False
     finally:
+      profile.close()
       summary.update(train_s=throughput.train_s, tokens_per_s=throughput.median_tokens_per_s(),
                      windows=len(throughput.windows), **run.seconds)
   if summary["tokens_per_s"] is not None:

@@ -51,3 +51,19 @@ def test_reported_rate_agrees_with_device_time(tmp_path):
   unaccounted = summary["wall_s"] - accounted
   assert -1e-3 <= unaccounted <= 0.1 * summary["train_s"] + 0.2, summary
   assert summary["compile_s"] > 0
+
+
+def test_profiled_steps_print_their_kernels_and_count_in_no_window(tmp_path, capsys):
+  """log.profile_steps: steps 4-6 run under jax.profiler (a CPU trace has no device kernels, and says so) and
+  fall in no throughput window, so the rate is the untraced steps' alone."""
+  config = load_config(None, [
+      "model=transformer-tiny", "data.kind=synthetic", "data.synthetic_seq_len=16", "batch_size=4", "steps=12",
+      "compute_dtype=float32", f"run_dir={tmp_path / 'run'}", "log.progress=plain", "log.every=3",
+      "log.profile_steps=3", "checkpoint.enabled=false"])
+  summary = train(config, model=ModelSpec(model_fn=lambda: _SlowLM(nnx.Rngs(0)), vocab_size=256))
+  windows = [r for r in read_metrics(str(tmp_path / "run")) if "window_s" in r]
+  assert [(w["step"], w["window_steps"]) for w in windows] == [(3, 3), (9, 3), (12, 3)]
+  assert np.isclose(summary["train_s"], sum(w["window_s"] for w in windows))
+  out = capsys.readouterr().out
+  assert "kernels of steps 4-6 under the profiler" in out
+  assert "no device kernels in the trace" in out
