@@ -12,6 +12,8 @@
 #                       goes on from its checkpoint in the next call to the same warm machine
 #   profile             the kernels of the rows whose speed targets are missed (attention with documents, Monarch,
 #                       long_conv, BASED at T65536): python -m benchmarks ... --profile, one log per op
+#   train:M             python -m train, preset M on configs/train/transformer_360m_synthetic.yaml's settings (TRAIN_S
+#                       240 s, TRAIN_SET overrides): tokens/s, MFU, and 3 steps' kernels (log.profile_steps)
 #   point_time          benchmarks/scripts/mqar_point_time.sh: single sweep points alone, auto against XLA forms
 #   pick                point_time, then the fastest path per op added to SWEEP_SET for the later steps, and kept in
 #                       $SWEEP_ROOT/sweep_set for later calls to the same warm machine (read when SWEEP_SET is unset)
@@ -103,6 +105,11 @@ step() {
       prof monarch 90 monarch --shapes headline --impls xla --modes fwd_bwd
       prof long_conv 90 long_conv --shapes B64-D768-L1024 B1-D768-L65536 --impls reference pallas
       prof based 90 based --shapes B8-T2048-H16-F16-D64 B1-T65536-H16-F16-D64 --impls hopper hopper_parallel ;;
+    train:*) # training tokens/s, MFU and the kernels of a step: train:MODEL (a preset) on the 360M synthetic config's
+      # settings (2048-token rows, bf16, remat dots); TRAIN_SET adds overrides (e.g. batch_size=8 micro_batches=4)
+      m=${1#train:}; timeout ${TRAIN_S:-240} python3 -m train --config configs/train/transformer_360m_synthetic.yaml \
+        model=$m name=mfu_$m run_dir=/tmp/train/mfu_$m log.progress=plain log.profile_steps=3 ${TRAIN_SET:-} 2>&1 \
+        | grep -vE "^(W|I)[0-9]{4}" > $OUT/train_$m.log; grep -E "^(done|step 40)" $OUT/train_$m.log ;;
     point_time) timeout 300 bash benchmarks/scripts/mqar_point_time.sh 2>&1 | tee $OUT/point_time.log ;;
     pick) step point_time; SWEEP_SET=$(echo ${SWEEP_SET:-} $(python3 benchmarks/scripts/mqar_pick.py $OUT/point_time.log))
           echo "SWEEP_SET=$SWEEP_SET" | tee -a $OUT/point_time.log
