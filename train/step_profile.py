@@ -61,8 +61,8 @@ class StepProfile:
       self._folder.cleanup()
       self._folder = None
     per_step_ms = 1e3 * seconds / steps
-    busy = sum(k.us for k in kernels) / (1e3 * per_step_ms)
+    busy = f", device busy {sum(k.us for k in kernels) / (1e3 * per_step_ms):.0%}" if kernels else ""
     print_fn(f"kernels of steps {self.first + 1}-{step} under the profiler, per step ({per_step_ms:.1f} ms per "
-             f"step traced, device busy {busy:.0%}):")
+             f"step traced{busy}):")
     print_fn(kernel_profile.format_breakdown(kernels, top=20))
     return True
