@@ -118,11 +118,24 @@ def _ours(api, name: str, shape: AttentionShape):
   if ids is not None:
     import jax.numpy as jnp
     ids = jnp.broadcast_to(jnp.asarray(ids), (shape.batch, shape.seq_len))
+  implementation, _, variant = name.partition("+")
+  kwargs = {}
+  if variant == "persistent":  # the Hopper forward as a persistent kernel: one CTA per SM (by name only)
+    import jax
+
+    from pallas_kernels.attention import hopper
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    kwargs["block_sizes"] = dataclasses.replace(hopper.BlockSizes.for_shape(head_dim=shape.head_dim),
+                                                persistent_ctas=sms)
+  elif variant:
+    raise ValueError(f"--impls {name}: unknown variant {variant!r} (known: hopper+persistent)")
   return functools.partial(api.attention, causal=shape.causal, window=shape.window, segment_ids=ids,
-                           implementation=name)
+                           implementation=implementation, **kwargs)
 
 
 def our_candidates(names) -> list[Candidate | Skipped]:
+  """Implementations by name; "hopper+persistent" is "hopper" with a persistent forward (BlockSizes.persistent_ctas
+  = the device's SM count)."""
   return harness.our_candidates(names, "pallas_kernels.attention.api", _ours)
 
 

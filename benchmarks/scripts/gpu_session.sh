@@ -10,6 +10,8 @@
 #                       --set overrides (e.g. model.implementation.based=reference); SWEEP_ROOT (default runs) holds
 #                       the sweeps' folders: /tmp/sweeps outlives the `.clean` copy, so a run cut by the time limit
 #                       goes on from its checkpoint in the next call to the same warm machine
+#   persistent          the persistent Hopper attention forward: its GPU tests (240 s), then its rows beside the
+#                       CTA-per-tile forward (packed documents, B4 S4096 causal)
 #   profile             the kernels of the rows whose speed targets are missed (attention with documents, Monarch,
 #                       long_conv, BASED at T65536): python -m benchmarks ... --profile, one log per op
 #   train:M             python -m train, preset M on configs/train/transformer_360m_synthetic.yaml's settings (TRAIN_S
@@ -98,6 +100,12 @@ step() {
       gpu_tests based_bwd_tests 150 tests/pallas_kernels/test_based_hopper_chunked_bwd.py
       timeout 150 python3 -m benchmarks based --impls hopper hopper+hopper_bwd hopper_parallel --modes fwd_bwd \
         --repeats 10 2>&1 | tail -30 | tee $OUT/based_bwd_bench.log ;;
+    persistent) # the persistent Hopper forward (BlockSizes.persistent_ctas), never run: its GPU tests alone and
+      # short, then packed documents and the plain causal call against the CTA-per-tile forward
+      gpu_tests persistent_tests 240 tests/pallas_kernels/test_attention_hopper.py -k persistent
+      timeout 150 python3 -m benchmarks attention --shapes documents B4-S4096-H16-D128-causal --impls hopper \
+        hopper+persistent --peers jax.nn:cudnn --repeats 10 2>&1 | grep -vE "^(W|I)[0-9]{4}" | tail -30 \
+        | tee $OUT/attention_persistent_bench.log ;;
     profile) # what the missed speed targets' calls are made of: each row's kernels (python -m benchmarks --profile)
       prof() { local name=$1 limit=$2; shift 2; timeout $limit python3 -m benchmarks "$@" --repeats 5 --profile 2>&1 \
                  | grep -vE "^(W|I)[0-9]{4}|^\[" > $OUT/profile_$name.log; tail -12 $OUT/profile_$name.log; }

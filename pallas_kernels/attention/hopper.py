@@ -31,6 +31,12 @@ masks to zero. A CTA whose rows see no key at all still reads one block, fully m
 the CTA sees whole run without the element mask; the first block and the boundary ones (causal diagonal, window
 edges, key padding and, with segment ids, every block not inside the CTA's one document) apply it.
 
+Persistent form (BlockSizes.persistent_ctas > 0, opt-in: checked in the interpreter, not yet timed on a GPU): at
+most that many CTAs, each walking query tiles c, c + ctas, ... in the order longest first; the producer keeps one
+K/V ring across its tiles (a tile's slots continue the count; only the last tile drains), so the next tile's first
+key blocks load while the consumers finish the current one, and each tile's turn protocol starts afresh (the
+hand-overs balance within a tile). Q still loads at each tile's start, through the tile O left behind.
+
 Softmax: base-2 logits with scale·log2(e) folded into one multiply-add, p = exp2(c·s - m) (float32, approximate
 exp2); a row that has seen only hidden keys keeps m = -inf and is shifted by 0, so it ends with O = 0, l = 0 and
 lse = -inf. O is written in the input dtype through Q's shared-memory tile, lse = m·ln 2 + ln l in float32.
@@ -80,6 +86,11 @@ class BlockSizes:
   # (2026-12-07, B4 S8192 H16 KV4 D128 causal, forward / forward+backward): no segment ids 1.85 / 8.83 ms, 8 packed
   # documents 0.49 / 1.64, one document 1.97 / 8.92. Unsorted ids get every block, masked.
   skip_other_documents: bool = True
+  # > 0: a persistent forward of at most this many CTAs (e.g. the SM count, 132 on an H100), each walking query
+  # tiles longest-first with one K/V ring across them, so that the next tile's keys load while the consumers finish
+  # the current one (short documents pay a fixed 7-10 µs per CTA otherwise: docs/benchmarks.md). 0: a CTA per
+  # tile. Opt-in: checked in the interpreter, not yet timed on a GPU.
+  persistent_ctas: int = 0
   # The backward kernels' knobs (hopper_backward.py), so that one BlockSizes tunes the op both ways.
   backward: hopper_backward.BlockSizes = dataclasses.field(default_factory=hopper_backward.BlockSizes)
 
@@ -94,6 +105,8 @@ class BlockSizes:
     return tiles * head_dim * itemsize + mosaic.CONSUMERS * self.block_q * 4  # + the lse staging rows
 
   def check(self, head_dim: int, itemsize: int) -> None:
+    if self.persistent_ctas < 0:
+      raise ValueError(f"persistent_ctas={self.persistent_ctas} must be >= 0 (0: one CTA per query tile)")
     if self.block_q % 64 or self.block_k % 64 or self.block_k > 256:
       raise ValueError(f"{self.block_q=} and {self.block_k=} must be multiples of 64 (wgmma M, swizzle tile), "
                        f"block_k at most 256 (wgmma N)")
@@ -112,10 +125,16 @@ class _Plan:
   q_blocks: int  # CTAs along the query axis
   kv_blocks: int  # key blocks in the padded key length
   segmented: bool  # segment ids mask every block
+  batch: int = 1
 
   @property
   def rows(self) -> int:
     return mosaic.CONSUMERS * self.blocks.block_q
+
+  @property
+  def tiles(self) -> int:
+    """Query tiles (2·block_q rows of one batch row and head): the CTAs of the non-persistent grid."""
+    return self.batch * self.heads * self.q_blocks
 
 
 def _key_blocks(plan: _Plan, q_start, doc_range=None):
@@ -217,19 +236,22 @@ class _Cta(NamedTuple):
   full_hi: Any
   hi: Any
   stages: int
+  base: Any = 0  # ring steps before this tile (a persistent CTA's earlier tiles)
 
   def slot(self, j):
     """The ring slot of key block j."""
-    return lax.rem(j - self.lo, self.stages)
+    return lax.rem(self.base + j - self.lo, self.stages)
 
 
-def _producer(plan: _Plan, cta: _Cta, k_ref, v_ref, sh: _Shared):
-  """Streams K_j and V_j for j in [lo, hi) through the ring; K's slot frees before V's, so each has its barrier."""
+def _producer(plan: _Plan, cta: _Cta, k_ref, v_ref, sh: _Shared, drain: bool = True):
+  """Streams K_j and V_j for j in [lo, hi) through the ring; K's slot frees before V's, so each has its barrier.
+  drain=False: a persistent CTA's tile before its last (the ring goes on)."""
   bk = plan.blocks.block_k
   kv_head = lax.div(cta.head, plan.heads // plan.kv_heads)  # GQA: read the shared head in place
   keys = lambda ref: lambda j: ref.at[cta.batch, pl.ds(j * bk, bk), kv_head]
   mosaic.produce_ring(cta.lo, cta.hi, cta.stages, [(sh.k_free, [mosaic.Stream(keys(k_ref), sh.k, sh.k_ready)]),
-                                                  (sh.v_free, [mosaic.Stream(keys(v_ref), sh.v, sh.v_ready)])])
+                                                  (sh.v_free, [mosaic.Stream(keys(v_ref), sh.v, sh.v_ready)])],
+                      offset=cta.base, drain=drain)
 
 
 def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _Shared):
@@ -334,18 +356,58 @@ def _consumer(plan: _Plan, cta: _Cta, wg, q_ref, seg_refs, o_ref, lse_ref, sh: _
   plgpu.wait_smem_to_gmem(0)
 
 
+def _tile(plan: _Plan, q_block, batch, head, seg_refs, base=0) -> _Cta:
+  """Where the CTA that owns query tile (batch, head, q_block) works."""
+  q_start = q_block * plan.rows
+  doc_range = tuple(seg_refs[2][batch, q_block, i] for i in range(4)) if len(seg_refs) == 3 else None
+  return _Cta(batch, head, q_start, *_key_blocks(plan, q_start, doc_range), stages=plan.blocks.num_stages,
+              base=base)
+
+
 def _kernel(*refs, plan: _Plan):
   """refs: q, k, v, (q_ids, k_ids, document ranges [B, q_blocks, 4] if segmented), o, lse, _Shared."""
   q_ref, k_ref, v_ref, *seg_refs = refs[:-3]
   o_ref, lse_ref, shared = refs[-3:]
   # Causal CTAs with later queries read more keys: launch them first so that short ones fill the tail.
   q_block = plan.q_blocks - 1 - lax.axis_index("q_blocks")
-  q_start, batch = q_block * plan.rows, lax.axis_index("batch")
-  doc_range = tuple(seg_refs[2][batch, q_block, i] for i in range(4)) if len(seg_refs) == 3 else None
-  cta = _Cta(batch, lax.axis_index("heads"), q_start, *_key_blocks(plan, q_start, doc_range),
-             stages=plan.blocks.num_stages)
+  cta = _tile(plan, q_block, lax.axis_index("batch"), lax.axis_index("heads"), seg_refs)
   mosaic.warp_specialized(lambda: _producer(plan, cta, k_ref, v_ref, shared),
                           lambda wg: _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared))
+
+
+def _persistent_kernel(*refs, plan: _Plan, ctas: int):
+  """The same work as _kernel from `ctas` CTAs: CTA c takes tiles c, c + ctas, ... in the order longest first
+  (later query blocks first, then heads and batch rows), so the tail is short tiles. Its producer runs one K/V ring
+  over all of its tiles (a tile's slots continue the count, only the last tile drains), so a tile's first key
+  blocks load while the consumers still work on the one before; the consumers take the tiles in the same order."""
+  q_ref, k_ref, v_ref, *seg_refs = refs[:-3]
+  o_ref, lse_ref, shared = refs[-3:]
+  c = lax.axis_index("cta")
+  rows_per_block = plan.heads * plan.batch
+  count = lax.div(plan.tiles - c + ctas - 1, ctas)  # this CTA's tiles
+
+  def tile(i, base):
+    t = c + i * ctas
+    rest = lax.rem(t, rows_per_block)
+    return _tile(plan, plan.q_blocks - 1 - lax.div(t, rows_per_block), lax.rem(rest, plan.batch),
+                 lax.div(rest, plan.batch), seg_refs, base)
+
+  def produce():
+    def one(i, base):
+      cta = tile(i, base)
+      _producer(plan, cta, k_ref, v_ref, shared, drain=False)
+      return base + cta.hi - cta.lo
+    steps = lax.fori_loop(0, count, one, jnp.int32(0))
+    mosaic.drain_ring(steps, plan.blocks.num_stages, [shared.k_free, shared.v_free])
+
+  def consume(wg):
+    def one(i, base):
+      cta = tile(i, base)
+      _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared)
+      return base + cta.hi - cta.lo
+    lax.fori_loop(0, count, one, jnp.int32(0))
+
+  mosaic.warp_specialized(produce, consume)
 
 
 def _forward(plan: _Plan, q, k, v, q_ids, k_ids, ranges):
@@ -353,11 +415,16 @@ def _forward(plan: _Plan, q, k, v, q_ids, k_ids, ranges):
   ids [B, T_pad], [B, S_pad] and the CTAs' document key-block ranges [B, q_blocks, 4] (or None)."""
   batch, t_pad = q.shape[:2]
   segments = () if q_ids is None else (q_ids, k_ids) + (() if ranges is None else (ranges,))
+  ctas = min(plan.blocks.persistent_ctas, plan.tiles)
+  if ctas:
+    body, grid = functools.partial(_persistent_kernel, plan=plan, ctas=ctas), dict(cta=ctas)
+  else:
+    body, grid = functools.partial(_kernel, plan=plan), dict(heads=plan.heads, q_blocks=plan.q_blocks, batch=batch)
   return mosaic.launch(
-      functools.partial(_kernel, plan=plan), q, k, v, *segments, name="flash_attention_hopper_fwd",
+      body, q, k, v, *segments, name="flash_attention_hopper_fwd",
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, plan.heads, t_pad), jnp.float32)),
-      scratch=_shared_types(plan), grid=dict(heads=plan.heads, q_blocks=plan.q_blocks, batch=batch))
+      scratch=_shared_types(plan), grid=grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +453,7 @@ def _hopper_forward(options: _Options, q_BTHD, k_BSKD, v_BSKD, ids_BT, ids_BS):
   t_pad, s_pad = round_up(q_len, rows), round_up(kv_len, blocks.block_k)
   plan = _Plan(mask=mask, blocks=blocks, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                dtype=jnp.dtype(q_BTHD.dtype), q_blocks=t_pad // rows, kv_blocks=s_pad // blocks.block_k,
-               segmented=ids_BT is not None)
+               segmented=ids_BT is not None, batch=batch)
   pad = lambda x, n: x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
   ranges = None
   if ids_BT is not None and blocks.skip_other_documents:

@@ -9,7 +9,8 @@ calls `launch`, `warp_specialized` and `produce_ring` for the rest.
 The ring protocol (`produce_ring`): step j of [lo, hi) lands in slot (j - lo) % num_stages; each stream's copy
 completes that slot's `ready` barrier; a slot is refilled only after its `free` barrier completes (one arrival per
 consumer), and after the loop the producer awaits the last releases too, so that every barrier phase is observed
-before the CTA exits.
+before the CTA exits. A persistent kernel keeps one ring over its tiles: each tile's steps continue the slot
+count (`offset`) and only the last tile drains.
 """
 
 from __future__ import annotations
@@ -165,25 +166,34 @@ class Stream(NamedTuple):
   ready: Any  # barriers [num_stages]
 
 
-def produce_ring(lo, hi, stages: int, groups: Sequence[tuple[Any, Sequence[Stream]]]):
-  """The producer's loop: TMA-loads steps [lo, hi) of every stream into slot (j - lo) % stages. groups: (free
-  barriers [stages], streams) pairs; a group's streams refill a slot once its `free` barrier has completed, so that
-  streams freed at different times (K before V) load as early as they may. Static bounds stay static."""
-  slot = lambda j: lax.rem(j - lo, stages)
+def produce_ring(lo, hi, stages: int, groups: Sequence[tuple[Any, Sequence[Stream]]], *, offset=0,
+                 drain: bool = True):
+  """The producer's loop: TMA-loads steps [lo, hi) of every stream into slot (offset + j - lo) % stages. groups:
+  (free barriers [stages], streams) pairs; a group's streams refill a slot once its `free` barrier has completed,
+  so that streams freed at different times (K before V) load as early as they may. Static bounds stay static.
+  offset: the steps this ring carried before (a persistent kernel's earlier tiles); drain=False leaves the last
+  releases to `drain_ring`, once the ring's last tile is loaded."""
+  slot = lambda j: lax.rem(offset + j - lo, stages)
 
   def load(j, carry):
     for free, streams in groups:
-      pl.when(j - lo >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot(j)]))
+      pl.when(offset + j - lo >= stages)(functools.partial(plgpu.barrier_wait, free.at[slot(j)]))
       for stream in streams:
         plgpu.copy_gmem_to_smem(stream.source(j), stream.slots.at[slot(j)], stream.ready.at[slot(j)])
     return carry
 
   lax.fori_loop(lo, hi, load, None)
+  if drain:
+    drain_ring(offset + hi - lo, stages, [free for free, _ in groups])
 
-  def drain(j, carry):  # await the last releases too: every phase of a barrier is observed
-    for free, _ in groups:
-      plgpu.barrier_wait(free.at[slot(j)])
+
+def drain_ring(count, stages: int, frees: Sequence[Any]):
+  """Awaits the last releases of a ring that carried `count` steps (step g in slot g % stages), so that every
+  phase of its free barriers is observed before the CTA exits."""
+  def drain(g, carry):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(g, stages)])
     return carry
 
-  static = isinstance(lo, int) and isinstance(hi, int)
-  lax.fori_loop(max(lo, hi - stages) if static else jnp.maximum(lo, hi - stages), hi, drain, None)
+  lax.fori_loop(max(0, count - stages) if isinstance(count, int) else jnp.maximum(0, count - stages), count,
+                drain, None)

@@ -41,6 +41,8 @@ LOWERING = {
     "segments_skipping_documents": dict(causal=True, segments=True, T=200, S=300,
                                         block_sizes=hopper.BlockSizes(skip_other_documents=True)),
     "right_window_only_softcap": dict(window_right=40, softcap=20.0, T=130, S=190),
+    "persistent_segments": dict(causal=True, segments=True, T=1024, S=1024,
+                                block_sizes=hopper.BlockSizes(persistent_ctas=132)),
 }
 
 
@@ -180,6 +182,13 @@ INTERPRETED = {
     # wholly inside (run without the element mask) and block 2 shared with the next document (masked).
     "one_document_cta_noncausal_k64": dict(documents=(170, 86), T=256, S=256, B=1, H=2, K=1, D=64,
                                            dtype=jnp.bfloat16, block_sizes=hopper.BlockSizes(block_k=64)),
+    # The persistent forward: 3 CTAs over 8 query tiles (3, 3, 2 each), one K/V ring across a CTA's tiles whose
+    # slot count runs on from tile to tile (3 stages at D 64, 2 at D 128, key ranges of different lengths).
+    "persistent_gqa_causal_documents": dict(causal=True, segments=True, T=130, S=200, B=2, H=2, K=1, D=64,
+                                            dtype=jnp.bfloat16,
+                                            block_sizes=hopper.BlockSizes(num_stages=3, persistent_ctas=3)),
+    "persistent_window_d128": dict(window=100, T=500, S=500, B=1, H=2, K=2, D=128, dtype=jnp.bfloat16,
+                                   block_sizes=hopper.BlockSizes(persistent_ctas=3)),
 }
 
 
@@ -231,6 +240,17 @@ def test_small_key_blocks_and_deep_ring(rng):
   blocks = hopper.BlockSizes(block_k=64, num_stages=3)
   kernel_fn = lambda *args, **kw: hopper.flash_attention(*args, block_sizes=blocks, **kw)
   _check_against_reference(rng, kernel_fn, dict(causal=True, window=300, T=700, S=800, D=64, dtype=jnp.bfloat16))
+
+
+@pytest.mark.gpu
+@_on_sm90
+@pytest.mark.parametrize("ctas", [7, 132])
+@pytest.mark.parametrize("case", ["long_causal", "gqa_segments_window", "causal_d128", "empty_rows"])
+def test_persistent_forward_matches_reference(rng, case, ctas):
+  """The persistent forward (BlockSizes.persistent_ctas): a few CTAs walking many tiles, and one per SM."""
+  blocks = hopper.BlockSizes(persistent_ctas=ctas, num_stages=3 if CASES[case]["D"] <= 64 else 2)
+  kernel_fn = lambda *args, **kw: hopper.flash_attention(*args, block_sizes=blocks, **kw)
+  _check_against_reference(rng, kernel_fn, CASES[case])
 
 
 @pytest.mark.gpu
