@@ -182,12 +182,12 @@ INTERPRETED = {
     # wholly inside (run without the element mask) and block 2 shared with the next document (masked).
     "one_document_cta_noncausal_k64": dict(documents=(170, 86), T=256, S=256, B=1, H=2, K=1, D=64,
                                            dtype=jnp.bfloat16, block_sizes=hopper.BlockSizes(block_k=64)),
-    # The persistent forward: 3 CTAs over 8 query tiles (3, 3, 2 each), one K/V ring across a CTA's tiles whose
-    # slot count runs on from tile to tile (3 stages at D 64, 2 at D 128, key ranges of different lengths).
-    "persistent_gqa_causal_documents": dict(causal=True, segments=True, T=130, S=200, B=2, H=2, K=1, D=64,
+    # The persistent forward: 3 CTAs over 4 and 6 query tiles, one K/V ring across a CTA's tiles whose slot count
+    # runs on from tile to tile (3 stages at D 64, 2 at D 128, key ranges of different lengths).
+    "persistent_gqa_causal_documents": dict(causal=True, segments=True, T=130, S=200, B=1, H=2, K=1, D=64,
                                             dtype=jnp.bfloat16,
                                             block_sizes=hopper.BlockSizes(num_stages=3, persistent_ctas=3)),
-    "persistent_window_d128": dict(window=100, T=500, S=500, B=1, H=2, K=2, D=128, dtype=jnp.bfloat16,
+    "persistent_window_d128": dict(window=100, T=300, S=300, B=1, H=2, K=2, D=128, dtype=jnp.bfloat16,
                                    block_sizes=hopper.BlockSizes(persistent_ctas=3)),
 }
 
