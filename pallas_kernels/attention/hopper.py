@@ -392,20 +392,20 @@ def _persistent_kernel(*refs, plan: _Plan, ctas: int):
     return _tile(plan, plan.q_blocks - 1 - lax.div(t, rows_per_block), lax.rem(rest, plan.batch),
                  lax.div(rest, plan.batch), seg_refs, base)
 
-  def produce():
+  def walk(work):
+    """work(cta) for each of this CTA's tiles, in order; returns the ring steps they took."""
     def one(i, base):
       cta = tile(i, base)
-      _producer(plan, cta, k_ref, v_ref, shared, drain=False)
+      work(cta)
       return base + cta.hi - cta.lo
-    steps = lax.fori_loop(0, count, one, jnp.int32(0))
+    return lax.fori_loop(0, count, one, jnp.int32(0))
+
+  def produce():
+    steps = walk(lambda cta: _producer(plan, cta, k_ref, v_ref, shared, drain=False))
     mosaic.drain_ring(steps, plan.blocks.num_stages, [shared.k_free, shared.v_free])
 
   def consume(wg):
-    def one(i, base):
-      cta = tile(i, base)
-      _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared)
-      return base + cta.hi - cta.lo
-    lax.fori_loop(0, count, one, jnp.int32(0))
+    walk(lambda cta: _consumer(plan, cta, wg, q_ref, seg_refs, o_ref, lse_ref, shared))
 
   mosaic.warp_specialized(produce, consume)
 
